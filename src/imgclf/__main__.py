@@ -1,0 +1,3 @@
+from imgclf.cli import main
+
+raise SystemExit(main())
