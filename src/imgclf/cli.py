@@ -1,0 +1,304 @@
+"""Command line: a thin face over :class:`imgclf.api.ImageClassifier`.
+
+Errors in the user's input end in one line on stderr and exit code 2; anything
+unexpected ends in one line and exit code 1 (``IMGCLF_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from imgclf import __version__
+
+log = logging.getLogger("imgclf")
+
+EPILOG_TRAIN = """\
+dataset layouts: ROOT/{train,validation|val|valid,test}/<class>/<image> or ROOT/<class>/<image>;
+missing validation/test splits are carved from train (stratified, seeded, recorded in split.csv).
+outputs: PROJECT/NAME[-k]/ with config.json, split.csv, metrics.csv, model.safetensors,
+model.json, test_metrics.json, skipped.csv and train.log.
+"""
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="auto", choices=["auto", "openvino", "onnxruntime", "torch"], help="backbone inference engine (default: auto = fastest available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="backbone precision (auto: bf16 where the CPU has it; fp32 forces full precision)")
+    p.add_argument("--cache-dir", default=None, help="feature cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf); never inside the dataset")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from imgclf.backbones import DEFAULT_BACKBONE, available_backbones
+
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registry name: {', '.join(available_backbones())} (default: {DEFAULT_BACKBONE})")
+    p.add_argument("--weights", default="imagenet", help="imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.safetensors path")
+    p.add_argument("--head", default="recipe", choices=["recipe", "linear"], help="recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear (default: recipe)")
+    p.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: 30)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--batch-size", type=int, default=32, help="head training batch size (default: 32)")
+    p.add_argument("--patience", type=int, default=5, help="early stopping: epochs without validation-loss improvement (0: off; default: 5)")
+    p.add_argument("--class-weight", default="auto", choices=["auto", "balanced", "none"], help="loss class weights: auto = inverse frequency when the largest class is > 1.5x the smallest (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and shuffling (default: 0)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of train carved for validation when the dataset has none (default: 0.2)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of train carved for test when the dataset has none (default: 0.2)")
+    p.add_argument("--validation", default=None, help="a folder of class sub-folders to use as the validation split")
+    p.add_argument("--project", default="runs", help="parent folder of run folders (default: runs)")
+    p.add_argument("--name", default="train", help="run folder name; -2, -3… appended if taken (default: train)")
+    _add_engine_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgclf", description="Folder of labelled images → transfer-learned, evaluated, saved image classifier.")
+    parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and results only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a classifier on a dataset folder", description="Extract (cached) backbone features, train the head, evaluate on test, save a run folder.", epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="dataset root")
+    _add_train_flags(p)
+
+    p = sub.add_parser("evaluate", help="metrics of a saved model on a labelled folder", description="Evaluate MODEL on DATA's test/ split, or on all of DATA when it is a folder of class sub-folders.")
+    p.add_argument("model", help="run folder or model.json")
+    p.add_argument("data", help="dataset root with test/, or a folder of class sub-folders")
+    p.add_argument("--out", default=None, help="write the metrics JSON here")
+    p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
+    _add_engine_flags(p)
+
+    p = sub.add_parser("predict", help="predict classes of image files or folders", description="Predict each image (folders are searched recursively). A bad file becomes a row with its error.")
+    p.add_argument("model", help="run folder or model.json")
+    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("--out", default=None, help="write results here (default: stdout)")
+    p.add_argument("--format", default=None, choices=["csv", "json"], help="output format (default: from --out's extension, else csv)")
+    p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
+    _add_engine_flags(p)
+
+    p = sub.add_parser("inspect", help="counts, image statistics and problems of a dataset", description="Counts per split and class, image sizes, unreadable/truncated/non-image files, exact duplicates and cross-split leakage. Reads only.")
+    p.add_argument("data", help="dataset root")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("demo", help="make a synthetic lesion set, train on it, evaluate", description="Write a small synthetic benign/malignant lesion set, train the default backbone on it offline, evaluate, print the run folder.")
+    p.add_argument("--data-dir", default=None, help="where to write the demo set (default: PROJECT/demo-data)")
+    p.add_argument("--n-train", type=int, default=40, help="training images per class (default: 40)")
+    _add_train_flags(p)
+    p.set_defaults(name="demo")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _classifier_from_args(args):
+    from imgclf.api import ImageClassifier
+
+    return ImageClassifier(
+        backbone=args.backbone, weights=args.weights, head=args.head, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, patience=args.patience, class_weight=args.class_weight, seed=args.seed,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, engine=args.engine,
+        precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress,
+    )
+
+
+def format_counts(counts: dict[str, dict[str, int]], class_names: list[str]) -> str:
+    splits = [s for s in ("train", "validation", "test") if s in counts]
+    width = max(5, *(len(c) for c in class_names))
+    lines = [f"{'class':<{width}}" + "".join(f"{s:>12}" for s in splits) + f"{'total':>10}"]
+    for c in class_names:
+        row = [counts[s].get(c, 0) for s in splits]
+        lines.append(f"{c:<{width}}" + "".join(f"{v:>12d}" for v in row) + f"{sum(row):>10d}")
+    tot = [sum(counts[s].values()) for s in splits]
+    lines.append(f"{'total':<{width}}" + "".join(f"{v:>12d}" for v in tot) + f"{sum(tot):>10d}")
+    return "\n".join(lines)
+
+
+def run_train(args) -> dict:
+    """The ``train`` command (and the second half of ``demo``); returns the test metrics."""
+    from imgclf.api import environment_info
+    from imgclf.data import load_dataset, write_split_csv
+    from imgclf.metrics import format_metrics
+    from imgclf.runs import attach_run_log, detach, new_run_dir, write_csv, write_json
+
+    t0 = time.perf_counter()
+    root = Path(args.data)
+    clf = _classifier_from_args(args)
+    ds = load_dataset(root, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    if _inside(Path(args.project), root):
+        raise ValueError(f"--project {args.project} is inside the dataset {root}; imgclf never writes into the dataset folder")
+    if _inside(clf.cache_dir, root):
+        raise ValueError(f"--cache-dir {clf.cache_dir} is inside the dataset {root}; imgclf never writes into the dataset folder")
+    run_dir = new_run_dir(args.project, args.name)
+    handler = attach_run_log(run_dir)
+    try:
+        log.info("run folder: %s", run_dir)
+        log.info("dataset %s (%s layout), %d classes: %s", root, ds.layout, len(ds.class_names), ", ".join(ds.class_names))
+        for split, src in ds.split_source.items():
+            log.info("  %s: %s", split, src)
+        for p in ds.ignored:
+            log.info("ignored stray entry %s", p)
+        print(format_counts(ds.counts(), ds.class_names), flush=True)
+        config = {
+            "command": "train",
+            "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
+            "dataset": {"root": str(root.resolve()), "layout": ds.layout, "class_names": ds.class_names, "split_source": ds.split_source, "split_seed": args.seed, "counts": ds.counts()},
+            "environment": environment_info(),
+        }
+        write_json(run_dir / "config.json", config)
+        write_split_csv(ds, run_dir / "split.csv")
+
+        print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8}", flush=True)
+
+        def on_epoch(row):
+            mark = " *" if row["best"] else ""
+            print(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_accuracy']:>9.4f} {row['val_loss']:>9.4f} {row['val_accuracy']:>8.4f}{mark}", flush=True)
+
+        clf.fit(ds, validation=args.validation, on_epoch=on_epoch)
+        ex = clf.last_extraction_
+        log.info("best epoch %d of %d (%s)", clf.fit_summary_["best_epoch"], clf.fit_summary_["epochs_run"], clf.fit_summary_["monitor"])
+        write_csv(run_dir / "metrics.csv", clf.history_, ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "best"])
+        clf.save(run_dir)
+        metrics = clf.evaluate()
+        metrics["run"] = str(run_dir)
+        write_json(run_dir / "test_metrics.json", metrics)
+        skipped = clf.skipped_ + [(s["path"], s["error"]) for s in metrics["skipped"]]
+        write_csv(run_dir / "skipped.csv", [{"path": p, "error": e} for p, e in skipped], ["path", "error"])
+        config["fit_summary"] = clf.fit_summary_
+        config["backbone_engine"] = {"engine": ex.engine, "precision": ex.precision}
+        config["wall_seconds"] = round(time.perf_counter() - t0, 3)
+        write_json(run_dir / "config.json", config)
+        print(format_metrics(metrics), flush=True)
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable file(s): listed in {run_dir / 'skipped.csv'}", flush=True)
+        log.info("wall time %.1f s", time.perf_counter() - t0)
+        print(f"run folder: {run_dir}", flush=True)
+        return metrics
+    finally:
+        detach(handler)
+
+
+def cmd_train(args) -> int:
+    run_train(args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from imgclf.demo_data import make_lesion_dataset
+
+    data_dir = Path(args.data_dir) if args.data_dir else Path(args.project) / "demo-data"
+    t = time.perf_counter()
+    n_train = args.n_train
+    path = make_lesion_dataset(data_dir, n_train=n_train, n_validation=max(2, n_train * 3 // 8), n_test=max(2, n_train // 2), seed=args.seed)
+    log.info("demo lesion set ready in %.1f s: %s", time.perf_counter() - t, path)
+    args.data = str(path)
+    m = run_train(args)
+    print(f"demo: test accuracy {m['accuracy']:.4f} (ROC-AUC {m['roc_auc'] if m['roc_auc'] is None else round(m['roc_auc'], 4)}) on {m['n']} synthetic lesion images; run folder {m['run']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from imgclf.api import ImageClassifier
+    from imgclf.metrics import format_metrics
+    from imgclf.runs import write_json
+
+    clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress)
+    if args.out and _inside(Path(args.out), Path(args.data)):
+        raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
+    m = clf.evaluate(args.data)
+    m["model"] = str(args.model)
+    m["data"] = str(args.data)
+    print(format_metrics(m))
+    if m["skipped"]:
+        for s in m["skipped"]:
+            log.warning("skipped %s", s["error"])
+    if args.out:
+        write_json(Path(args.out), m)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from imgclf.api import ImageClassifier
+    from imgclf.data import collect_image_paths
+    from imgclf.features import atomic_write_bytes
+    from imgclf.runs import csv_text
+
+    paths, problems = collect_image_paths(args.paths)
+    for p in problems:
+        log.warning("%s", p)
+    if not paths:
+        raise ValueError("no image files found in: " + " ".join(args.paths))
+    clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress)
+    rows = clf.predict_table(paths)
+    fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
+    if fmt == "json":
+        text = json.dumps({"model": str(args.model), "class_names": clf.class_names_, "predictions": rows}, indent=2) + "\n"
+    else:
+        text = csv_text(rows, ["path", "predicted", *clf.class_names_, "error"])
+    if args.out:
+        atomic_write_bytes(Path(args.out), text.encode())
+        n_err = sum(1 for r in rows if r["error"])
+        print(f"{len(rows)} predictions ({n_err} with errors) written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from imgclf.inspection import format_report, inspect_dataset
+
+    report = inspect_dataset(args.data, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_report(report))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "evaluate": cmd_evaluate, "predict": cmd_predict, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from imgclf.runs import setup_logging
+
+    setup_logging(verbose=args.verbose, quiet=args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        # user-facing errors: bad paths, bad flags, missing weights, bad bundles
+        if os.environ.get("IMGCLF_DEBUG"):
+            raise
+        print(f"imgclf: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # never a traceback for users
+        if os.environ.get("IMGCLF_DEBUG"):
+            raise
+        print(f"imgclf: unexpected error: {type(e).__name__}: {_one_line(e)} (set IMGCLF_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip() or type(e).__name__
+    return s.splitlines()[0]

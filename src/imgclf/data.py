@@ -1,0 +1,509 @@
+"""Dataset layouts, class discovery and reproducible train/validation/test splits.
+
+Two on-disk layouts are understood:
+
+* ``splits``: ``ROOT/train/<class>/<image>``, optionally ``ROOT/validation``
+  (or ``val`` / ``valid``) and ``ROOT/test`` with the same class folders.
+  Detected whenever ROOT has a ``train`` sub-folder (split folder names are
+  matched case-insensitively).
+* ``flat``: ``ROOT/<class>/<image>``; validation and test are carved from it.
+
+Class names are train's class folder names, sorted (plain string order), and a
+class's label is its index in that list. Images nested deeper inside a class
+folder belong to that class. Hidden entries, stray files (``README.txt``,
+``Thumbs.db``), non-image files and unknown top-level folders are skipped and
+listed in ``Dataset.ignored`` so nothing is dropped silently.
+
+A missing validation/test split is carved from train per class (stratified) by
+hand rather than with scikit-learn, so the split only depends on the sorted file
+list, the fractions and the seed: ``random.Random(f"{seed}:{class}")`` shuffles
+the class's sorted paths, test is carved first (``round(n * test_fraction)``),
+then validation from what is left (``round(n_left * val_fraction)``). At least
+one image always stays in train and, when the class has >= 3 images and the
+fraction is > 0, at least one goes to the carved split.
+
+Nothing here ever writes into the dataset folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .imaging import IMAGE_EXTENSIONS as _EXTS
+from .imaging import is_image_file
+
+__all__ = [
+    "SPLIT_NAMES",
+    "SPLIT_ALIASES",
+    "DatasetError",
+    "Sample",
+    "Dataset",
+    "scan_layout",
+    "load_dataset",
+    "write_split_csv",
+    "read_split_csv",
+    "collect_image_paths",
+]
+
+SPLIT_NAMES = ("train", "validation", "test")
+SPLIT_ALIASES = {
+    "train": ("train",),
+    "validation": ("validation", "val", "valid"),
+    "test": ("test",),
+}
+_ALIAS_TO_SPLIT = {alias: split for split, aliases in SPLIT_ALIASES.items() for alias in aliases}
+_CSV_COLUMNS = ("split", "class", "path")
+
+
+class DatasetError(ValueError):
+    """A dataset problem the user must fix; the message is one line and names the folder/file."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image and the split it belongs to."""
+
+    path: Path
+    label: int
+    split: str
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: classes, samples per split, and how each split was obtained."""
+
+    root: Path
+    layout: str  # "splits" or "flat"
+    class_names: list[str]
+    samples: dict[str, list[Sample]]
+    split_source: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """split -> class -> number of images (every class listed, zeros included)."""
+        out: dict[str, dict[str, int]] = {}
+        for split in SPLIT_NAMES:
+            per_class = {name: 0 for name in self.class_names}
+            for sample in self.samples.get(split, []):
+                per_class[self.class_names[sample.label]] += 1
+            out[split] = per_class
+        return out
+
+    def all_samples(self) -> list[Sample]:
+        """Every sample, train then validation then test."""
+        return [s for split in SPLIT_NAMES for s in self.samples.get(split, [])]
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _sorted_entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise DatasetError(f"{folder}: cannot list folder ({exc.strerror or exc})") from None
+
+
+def _entry_is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks, like a user would expect
+    except OSError:
+        return False
+
+
+def _collect_class_images(folder: Path, ignored: list[Path]) -> list[Path]:
+    """All image files under ``folder`` (recursively), sorted; skipped files go to ``ignored``."""
+    images: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        base = Path(dirpath)
+        for d in sorted(dirnames):
+            if _is_hidden(d):
+                ignored.append(base / d)
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            p = base / name
+            if is_image_file(p):
+                images.append(p)
+            else:
+                ignored.append(p)
+    return sorted(images, key=lambda p: p.as_posix())
+
+
+def _scan_classes(folder: Path, ignored: list[Path], warnings: list[str]) -> dict[str, list[Path]]:
+    """Class sub-folders of ``folder`` -> sorted image paths; stray files beside them are ignored."""
+    classes: dict[str, list[Path]] = {}
+    loose_images = 0
+    for entry in _sorted_entries(folder):
+        path = folder / entry.name
+        if _is_hidden(entry.name):
+            ignored.append(path)
+        elif _entry_is_dir(entry):
+            classes[entry.name] = _collect_class_images(path, ignored)
+        else:
+            ignored.append(path)
+            if is_image_file(path):
+                loose_images += 1
+    if loose_images:
+        warnings.append(
+            f"{folder}: {loose_images} image(s) lie directly in this folder, outside any class "
+            f"folder, and were ignored (expected {folder}/<class>/<image>)"
+        )
+    return classes
+
+
+def scan_layout(
+    root: str | os.PathLike,
+) -> tuple[str, dict[str, dict[str, list[Path]]], list[Path], list[str]]:
+    """Find the layout and every image per split folder and class, without any splitting.
+
+    Returns ``(layout, found, ignored, warnings)`` where ``found`` maps the
+    canonical split name to ``{class: sorted image paths}``. A flat layout is
+    reported under ``"train"`` (the pool validation/test are carved from).
+    Raises ``DatasetError`` for structural problems (see module docstring).
+    Shared by ``load_dataset`` and ``imgclf inspect`` so both see the same files.
+    """
+    layout, found, ignored, warnings, _ = _scan(Path(root))
+    return layout, found, ignored, warnings
+
+
+def _scan(root: Path):
+    """``scan_layout`` plus the split folder actually used for each split."""
+    if not root.exists():
+        raise DatasetError(f"{root}: dataset folder does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset path is not a folder")
+
+    ignored: list[Path] = []
+    warnings: list[str] = []
+    entries = _sorted_entries(root)
+    split_dirs: dict[str, Path] = {}
+    for entry in entries:
+        if _is_hidden(entry.name) or not _entry_is_dir(entry):
+            continue
+        split = _ALIAS_TO_SPLIT.get(entry.name.lower())
+        if split is None:
+            continue
+        if split in split_dirs:
+            raise DatasetError(
+                f"{root}: both '{split_dirs[split].name}' and '{entry.name}' are {split} folders; "
+                f"keep only one"
+            )
+        split_dirs[split] = root / entry.name
+
+    found: dict[str, dict[str, list[Path]]] = {}
+    if "train" in split_dirs:
+        layout = "splits"
+        for entry in entries:
+            path = root / entry.name
+            if _is_hidden(entry.name):
+                ignored.append(path)
+            elif not _entry_is_dir(entry):
+                ignored.append(path)
+            elif _ALIAS_TO_SPLIT.get(entry.name.lower()) is None:
+                ignored.append(path)
+                warnings.append(
+                    f"{path}: unknown top-level folder ignored (expected train, "
+                    f"validation/val/valid, test)"
+                )
+        for split in SPLIT_NAMES:
+            if split in split_dirs:
+                found[split] = _scan_classes(split_dirs[split], ignored, warnings)
+    else:
+        layout = "flat"
+        if split_dirs:
+            names = ", ".join(sorted(p.name for p in split_dirs.values()))
+            warnings.append(
+                f"{root}: has {names} folder(s) but no 'train' folder, so it is read as a flat "
+                f"layout and {names} are treated as CLASSES; add a 'train' folder for a splits layout"
+            )
+        found["train"] = _scan_classes(root, ignored, warnings)
+
+    train_dir = split_dirs.get("train", root)
+    train = found["train"]
+    if not train:
+        raise DatasetError(
+            f"{train_dir}: no class folders found (expected {train_dir}/<class>/<image>)"
+        )
+    for name, paths in train.items():
+        if not paths:
+            raise DatasetError(f"{train_dir / name}: class folder contains no images")
+    if len(train) < 2:
+        raise DatasetError(
+            f"{train_dir}: only one class folder ('{next(iter(train))}'); a classifier needs at least two"
+        )
+    for split in ("validation", "test"):
+        if split not in found:
+            continue
+        for name, paths in found[split].items():
+            if name not in train:
+                raise DatasetError(
+                    f"{split_dirs[split] / name}: class '{name}' is not a class folder in "
+                    f"{train_dir} (classes come from train)"
+                )
+        for name in sorted(train):
+            if not found[split].get(name):
+                warnings.append(
+                    f"{split_dirs[split]}: class '{name}' has no images in {split}"
+                )
+    ignored.sort(key=lambda p: p.as_posix())
+    return layout, found, ignored, warnings, split_dirs
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def _check_fraction(name: str, value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{name} must be a number in [0, 1), got {value!r}") from None
+    if not (0.0 <= value < 1.0):
+        raise DatasetError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def _carve(paths: list[Path], fraction: float, rng: random.Random) -> tuple[list[Path], list[Path]]:
+    """Split sorted ``paths`` into (kept, carved); see module docstring for the rule."""
+    n = len(paths)
+    if fraction <= 0 or n == 0:
+        return list(paths), []
+    k = int(round(n * fraction))
+    if n >= 3:
+        k = max(k, 1)
+    k = min(k, n - 1)  # at least one image stays behind
+    shuffled = list(paths)
+    rng.shuffle(shuffled)
+    carved = sorted(shuffled[:k], key=lambda p: p.as_posix())
+    kept = sorted(shuffled[k:], key=lambda p: p.as_posix())
+    return kept, carved
+
+
+def load_dataset(
+    root: str | os.PathLike,
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """Scan ``root`` and return a Dataset with train/validation/test always present.
+
+    Splits that exist on disk are used as they are; missing ones are carved from
+    train (stratified, seeded, deterministic). Same files + fractions + seed give
+    identical splits on any machine.
+    """
+    val_fraction = _check_fraction("val_fraction", val_fraction)
+    test_fraction = _check_fraction("test_fraction", test_fraction)
+    root = Path(root)
+    layout, found, ignored, warnings, split_dirs = _scan(root)
+    class_names = sorted(found["train"])
+
+    per_split: dict[str, dict[str, list[Path]]] = {
+        split: {name: list(found.get(split, {}).get(name, [])) for name in class_names}
+        for split in SPLIT_NAMES
+    }
+    source: dict[str, str] = {}
+    if layout == "splits":
+        for split in SPLIT_NAMES:
+            if split in found:
+                source[split] = f"folder {split_dirs[split].name}"
+    else:
+        source["train"] = "flat class folders (what is left after carving)"
+
+    pool_name = "all images" if layout == "flat" else "train"
+    carve_plan = [("test", test_fraction), ("validation", val_fraction)]
+    carved_any = False
+    for split, fraction in carve_plan:
+        if split in source:
+            continue
+        of = pool_name if not carved_any else f"{pool_name} after carving test"
+        if fraction <= 0:
+            source[split] = f"none ({'test' if split == 'test' else 'val'}_fraction=0)"
+            warnings.append(f"{root}: no {split} folder and its fraction is 0, so {split} is empty")
+            continue
+        source[split] = f"stratified {fraction:g} of {of}, seed {seed}"
+        carved_any = carved_any or split == "test"
+
+    for name in class_names:
+        rng = random.Random(f"{seed}:{name}")
+        for split, fraction in carve_plan:
+            if not source[split].startswith("stratified"):
+                continue
+            kept, carved = _carve(per_split["train"][name], fraction, rng)
+            per_split["train"][name] = kept
+            per_split[split][name] = carved
+            if not carved:
+                warnings.append(
+                    f"class '{name}': only {len(kept)} train image(s), none carved into {split}"
+                )
+
+    samples: dict[str, list[Sample]] = {}
+    for split in SPLIT_NAMES:
+        samples[split] = [
+            Sample(path=p, label=label, split=split)
+            for label, name in enumerate(class_names)
+            for p in per_split[split][name]
+        ]
+    return Dataset(
+        root=root,
+        layout=layout,
+        class_names=class_names,
+        samples=samples,
+        split_source=source,
+        warnings=warnings,
+        ignored=ignored,
+    )
+
+
+# --------------------------------------------------------------------------- split CSV
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def write_split_csv(dataset: Dataset, path: str | os.PathLike) -> None:
+    """Write ``split,class,path`` rows (absolute paths) atomically, to reproduce the split later.
+
+    Written to a temp file in the same folder then ``os.replace``d, so a crash
+    never leaves a half-written CSV. Refuses to write inside the dataset folder.
+    """
+    path = Path(path)
+    if _is_within(path, dataset.root):
+        raise DatasetError(f"{path}: refusing to write inside the dataset folder {dataset.root}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(_CSV_COLUMNS)
+            for split in SPLIT_NAMES:
+                for s in dataset.samples.get(split, []):
+                    writer.writerow(
+                        [split, dataset.class_names[s.label], str(Path(os.path.abspath(s.path)))]
+                    )
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
+
+
+def read_split_csv(
+    path: str | os.PathLike, root: str | os.PathLike | None = None
+) -> dict[str, list[tuple[Path, str]]]:
+    """Read a CSV written by ``write_split_csv``: split -> [(path, class_name)], file order kept.
+
+    Relative paths are resolved against ``root`` (default: the CSV's folder).
+    Split aliases (``val``) are accepted. Always returns all three split keys.
+    """
+    path = Path(path)
+    base = Path(root) if root is not None else path.parent
+    out: dict[str, list[tuple[Path, str]]] = {split: [] for split in SPLIT_NAMES}
+    try:
+        fh = open(path, newline="", encoding="utf-8")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read split CSV ({exc.strerror or exc})") from None
+    with fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in _CSV_COLUMNS if c not in header]
+        if missing:
+            raise DatasetError(
+                f"{path}: split CSV lacks column(s) {', '.join(missing)} (expected split,class,path)"
+            )
+        reader.fieldnames = header
+        for row in reader:
+            line = reader.line_num
+            split_raw = (row.get("split") or "").strip()
+            split = _ALIAS_TO_SPLIT.get(split_raw.lower())
+            if split is None:
+                raise DatasetError(f"{path}:{line}: unknown split {split_raw!r}")
+            cls = (row.get("class") or "").strip()
+            file_raw = row.get("path") or ""
+            if not cls or not file_raw:
+                raise DatasetError(f"{path}:{line}: empty class or path")
+            p = Path(file_raw)
+            if not p.is_absolute():
+                p = base / p
+            out[split].append((p, cls))
+    return out
+
+
+# --------------------------------------------------------------------------- predict inputs
+
+
+def collect_image_paths(
+    inputs: list[str | os.PathLike], recursive: bool = True
+) -> tuple[list[Path], list[str]]:
+    """Expand files and folders into image paths for prediction; problems are returned, not raised.
+
+    Folders contribute their image-extension files (sorted; recursively unless
+    ``recursive=False``; hidden entries skipped). Named files must have an image
+    extension. Duplicates are dropped, first occurrence wins, input order kept,
+    so one bad argument never hides the results for the others.
+    """
+    paths: list[Path] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+
+    def add(p: Path) -> None:
+        key = os.path.normcase(os.path.abspath(p))
+        if key not in seen:
+            seen.add(key)
+            paths.append(p)
+
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found: list[Path] = []
+            if recursive:
+                for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
+                    dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+                    found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
+            else:
+                found = [p / e.name for e in _safe_scandir(p) if e.is_file() and is_image_file(e.name)]
+            if not found:
+                problems.append(f"{p}: folder contains no images ({', '.join(sorted(_EXTS))})")
+            for f in sorted(found, key=lambda q: q.as_posix()):
+                add(f)
+        elif p.is_file():
+            if is_image_file(p):
+                add(p)
+            else:
+                problems.append(f"{p}: not an image file name (expected one of {', '.join(sorted(_EXTS))})")
+        elif p.exists() or p.is_symlink():
+            problems.append(f"{p}: not a regular file or folder (or a broken link)")
+        else:
+            problems.append(f"{p}: no such file or folder")
+    return paths, problems
+
+
+def _safe_scandir(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError:
+        return []
+

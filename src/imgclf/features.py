@@ -1,0 +1,424 @@
+"""Frozen-backbone features: computed once per image, cached on disk, fast engines.
+
+The recipe recomputed the frozen VGG-16 every epoch. Here each image's pooled feature
+vector is computed once and stored under a key made of backbone + weights identity +
+preprocessing + precision (the directory) and the image's content hash (the file), so a
+second ``train`` with other head settings does no backbone work at all.
+
+The frozen backbone is exported to ONNX once (kept beside its features) and run on the
+fastest engine available: OpenVINO (bf16 where the CPU has it), then ONNX Runtime
+(fp32), then eager PyTorch. Decoding runs in a thread pool ahead of inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.backbones import BackboneSpec, WeightsRef, build_feature_extractor, weights_fingerprint
+from imgclf.imaging import ImageDecodeError, load_rgb
+from imgclf.preprocess import image_to_array
+
+log = logging.getLogger("imgclf")
+
+ENGINES = ("auto", "openvino", "onnxruntime", "torch")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+_MAGIC = b"IMGCLF-F1"
+_HEADER = struct.Struct("<9sI16s")  # magic, dim, blake2b-16 digest of the payload
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("IMGCLF_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imgclf"
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """Hash of the file's bytes: the same picture under another name shares its features."""
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class FeatureCache:
+    """One small file per (feature key, image content hash), validated on read.
+
+    A truncated, corrupt or foreign file is detected (length, magic, dimension and a
+    checksum of the payload), deleted, and reported as a miss so it is recomputed.
+    """
+
+    def __init__(self, root: str | os.PathLike, key: str, dim: int):
+        self.dir = Path(root) / "features" / key
+        self.dim = dim
+
+    def _path(self, h: str) -> Path:
+        return self.dir / h[:2] / f"{h}.f32"
+
+    def get(self, h: str) -> np.ndarray | None:
+        p = self._path(h)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return None
+        payload = raw[_HEADER.size:]
+        try:
+            magic, dim, digest = _HEADER.unpack_from(raw)
+        except struct.error:
+            magic, dim, digest = b"", -1, b""
+        if (
+            magic != _MAGIC
+            or dim != self.dim
+            or len(payload) != 4 * self.dim
+            or hashlib.blake2b(payload, digest_size=16).digest() != digest
+        ):
+            log.warning("feature cache: corrupt entry %s, recomputing", p)
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            return None
+        return np.frombuffer(payload, dtype="<f4").copy()
+
+    def put(self, h: str, vec: np.ndarray) -> None:
+        payload = np.ascontiguousarray(vec, dtype="<f4").tobytes()
+        if len(payload) != 4 * self.dim:
+            raise ValueError(f"feature of size {vec.size} does not match cache dimension {self.dim}")
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        atomic_write_bytes(self._path(h), _HEADER.pack(_MAGIC, self.dim, digest) + payload)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "bf16" and not cpu_has_bf16():
+        log.warning("this CPU has no native bf16; running fp32")
+        return "fp32"
+    return precision
+
+
+class Engine:
+    """Runs uint8 (N,3,S,S) batches through the frozen backbone → float32 (N,D)."""
+
+    name: str = "?"
+    precision: str = "fp32"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TorchEngine(Engine):
+    def __init__(self, module, precision: str):
+        import torch
+
+        self.torch = torch
+        self.module = module.eval().to(memory_format=torch.channels_last)
+        self.name = "torch"
+        self.precision = precision
+
+    def __call__(self, batch):
+        torch = self.torch
+        x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.precision == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = self.module(x)
+            else:
+                out = self.module(x)
+        return out.float().numpy()
+
+
+class OnnxRuntimeEngine(Engine):
+    def __init__(self, onnx_path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.name = "onnxruntime"
+        self.precision = "fp32"
+
+    def __call__(self, batch):
+        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+
+
+class OpenVinoEngine(Engine):
+    def __init__(self, onnx_path: Path, precision: str):
+        import openvino as ov
+
+        core = ov.Core()
+        hint = "bf16" if precision == "bf16" else "f32"
+        self.compiled = core.compile_model(
+            str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        )
+        self.name = "openvino"
+        self.precision = precision
+
+    def __call__(self, batch):
+        return np.asarray(self.compiled(batch)[0], dtype=np.float32)
+
+
+def export_backbone_onnx(module, input_size: int, path: Path) -> Path:
+    """Export the frozen feature extractor (uint8 in, features out, dynamic batch)."""
+    import torch
+
+    example = torch.zeros((2, 3, input_size, input_size), dtype=torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".backbone.", suffix=".onnx")
+    os.close(fd)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(),
+                (example,),
+                tmp,
+                dynamo=False,
+                input_names=["image"],
+                output_names=["features"],
+                dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+                opset_version=17,
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@dataclass
+class BackboneRunner:
+    """Builds the engine lazily: a run whose features are all cached loads no backbone."""
+
+    spec: BackboneSpec
+    weights: WeightsRef
+    cache_root: Path
+    engine: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    _engine: Engine | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}")
+        self.precision = resolve_precision(self.precision)
+        if self.engine == "onnxruntime" and self.precision == "bf16":
+            if self.precision == "bf16":
+                log.info("onnxruntime runs fp32 on CPU; using fp32")
+            self.precision = "fp32"
+        self.fingerprint = weights_fingerprint(self.spec, self.weights)
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.spec.name.replace(':', '_')}-{self.fingerprint}-{self.precision}"
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.cache_root / "backbones" / f"{self.spec.name.replace(':', '_')}-{self.fingerprint}.onnx"
+
+    def get(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._make()
+        return self._engine
+
+    def _module(self):
+        if not hasattr(self, "_fx"):
+            self._fx = build_feature_extractor(self.spec, self.weights, seed=self.seed)
+        return self._fx
+
+    def _onnx(self) -> Path:
+        p = self.onnx_path
+        if not p.is_file():
+            t = time.perf_counter()
+            export_backbone_onnx(self._module(), self.spec.preprocessing.input_size, p)
+            log.info("exported %s backbone to ONNX in %.1f s: %s", self.spec.name, time.perf_counter() - t, p)
+        return p
+
+    def _make(self) -> Engine:
+        order = {"auto": ["openvino", "onnxruntime", "torch"]}.get(self.engine, [self.engine])
+        if self.precision == "fp32" and self.engine == "auto":
+            order = ["onnxruntime", "openvino", "torch"]  # ORT fp32 was fastest fp32 here
+        errors = []
+        for name in order:
+            try:
+                if name == "torch":
+                    return TorchEngine(self._module(), self.precision)
+                onnx_path = self._onnx()
+                if name == "openvino":
+                    return OpenVinoEngine(onnx_path, self.precision)
+                if self.precision == "bf16" and self.engine == "auto":
+                    continue  # ORT has no bf16 CPU kernels; torch bf16 beats ORT fp32
+                return OnnxRuntimeEngine(onnx_path)
+            except Exception as e:  # an engine missing or failing must not stop the run
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                errors.append(f"{name}: {first}")
+                log.warning("engine %s unavailable (%s); trying the next", name, first)
+        raise RuntimeError("no inference engine could run the backbone: " + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class ExtractionResult:
+    features: np.ndarray  # (n_ok, D) float32, rows in the order of ``ok_indices``
+    ok_indices: list[int]
+    errors: dict[int, str]  # index → one-line reason (decode failures etc.)
+    computed: int = 0  # images that went through the backbone
+    cached: int = 0
+    seconds: float = 0.0
+    engine: str = "cache"
+    precision: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
+
+
+def _decode(path: str, prep, draft: int) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return image_to_array(load_rgb(path, draft_size=draft), prep), None
+    except ImageDecodeError as e:
+        return None, str(e)
+    except Exception as e:  # never let one file kill the run
+        return None, f"{path}: {type(e).__name__}: {e}".splitlines()[0]
+
+
+def extract_features(
+    paths: Sequence[str | os.PathLike],
+    runner: BackboneRunner,
+    *,
+    use_cache: bool = True,
+    batch_size: int = 32,
+    decode_threads: int = 2,
+    progress: Callable[[int], None] | None = None,
+    desc: str = "features",
+) -> ExtractionResult:
+    """Pooled backbone features for ``paths``; bad files come back in ``errors``."""
+    prep = runner.spec.preprocessing
+    dim = runner.spec.feature_dim
+    cache = FeatureCache(runner.cache_root, runner.cache_key, dim) if use_cache else None
+    n = len(paths)
+    feats: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    hashes: dict[int, str] = {}
+
+    with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:
+        def _hash(i):
+            try:
+                return i, content_hash(paths[i]), None
+            except OSError as e:
+                return i, None, f"{paths[i]}: cannot read ({e.strerror or e})"
+
+        for i, h, err in pool.map(_hash, range(n)):
+            if err:
+                errors[i] = err
+            else:
+                hashes[i] = h
+        todo = []
+        for i, h in hashes.items():
+            vec = cache.get(h) if cache else None
+            if vec is not None:
+                feats[i] = vec
+            else:
+                todo.append(i)
+        cached = len(feats)
+        if progress and cached:
+            progress(cached)
+
+        t0 = time.perf_counter()
+        engine_name, precision = "cache", runner.precision
+        if todo:
+            engine = runner.get()
+            engine_name, precision = engine.name, engine.precision
+            draft = 2 * prep.resize_size
+            batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+            futures = []
+            ahead = 2  # batches decoded ahead of inference
+            for b in batches[:ahead]:
+                futures.append([pool.submit(_decode, str(paths[i]), prep, draft) for i in b])
+            t0 = time.perf_counter()
+            for bi, b in enumerate(batches):
+                if bi + ahead < len(batches):
+                    futures.append([pool.submit(_decode, str(paths[i]), prep, draft) for i in batches[bi + ahead]])
+                arrays, idx = [], []
+                for i, fut in zip(b, futures[bi]):
+                    arr, err = fut.result()
+                    if err:
+                        errors[i] = err
+                    else:
+                        arrays.append(arr)
+                        idx.append(i)
+                futures[bi] = None
+                if arrays:
+                    out = engine(np.stack(arrays))
+                    for i, vec in zip(idx, out):
+                        feats[i] = vec
+                        if cache:
+                            cache.put(hashes[i], vec)
+                if progress:
+                    progress(len(b))
+    seconds = time.perf_counter() - t0 if todo else 0.0
+    ok = sorted(feats)
+    mat = np.stack([feats[i] for i in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
+    return ExtractionResult(
+        features=mat,
+        ok_indices=ok,
+        errors=dict(sorted(errors.items())),
+        computed=len(todo) - sum(1 for i in todo if i in errors),
+        cached=cached,
+        seconds=seconds,
+        engine=engine_name,
+        precision=precision,
+    )

@@ -1,0 +1,69 @@
+"""Classifier heads trained on cached backbone features.
+
+``recipe`` is the tutorial's head (Dense 512 + ReLU, Dropout 0.5, Dense N) with its
+faults fixed: it ends in logits (softmax cross-entropy for every N >= 2, binary
+included), not a sigmoid feeding a softmax-style loss. Global max pooling, which the
+recipe put in the head, is the backbone entry's pooling step (vgg16: max), done once
+before caching. Both heads start with a fixed standardisation of the features (train
+mean/std) so one learning rate suits every backbone's feature scale.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+HEAD_KINDS = ("recipe", "linear")
+
+
+class FeatureStandardize(nn.Module):
+    """(x - mean) / s: per-feature mean, one global scale ``s`` (training features).
+
+    A single scale (not per-feature std) keeps near-constant channels from being blown
+    up: per-feature std on a small training set turned unseen activations into huge
+    values and validation loss diverged.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, x: torch.Tensor) -> "FeatureStandardize":
+        self.mean.copy_(x.mean(0))
+        centred = x - self.mean
+        scale = centred.pow(2).mean().sqrt().clamp_min(1e-6)
+        self.std.fill_(float(scale))
+        return self
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5) -> nn.Sequential:
+    """Stable layer names (``norm``, ``fc1``, ``fc2`` / ``fc``) so saved weights map 1:1."""
+    if n_classes < 2:
+        raise ValueError("a classifier needs at least 2 classes")
+    if kind == "recipe":
+        layers = [
+            ("norm", FeatureStandardize(in_dim)),
+            ("fc1", nn.Linear(in_dim, hidden)),
+            ("relu", nn.ReLU()),
+            ("dropout", nn.Dropout(dropout)),
+            ("fc2", nn.Linear(hidden, n_classes)),
+        ]
+    elif kind == "linear":
+        layers = [("norm", FeatureStandardize(in_dim)), ("dropout", nn.Dropout(dropout)), ("fc", nn.Linear(in_dim, n_classes))]
+    else:
+        raise ValueError(f"--head must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
+    return nn.Sequential(OrderedDict(layers))
+
+
+def head_config(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5) -> dict:
+    return {"kind": kind, "in_dim": in_dim, "n_classes": n_classes, "hidden": hidden, "dropout": dropout}
+
+
+def head_from_config(cfg: dict) -> nn.Sequential:
+    return build_head(cfg["kind"], int(cfg["in_dim"]), int(cfg["n_classes"]), hidden=int(cfg.get("hidden", 512)), dropout=float(cfg.get("dropout", 0.5)))

@@ -1,0 +1,101 @@
+"""Run folders: ``runs/<name>/`` per training, never overwritten, files written atomically.
+
+Holds the full config (every flag, versions, split seed), ``split.csv``, per-epoch
+``metrics.csv``, the model bundle, ``test_metrics.json``, ``skipped.csv`` and ``train.log``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from imgclf.features import atomic_write_bytes
+
+log = logging.getLogger("imgclf")
+
+
+def new_run_dir(project: str | os.PathLike, name: str) -> Path:
+    """Create ``project/name``, or ``name-2``, ``name-3``… if taken (mkdir is the lock)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+        raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' or '-'")
+    project = Path(project)
+    project.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        d = project / (name if k == 1 else f"{name}-{k}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder name under {project}")
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    buf = io.StringIO()
+    fieldnames = fieldnames or (list(rows[0]) if rows else [])
+    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
+def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
+    buf = io.StringIO()
+    fieldnames = fieldnames or (list(rows[0]) if rows else [])
+    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        msg = super().format(record)
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Console handler on stderr for the ``imgclf`` logger (idempotent)."""
+    logger = logging.getLogger("imgclf")
+    logger.setLevel(logging.DEBUG)
+    for h in list(logger.handlers):
+        if getattr(h, "_imgclf_console", False):
+            logger.removeHandler(h)
+    h = logging.StreamHandler(sys.stderr)
+    h._imgclf_console = True
+    h.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    h.setFormatter(_Formatter("%(message)s"))
+    logger.addHandler(h)
+    logger.propagate = False
+
+
+def attach_run_log(run_dir: Path) -> logging.Handler:
+    """Everything the run logs also goes to ``run_dir/train.log``."""
+    h = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    h.setLevel(logging.DEBUG)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("imgclf").addHandler(h)
+    return h
+
+
+def detach(handler: logging.Handler) -> None:
+    logging.getLogger("imgclf").removeHandler(handler)
+    handler.close()
