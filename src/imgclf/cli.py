@@ -142,6 +142,7 @@ def run_train(args) -> dict:
         raise ValueError(f"--project {args.project} is inside the dataset {root}; imgclf never writes into the dataset folder")
     if _inside(clf.cache_dir, root):
         raise ValueError(f"--cache-dir {clf.cache_dir} is inside the dataset {root}; imgclf never writes into the dataset folder")
+    clf._get_runner()  # resolve backbone + weights now: fail before a run folder exists
     run_dir = new_run_dir(args.project, args.name)
     handler = attach_run_log(run_dir)
     try:
@@ -238,10 +239,10 @@ def cmd_predict(args) -> int:
     from imgclf.runs import csv_text
 
     paths, problems = collect_image_paths(args.paths)
+    if not paths:
+        raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(args.paths)))
     for p in problems:
         log.warning("%s", p)
-    if not paths:
-        raise ValueError("no image files found in: " + " ".join(args.paths))
     clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress)
     rows = clf.predict_table(paths)
     fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")

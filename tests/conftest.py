@@ -1,0 +1,83 @@
+"""Shared fixtures: an isolated feature cache, offline hubs, tiny synthetic image sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+CLASSES = ("circle", "square", "triangle")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory):
+    """Never touch the user's caches; never wait on a model hub."""
+    base = tmp_path_factory.mktemp("env")
+    old = {k: os.environ.get(k) for k in ("IMGCLF_CACHE_DIR", "IMGCLF_OFFLINE", "TORCH_HOME", "HF_HUB_OFFLINE", "HF_HOME")}
+    os.environ["IMGCLF_CACHE_DIR"] = str(base / "imgclf-cache")
+    os.environ["IMGCLF_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TORCH_HOME"] = str(base / "torch-home")
+    os.environ["HF_HOME"] = str(base / "hf-home")
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def draw_shape(kind: str, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    """A coloured shape on a noisy background; class = shape + its colour family."""
+    bg = rng.integers(90, 160, size=(size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(bg)
+    d = ImageDraw.Draw(img)
+    r = int(size * rng.uniform(0.25, 0.38))
+    cx, cy = (int(size / 2 + rng.integers(-size // 10, size // 10 + 1)) for _ in range(2))
+    jitter = rng.integers(-30, 31, size=3)
+    if kind == "circle":
+        col = tuple(int(v) for v in np.clip(np.array([220, 40, 40]) + jitter, 0, 255))
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
+    elif kind == "square":
+        col = tuple(int(v) for v in np.clip(np.array([40, 60, 220]) + jitter, 0, 255))
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=col)
+    else:
+        col = tuple(int(v) for v in np.clip(np.array([40, 200, 60]) + jitter, 0, 255))
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=col)
+    return img
+
+
+def make_shapes_dataset(root: Path, counts: dict[str, int], classes=CLASSES, seed: int = 0, size: int = 96, ext: str = "jpg") -> Path:
+    """``counts`` maps a split folder name ('' for flat) to images per class."""
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for c in classes:
+            d = root / split / c if split else root / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                draw_shape(c, rng, size).save(d / f"{c}_{i:03d}.{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """Recipe layout: train/validation/test, 3 classes (read-only for tests)."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), {"train": 12, "validation": 4, "test": 6})
+
+
+@pytest.fixture(scope="session")
+def trained_run(shapes_root, tmp_path_factory):
+    """One real `imgclf train` run on the shapes set with the default Lite0 backbone."""
+    from imgclf.cli import main
+
+    project = tmp_path_factory.mktemp("runs")
+    rc = main(["-q", "train", str(shapes_root), "--project", str(project), "--name", "shapes", "--no-progress", "--epochs", "20"])
+    assert rc == 0
+    return project / "shapes"
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}

@@ -1,0 +1,194 @@
+"""End to end as a user would: train, run folder, save/load, evaluate, predict, inspect, errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_shapes_dataset, tree_snapshot
+from imgclf.api import ImageClassifier
+from imgclf.cli import main
+
+
+def test_train_reaches_high_accuracy_and_writes_the_run_folder(trained_run, shapes_root):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "split.csv", "metrics.csv", "model.safetensors", "model.json", "test_metrics.json", "train.log", "skipped.csv"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    m = json.loads((trained_run / "test_metrics.json").read_text())
+    assert m["n"] == 18 and m["accuracy"] >= 0.9
+    assert set(m["per_class"]) == {"circle", "square", "triangle"}
+    assert {"balanced_accuracy", "confusion_matrix", "macro_f1"} <= set(m)
+    cfg = json.loads((trained_run / "config.json").read_text())
+    assert cfg["args"]["lr"] == 1e-3 and cfg["args"]["seed"] == 0 and cfg["dataset"]["split_seed"] == 0
+    assert cfg["environment"]["torch"] and cfg["backbone_engine"]["engine"] in {"openvino", "onnxruntime", "torch", "cache"}
+    rows = list(csv.DictReader(io.StringIO((trained_run / "metrics.csv").read_text())))
+    assert rows and set(rows[0]) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "best"}
+    meta = json.loads((trained_run / "model.json").read_text())
+    assert meta["class_names"] == ["circle", "square", "triangle"]
+    assert meta["preprocessing"]["mean"] == [127.0, 127.0, 127.0]
+    assert meta["backbone"]["name"] == "efficientnet_lite0" and meta["weights"]["kind"] == "package"
+    log = (trained_run / "train.log").read_text()
+    assert "img/s" in log or "feature cache" in log
+
+
+def test_second_run_uses_cache_and_never_overwrites(trained_run, shapes_root, capsys):
+    before = tree_snapshot(shapes_root)
+    rc = main(["train", str(shapes_root), "--project", str(trained_run.parent), "--name", "shapes", "--no-progress", "--epochs", "3", "--lr", "3e-4"])
+    assert rc == 0
+    second = trained_run.parent / "shapes-2"
+    assert second.is_dir() and (trained_run / "model.json").is_file()
+    log = (second / "train.log").read_text()
+    assert "all 36 images from the feature cache" in log and "through" not in log
+    assert tree_snapshot(shapes_root) == before  # nothing written into the dataset
+
+
+def test_save_load_identical_predictions(trained_run, shapes_root, tmp_path):
+    paths = sorted((shapes_root / "test").rglob("*.jpg"))
+    loaded = ImageClassifier.load(trained_run)
+    p1 = loaded.predict_proba(paths)
+    assert p1.shape == (18, 3) and np.allclose(p1.sum(1), 1)
+    loaded.save(tmp_path / "copy")
+    p2 = ImageClassifier.load(tmp_path / "copy").predict_proba(paths)
+    np.testing.assert_array_equal(p1, p2)
+    assert loaded.predict(paths[:2]) == [loaded.class_names_[i] for i in p1[:2].argmax(1)]
+    assert loaded.score(shapes_root) >= 0.9
+
+
+def test_predictions_do_not_depend_on_the_engine(trained_run, shapes_root):
+    paths = sorted((shapes_root / "test").rglob("*.jpg"))
+    default = ImageClassifier.load(trained_run).predict_proba(paths)
+    fp32 = ImageClassifier.load(trained_run, engine="torch", precision="fp32", use_cache=False).predict_proba(paths)
+    assert (default.argmax(1) == fp32.argmax(1)).all()
+    assert np.abs(default - fp32).max() < 0.05
+
+
+def test_predict_cli_files_folders_and_a_corrupt_file(trained_run, shapes_root, tmp_path, capsys):
+    bad = tmp_path / "inbox" / "broken.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "inbox" / "notes.txt").write_text("ignored")
+    one = next((shapes_root / "test" / "circle").glob("*.jpg"))
+    rc = main(["predict", str(trained_run), str(one), str(shapes_root / "test" / "square"), str(tmp_path / "inbox"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 1 + 6 + 1
+    assert rows[0]["predicted"] == "circle" and float(rows[0]["circle"]) > 0.5
+    assert sum(r["predicted"] == "square" for r in rows[1:7]) >= 5
+    broken = [r for r in rows if r["path"].endswith("broken.jpg")][0]
+    assert broken["predicted"] == "" and broken["error"]
+    out_json = tmp_path / "pred.json"
+    assert main(["predict", str(trained_run / "model.json"), str(one), str(bad), "--out", str(out_json), "--no-progress"]) == 0
+    doc = json.loads(out_json.read_text())
+    assert doc["class_names"] == ["circle", "square", "triangle"]
+    assert doc["predictions"][0]["predicted"] == "circle" and doc["predictions"][1]["error"]
+
+
+def test_evaluate_cli(trained_run, shapes_root, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(trained_run), str(shapes_root), "--out", str(out), "--no-progress"]) == 0
+    m = json.loads(out.read_text())
+    assert m["n"] == 18 and m["accuracy"] >= 0.9
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_flat_layout_trains_with_carved_splits(tmp_path):
+    root = make_shapes_dataset(tmp_path / "flat", {"": 10}, classes=("circle", "square"))
+    rc = main(["-q", "train", str(root), "--project", str(tmp_path / "runs"), "--no-progress", "--epochs", "5", "--val-fraction", "0.2", "--test-fraction", "0.3"])
+    assert rc == 0
+    split = list(csv.DictReader((tmp_path / "runs" / "train" / "split.csv").open()))
+    counts = {}
+    for r in split:
+        counts[(r["split"], r["class"])] = counts.get((r["split"], r["class"]), 0) + 1
+    assert counts[("test", "circle")] == 3 and counts[("validation", "circle")] == 1 and counts[("train", "circle")] == 6
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, trained_run):
+    cases = [
+        ["train", str(tmp_path / "nope")],
+        ["train", str(tmp_path), "--lr", "-1"],
+        ["predict", str(tmp_path), str(tmp_path)],
+        ["evaluate", str(trained_run), str(tmp_path / "nope")],
+        ["train", str(tmp_path), "--backbone", "resnet9000"],
+    ]
+    for argv in cases:
+        rc = main(argv + ["--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, argv
+        assert len(err) == 1 and err[0].startswith("imgclf: error:"), (argv, err)
+        assert "Traceback" not in err[0]
+
+
+def test_outputs_inside_the_dataset_are_refused(shapes_root, tmp_path, capsys):
+    ds = tmp_path / "ds"
+    shutil.copytree(shapes_root, ds)
+    before = tree_snapshot(ds)
+    rc = main(["train", str(ds), "--project", str(ds / "runs"), "--no-progress"])
+    assert rc == 2 and "never writes into the dataset" in capsys.readouterr().err
+    rc = main(["train", str(ds), "--project", str(tmp_path / "r"), "--cache-dir", str(ds / "cache"), "--no-progress"])
+    assert rc == 2
+    assert tree_snapshot(ds) == before
+
+
+def test_training_skips_and_lists_a_corrupt_image(shapes_root, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(shapes_root, ds)
+    (ds / "train" / "circle" / "zz_truncated.jpg").write_bytes((ds / "train" / "circle" / "circle_000.jpg").read_bytes()[:300])
+    rc = main(["-q", "train", str(ds), "--project", str(tmp_path / "runs"), "--no-progress", "--epochs", "3"])
+    assert rc == 0
+    skipped = list(csv.DictReader((tmp_path / "runs" / "train" / "skipped.csv").open()))
+    assert [r["path"].endswith("zz_truncated.jpg") for r in skipped] == [True]
+    assert "zz_truncated.jpg" in (tmp_path / "runs" / "train" / "train.log").read_text()
+
+
+def test_tampered_bundle_is_refused(trained_run, tmp_path):
+    from imgclf.bundle import BundleError
+
+    copy = tmp_path / "m"
+    shutil.copytree(trained_run, copy)
+    meta = json.loads((copy / "model.json").read_text())
+    meta["class_names"].append("extra")
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="3"):
+        ImageClassifier.load(copy)
+    meta["class_names"].pop()
+    meta["weights"]["identity"] = "something-else"
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="backbone weights differ"):
+        ImageClassifier.load(copy)
+    (copy / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(BundleError):
+        ImageClassifier.load(copy)
+
+
+def test_inspect_cli(shapes_root, capsys):
+    assert main(["inspect", str(shapes_root), "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["train"]["circle"] == 12 and report["problems"] == []
+    assert main(["inspect", str(shapes_root), "--no-progress"]) == 0
+    assert "circle" in capsys.readouterr().out
+
+
+def test_console_script_and_module_entry_points():
+    out = subprocess.run([sys.executable, "-m", "imgclf", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("train", "evaluate", "predict", "inspect", "demo"):
+        assert cmd in out
+    out = subprocess.run([sys.executable, "-m", "imgclf", "train", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--backbone", "--weights", "--head", "--lr", "--epochs", "--batch-size", "--seed", "--patience", "--class-weight", "--precision", "--engine", "--cache-dir", "--val-fraction", "--test-fraction"):
+        assert flag in out
+
+
+def test_demo_command_trains_on_synthetic_lesions(tmp_path, capsys):
+    rc = main(["demo", "--project", str(tmp_path / "runs"), "--n-train", "8", "--epochs", "5", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "demo: test accuracy" in out
+    assert (tmp_path / "runs" / "demo" / "model.json").is_file()
+    assert (tmp_path / "runs" / "demo-data" / "train" / "benign").is_dir()

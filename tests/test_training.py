@@ -1,0 +1,100 @@
+"""Recipe head, loss, class weights, early stopping, seeded determinism, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from imgclf.heads import build_head
+from imgclf.metrics import classification_metrics
+from imgclf.training import TrainConfig, class_weights, fit_head
+
+
+def _blobs(n_per_class=30, dim=16, n_classes=3, seed=0, spread=1.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, size=(n_classes, dim))
+    x = np.concatenate([c + rng.normal(0, spread, size=(n_per_class, dim)) for c in centres]).astype(np.float32)
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    return x, y
+
+
+def test_recipe_head_is_the_recipe_without_its_sigmoid():
+    head = build_head("recipe", 1280, 2)
+    kinds = [type(m) for m in head.children()]
+    assert kinds[1:] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert (head.fc1.in_features, head.fc1.out_features, head.fc2.out_features) == (1280, 512, 2)
+    assert head.dropout.p == 0.5
+    assert not any(isinstance(m, nn.Sigmoid | nn.Softmax) for m in head.modules())  # logits out
+    lin = build_head("linear", 64, 5)
+    assert lin.fc.in_features == 64 and lin.fc.out_features == 5
+    with pytest.raises(ValueError):
+        build_head("mlp", 4, 2)
+
+
+def test_binary_uses_softmax_cross_entropy_and_learns():
+    x, y = _blobs(n_classes=2)
+    head, hist, summary = fit_head(x, y, x[::3], y[::3], 2, TrainConfig(epochs=15, patience=0))
+    assert head.fc2.out_features == 2  # two logits, softmax CE (not one sigmoid unit)
+    with torch.no_grad():
+        p = torch.softmax(head(torch.from_numpy(x)), 1).numpy()
+    assert np.allclose(p.sum(1), 1)
+    assert (p.argmax(1) == y).mean() > 0.95
+
+
+def test_same_seed_same_result_other_seed_differs():
+    x, y = _blobs(spread=3.0)
+    xv, yv = _blobs(seed=1, spread=3.0)
+    cfg = TrainConfig(epochs=6, patience=0, seed=7)
+    h1, hist1, _ = fit_head(x, y, xv, yv, 3, cfg)
+    h2, hist2, _ = fit_head(x, y, xv, yv, 3, cfg)
+    assert hist1 == hist2
+    for (k, a), b in zip(h1.state_dict().items(), h2.state_dict().values()):
+        assert torch.equal(a, b), k
+    _, hist3, _ = fit_head(x, y, xv, yv, 3, TrainConfig(epochs=6, patience=0, seed=8))
+    assert hist3 != hist1
+
+
+def test_early_stopping_and_best_checkpoint():
+    x, y = _blobs(n_per_class=10, spread=4.0)
+    xv, yv = _blobs(n_per_class=10, seed=5, spread=4.0)
+    head, hist, summary = fit_head(x, y, xv, yv, 3, TrainConfig(epochs=200, patience=3, lr=1e-2))
+    assert summary["stopped_early"] and len(hist) < 200
+    assert len(hist) - summary["best_epoch"] == 3
+    best = min(h["val_loss"] for h in hist)
+    assert hist[summary["best_epoch"] - 1]["val_loss"] == best
+    loss = nn.CrossEntropyLoss()(head(torch.from_numpy(xv)), torch.from_numpy(yv)).item()
+    assert loss == pytest.approx(best, rel=1e-5)  # the returned head is the best one
+
+
+def test_class_weights_auto_rule():
+    balanced = np.array([0] * 10 + [1] * 14)
+    assert class_weights(balanced, 2, "auto") is None  # 1.4x: no weights
+    skewed = np.array([0] * 10 + [1] * 30)
+    w = class_weights(skewed, 2, "auto")
+    assert w.tolist() == pytest.approx([2.0, 2 / 3])
+    assert class_weights(skewed, 2, "none") is None
+    assert class_weights(balanced, 2, "balanced") is not None
+
+
+def test_invalid_config_is_rejected():
+    for bad in (dict(epochs=0), dict(lr=-1.0), dict(batch_size=0), dict(class_weight="x")):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad).validate()
+
+
+def test_metrics_against_hand_computed_case():
+    y = np.array([0, 0, 0, 1, 1])
+    p1 = np.array([0.1, 0.4, 0.8, 0.9, 0.3])  # predicted: 0,0,1,1,0
+    probs = np.stack([1 - p1, p1], 1)
+    m = classification_metrics(y, probs, ["benign", "malignant"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["per_class"]["malignant"]["recall"] == pytest.approx(1 / 2)
+    assert m["per_class"]["benign"]["recall"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert m["per_class"]["malignant"]["precision"] == pytest.approx(1 / 2)
+    assert m["confusion_matrix"]["counts"] == [[2, 1], [1, 1]]
+    # ROC-AUC: positive scores {0.9,0.3} vs negative {0.1,0.4,0.8}: pairs won 3+1=4 of 6
+    assert m["roc_auc"] == pytest.approx(4 / 6)
+    assert m["positive_class"] == "malignant"
