@@ -192,3 +192,10 @@ def test_demo_command_trains_on_synthetic_lesions(tmp_path, capsys):
     assert "demo: test accuracy" in out
     assert (tmp_path / "runs" / "demo" / "model.json").is_file()
     assert (tmp_path / "runs" / "demo-data" / "train" / "benign").is_dir()
+
+
+def test_evaluate_a_single_class_folder(trained_run, shapes_root, tmp_path):
+    only = tmp_path / "only"
+    shutil.copytree(shapes_root / "test" / "square", only / "square")
+    m = ImageClassifier.load(trained_run).evaluate(only)
+    assert m["n"] == 6 and m["per_class"]["square"]["support"] == 6 and m["roc_auc"] is None

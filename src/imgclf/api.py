@@ -31,7 +31,7 @@ from imgclf.backbones import (
     resolve_weights,
 )
 from imgclf.bundle import BundleError, load_bundle, save_bundle
-from imgclf.data import Dataset, load_dataset, scan_layout
+from imgclf.data import Dataset, load_dataset
 from imgclf.features import BackboneRunner, default_cache_dir, extract_features
 from imgclf.heads import head_config, head_from_config
 from imgclf.metrics import classification_metrics
@@ -89,7 +89,8 @@ class ImageClassifier:
 
     # ------------------------------------------------------------------ backbone
 
-    def _get_runner(self) -> BackboneRunner:
+    def backbone_runner(self) -> BackboneRunner:
+        """Resolve backbone and weights (cheap, fails fast offline); the model is built lazily."""
         if self._runner is None:
             if self._spec is None:
                 self._spec = get_backbone_spec(self.backbone)
@@ -100,7 +101,7 @@ class ImageClassifier:
 
     def features(self, paths: Sequence[str | os.PathLike], desc: str = "features") -> tuple[np.ndarray, list[int], dict[int, str]]:
         """Backbone features for ``paths`` (cached); returns (X, ok indices, errors by index)."""
-        runner = self._get_runner()
+        runner = self.backbone_runner()
         bar = _progress_bar(len(paths), desc, self.progress)
         try:
             res = extract_features(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None, desc=desc)
@@ -154,7 +155,7 @@ class ImageClassifier:
         self.head_ = head
         self.history_ = history
         self.fit_summary_ = {**summary, "feature_seconds": round(t_feat, 3), "fit_seconds": round(time.perf_counter() - t0, 3)}
-        runner = self._get_runner()
+        runner = self.backbone_runner()
         self.meta_ = self._make_meta(runner)
         return self
 
@@ -302,20 +303,27 @@ class ImageClassifier:
 
 
 def labelled_eval_samples(data: str | os.PathLike, class_names: list[str]):
-    """Samples to evaluate: the ``test`` split of a splits layout, or all of a flat set."""
-    from imgclf.data import DatasetError, Sample
+    """Samples to evaluate: ``DATA/test/<class>/*`` if DATA has a test folder, else ``DATA/<class>/*``.
 
-    layout, splits, _, _ = scan_layout(data)
-    if layout == "splits":
-        if "test" not in splits:
-            raise DatasetError(f"{data}: has no test/ folder to evaluate (give the test folder itself)")
-        folders = splits["test"]
-    else:
-        folders = next(iter(splits.values()))
+    Unlike training, one class folder is enough (e.g. a folder of malignant cases only).
+    """
+    from imgclf.data import DatasetError, Sample, scan_class_folders
+
+    root = Path(data)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    folder = root / "test" if (root / "test").is_dir() else root
+    ignored: list[Path] = []
+    warnings: list[str] = []
+    folders = scan_class_folders(folder, ignored, warnings)
+    for w in warnings:
+        log.warning("%s", w)
+    if not any(folders.values()):
+        raise DatasetError(f"{folder}: no images in class sub-folders (expected {folder}/<class>/<image>)")
     index = {c: i for i, c in enumerate(class_names)}
     unknown = [c for c in folders if c not in index]
     if unknown:
-        raise DatasetError(f"{data}: class folder(s) {', '.join(unknown)} unknown to the model (classes: {', '.join(class_names)})")
+        raise DatasetError(f"{folder}: class folder(s) {', '.join(unknown)} unknown to the model (classes: {', '.join(class_names)})")
     return [Sample(Path(p), index[c], "test") for c in sorted(folders) for p in folders[c]]
 
 

@@ -142,7 +142,7 @@ def run_train(args) -> dict:
         raise ValueError(f"--project {args.project} is inside the dataset {root}; imgclf never writes into the dataset folder")
     if _inside(clf.cache_dir, root):
         raise ValueError(f"--cache-dir {clf.cache_dir} is inside the dataset {root}; imgclf never writes into the dataset folder")
-    clf._get_runner()  # resolve backbone + weights now: fail before a run folder exists
+    clf.backbone_runner()  # resolve backbone + weights now: fail before a run folder exists
     run_dir = new_run_dir(args.project, args.name)
     handler = attach_run_log(run_dir)
     try:

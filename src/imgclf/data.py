@@ -143,7 +143,7 @@ def _collect_class_images(folder: Path, ignored: list[Path]) -> list[Path]:
     return sorted(images, key=lambda p: p.as_posix())
 
 
-def _scan_classes(folder: Path, ignored: list[Path], warnings: list[str]) -> dict[str, list[Path]]:
+def scan_class_folders(folder: Path, ignored: list[Path], warnings: list[str]) -> dict[str, list[Path]]:
     """Class sub-folders of ``folder`` -> sorted image paths; stray files beside them are ignored."""
     classes: dict[str, list[Path]] = {}
     loose_images = 0
@@ -221,7 +221,7 @@ def _scan(root: Path):
                 )
         for split in SPLIT_NAMES:
             if split in split_dirs:
-                found[split] = _scan_classes(split_dirs[split], ignored, warnings)
+                found[split] = scan_class_folders(split_dirs[split], ignored, warnings)
     else:
         layout = "flat"
         if split_dirs:
@@ -230,7 +230,7 @@ def _scan(root: Path):
                 f"{root}: has {names} folder(s) but no 'train' folder, so it is read as a flat "
                 f"layout and {names} are treated as CLASSES; add a 'train' folder for a splits layout"
             )
-        found["train"] = _scan_classes(root, ignored, warnings)
+        found["train"] = scan_class_folders(root, ignored, warnings)
 
     train_dir = split_dirs.get("train", root)
     train = found["train"]
