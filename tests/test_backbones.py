@@ -184,3 +184,13 @@ def test_preprocessing_resize_and_crop_policies():
     assert arr[0].max() < 100  # red strip gone
     squash = image_to_array(img, Preprocessing(224, 224, "bilinear", policy="squash"))
     assert squash[0, :, 0].min() > 200  # squash keeps the whole width
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_other_lite_entries_load_their_packaged_weights(name):
+    spec = get_backbone_spec(name)
+    ref = resolve_weights(spec, "imagenet")
+    assert ref.kind == "package" and name.replace("_", "-") in ref.identity
+    fx = build_feature_extractor(spec, ref)
+    s = spec.preprocessing.input_size
+    assert fx(torch.zeros(1, 3, s, s, dtype=torch.uint8)).shape == (1, 1280)

@@ -199,3 +199,15 @@ def test_evaluate_a_single_class_folder(trained_run, shapes_root, tmp_path):
     shutil.copytree(shapes_root / "test" / "square", only / "square")
     m = ImageClassifier.load(trained_run).evaluate(only)
     assert m["n"] == 6 and m["per_class"]["square"]["support"] == 6 and m["roc_auc"] is None
+
+
+def test_same_seed_same_metrics_end_to_end(trained_run, shapes_root):
+    rc = main(["-q", "train", str(shapes_root), "--project", str(trained_run.parent), "--name", "again", "--no-progress", "--epochs", "20"])
+    assert rc == 0
+    a = json.loads((trained_run / "test_metrics.json").read_text())
+    b = json.loads((trained_run.parent / "again" / "test_metrics.json").read_text())
+    a.pop("run"), b.pop("run")
+    assert a == b
+    h1 = (trained_run / "metrics.csv").read_text()
+    h2 = (trained_run.parent / "again" / "metrics.csv").read_text()
+    assert h1 == h2

@@ -104,7 +104,7 @@ class ImageClassifier:
         runner = self.backbone_runner()
         bar = _progress_bar(len(paths), desc, self.progress)
         try:
-            res = extract_features(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None, desc=desc)
+            res = extract_features(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None)
         finally:
             if bar:
                 bar.close()

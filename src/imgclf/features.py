@@ -254,8 +254,7 @@ class BackboneRunner:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}")
         self.precision = resolve_precision(self.precision)
         if self.engine == "onnxruntime" and self.precision == "bf16":
-            if self.precision == "bf16":
-                log.info("onnxruntime runs fp32 on CPU; using fp32")
+            log.info("onnxruntime runs fp32 on CPU; using fp32")
             self.precision = "fp32"
         self.fingerprint = weights_fingerprint(self.spec, self.weights)
 
@@ -343,7 +342,6 @@ def extract_features(
     batch_size: int = 32,
     decode_threads: int = 2,
     progress: Callable[[int], None] | None = None,
-    desc: str = "features",
 ) -> ExtractionResult:
     """Pooled backbone features for ``paths``; bad files come back in ``errors``."""
     prep = runner.spec.preprocessing

@@ -1,0 +1,582 @@
+#!/usr/bin/env python
+"""Benchmarks of imgclf: training wall time against the classic recipe, and backbone
+extraction throughput per engine/precision.
+
+    .venv/bin/python benchmarks/bench_train.py                  # everything (~10-15 min on 2 cores)
+    .venv/bin/python benchmarks/bench_train.py --skip-extraction
+    .venv/bin/python benchmarks/bench_train.py --skip-train --backbones efficientnet_lite0 resnet50
+    .venv/bin/python benchmarks/bench_train.py --out results.json
+
+1. Train comparison (``--backbone``, ``--epochs``):
+   * imgclf as a user runs it: ``imgclf train`` in a subprocess with a fresh, empty feature
+     cache (cold: backbone build, ONNX export, engine compile, extraction of every image),
+     then a second ``imgclf train`` with another ``--lr`` on the now-warm cache. The same
+     two runs are timed in-process (``ImageClassifier.fit`` + ``evaluate``), which leaves
+     out the Python/torch import time of a fresh process.
+   * the classic recipe, as a faithful PyTorch loop: the same frozen backbone (from
+     imgclf.backbones), the same train split (imgclf.data.load_dataset, same seed), the
+     recipe head (Linear 512, ReLU, Dropout 0.5, Linear N), Adam 1e-3, batch 32, the same
+     number of epochs; every epoch decodes every training image again and runs the frozen
+     backbone forward again (eager PyTorch fp32 under torch.no_grad), as a Keras model
+     with a frozen base inside does. Then test accuracy on the test split.
+2. Extraction throughput (``--backbones``): img/s of the backbone alone on pre-decoded
+   images at batch 32 for each engine/precision (model build, ONNX export and engine
+   compile are excluded and reported separately; one warm-up batch first), plus
+   end-to-end ``imgclf.features.extract_features`` img/s (hashing + decoding + inference)
+   with imgclf's default engine choice.
+
+Nothing is written to the repository, the dataset or the user's feature cache: every cache
+and run folder lives in a temporary folder that is deleted at the end (``--keep-temp``
+keeps it). ImageNet weights are never downloaded (IMGCLF_OFFLINE=1 unless ``--online``);
+a backbone whose weights are not available offline is measured with random
+initialisation (``weights=none``): speed does not depend on weight values, accuracy does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = "../shared/data/flowers12"
+DEFAULT_BACKBONES = ["efficientnet_lite0", "vgg16", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"]
+CELLS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+BATCH = 32
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def one_line(e: BaseException) -> str:
+    s = str(e).strip() or type(e).__name__
+    return f"{type(e).__name__}: {s.splitlines()[0]}"[:200]
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    import numpy
+    import torch
+
+    from imgclf.features import cpu_has_bf16
+
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model is None:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+
+    def v(name):
+        try:
+            import importlib.metadata as md
+
+            return md.version(name)
+        except Exception:
+            return None
+
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_model": model or platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "cpu_has_bf16 (imgclf)": cpu_has_bf16(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {n: v(n) for n in ("imgclf", "torch", "torchvision", "onnxruntime", "openvino", "numpy", "pillow")},
+        "numpy": numpy.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_weights_offline(spec, seed: int = 0):
+    """(weights argument, WeightsRef): ImageNet weights where available offline, else 'none'."""
+    from imgclf.backbones import WeightsUnavailableError, resolve_weights
+
+    try:
+        return "imagenet", resolve_weights(spec, "imagenet", seed=seed)
+    except WeightsUnavailableError:
+        return "none", resolve_weights(spec, "none", seed=seed)
+
+
+def imgclf_command() -> list[str]:
+    exe = Path(sys.executable).parent / "imgclf"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "imgclf"]
+
+
+def warm_page_cache(root: Path) -> int:
+    """Read every file once so the first timed run is not the only one paying disk reads."""
+    n = 0
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            p.read_bytes()
+            n += 1
+    return n
+
+
+def measure_import_seconds(repeats: int = 2) -> float:
+    """Wall time of a fresh interpreter importing what `imgclf train` imports (best of N)."""
+    code = "import imgclf.cli, imgclf.api, imgclf.runs, imgclf.data, imgclf.metrics"
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# --------------------------------------------------------------------------- 1. train comparison
+
+
+def run_cli_train(data: Path, backbone: str, weights: str, epochs: int, lr: float, cache: Path, project: Path, name: str) -> dict:
+    cmd = [
+        *imgclf_command(), "train", str(data),
+        "--backbone", backbone, "--weights", weights,
+        "--epochs", str(epochs), "--patience", "0", "--lr", str(lr),
+        "--cache-dir", str(cache), "--project", str(project), "--name", name, "--no-progress",
+    ]
+    env = {**os.environ, "IMGCLF_CACHE_DIR": str(cache)}
+    log("running: " + " ".join(cmd))
+    t = time.perf_counter()
+    p = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        tail = (p.stderr.strip() or p.stdout.strip()).splitlines()
+        raise RuntimeError(f"imgclf train exited {p.returncode}: {tail[-1] if tail else '(no output)'}")
+    run_dir = project / name
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    return {
+        "wall_s": wall,
+        "accuracy": metrics["accuracy"],
+        "inner_wall_s": config.get("wall_seconds"),  # measured inside run_train (after imports)
+        "feature_s": config.get("fit_summary", {}).get("feature_seconds"),
+        "engine": config.get("backbone_engine"),
+        "epochs_run": config.get("fit_summary", {}).get("epochs_run"),
+    }
+
+
+def run_inprocess(data: Path, backbone: str, weights: str, epochs: int, lr: float, cache: Path) -> dict:
+    from imgclf.api import ImageClassifier
+
+    t = time.perf_counter()
+    clf = ImageClassifier(backbone=backbone, weights=weights, epochs=epochs, lr=lr, patience=0, cache_dir=cache, progress=False)
+    clf.fit(data)
+    m = clf.evaluate()
+    wall = time.perf_counter() - t
+    ex = clf.last_extraction_
+    return {
+        "wall_s": wall,
+        "accuracy": m["accuracy"],
+        "feature_s": clf.fit_summary_["feature_seconds"],
+        "engine": {"engine": ex.engine, "precision": ex.precision},
+        "epochs_run": clf.fit_summary_["epochs_run"],
+    }
+
+
+def run_recipe(data: Path, backbone: str, weights: str, epochs: int, seed: int = 0, batch: int = BATCH, lr: float = 1e-3) -> dict:
+    """The classic recipe's training loop: decode + frozen backbone forward every epoch."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from imgclf.backbones import build_feature_extractor, get_backbone_spec, resolve_weights
+    from imgclf.data import load_dataset
+    from imgclf.imaging import load_rgb
+    from imgclf.preprocess import image_to_array
+
+    t0 = time.perf_counter()
+    ds = load_dataset(data, seed=seed)  # imgclf's default fractions and seed: the same split
+    spec = get_backbone_spec(backbone)
+    ref = resolve_weights(spec, weights, seed=seed)
+    fx = build_feature_extractor(spec, ref, seed=seed)  # eval mode, requires_grad False
+    fx.eval()
+    n_classes = len(ds.class_names)
+    torch.manual_seed(seed)
+    head = nn.Sequential(nn.Linear(spec.feature_dim, 512), nn.ReLU(), nn.Dropout(0.5), nn.Linear(512, n_classes))
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    prep = spec.preprocessing
+
+    def load(samples):
+        x = np.stack([image_to_array(load_rgb(s.path), prep) for s in samples])
+        return torch.from_numpy(x), torch.tensor([s.label for s in samples], dtype=torch.int64)
+
+    train = ds.samples["train"]
+    build_s = time.perf_counter() - t0
+    epoch_s = []
+    for epoch in range(1, epochs + 1):
+        te = time.perf_counter()
+        head.train()
+        order = torch.randperm(len(train), generator=gen).tolist()
+        total, correct = 0.0, 0
+        for k in range(0, len(order), batch):
+            x, y = load([train[i] for i in order[k:k + batch]])
+            with torch.no_grad():
+                f = fx(x)
+            logits = head(f)
+            loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+        epoch_s.append(time.perf_counter() - te)
+        log(f"recipe epoch {epoch}/{epochs}: loss {total / len(train):.4f} acc {correct / len(train):.4f} ({epoch_s[-1]:.1f} s)")
+    head.eval()
+    test = ds.samples["test"]
+    hits = 0
+    with torch.no_grad():
+        for k in range(0, len(test), batch):
+            x, y = load(test[k:k + batch])
+            hits += (head(fx(x)).argmax(1) == y).sum().item()
+    wall = time.perf_counter() - t0
+    return {
+        "wall_s": wall,
+        "accuracy": hits / len(test),
+        "build_s": build_s,
+        "epoch_s": epoch_s,
+        "n_train": len(train),
+        "n_test": len(test),
+        "engine": {"engine": "torch eager", "precision": "fp32"},
+    }
+
+
+def train_comparison(args, tmp: Path) -> dict:
+    from imgclf.backbones import get_backbone_spec
+
+    spec = get_backbone_spec(args.backbone)
+    weights, ref = resolve_weights_offline(spec)
+    if weights == "none":
+        log(f"{args.backbone}: ImageNet weights not available offline; training with random init (weights=none): accuracies are meaningless, times are not")
+    lr2 = args.lr2
+    out: dict = {"backbone": args.backbone, "weights": weights, "weights_identity": ref.identity, "epochs": args.epochs, "lr_first": 1e-3, "lr_second": lr2, "rows": {}}
+
+    log("warming the OS page cache with the dataset files")
+    out["dataset_files"] = warm_page_cache(args.data)
+    log("measuring fresh-interpreter import time")
+    out["import_s"] = measure_import_seconds()
+
+    def attempt(key, fn):
+        try:
+            out["rows"][key] = fn()
+        except Exception as e:  # report, keep going
+            log(f"{key} failed: {one_line(e)}")
+            out["rows"][key] = {"error": one_line(e)}
+        gc.collect()
+
+    cache_cli = tmp / "cache-cli"
+    cache_api = tmp / "cache-api"
+    project = tmp / "runs"
+    project.mkdir(parents=True, exist_ok=True)
+    attempt("cli_cold", lambda: run_cli_train(args.data, args.backbone, weights, args.epochs, 1e-3, cache_cli, project, "cold"))
+    attempt("cli_warm", lambda: run_cli_train(args.data, args.backbone, weights, args.epochs, lr2, cache_cli, project, "warm"))
+    log("in-process ImageClassifier.fit + evaluate, cold cache")
+    attempt("api_cold", lambda: run_inprocess(args.data, args.backbone, weights, args.epochs, 1e-3, cache_api))
+    log("in-process ImageClassifier.fit + evaluate, warm cache")
+    attempt("api_warm", lambda: run_inprocess(args.data, args.backbone, weights, args.epochs, lr2, cache_api))
+    log("classic recipe loop")
+    attempt("recipe", lambda: run_recipe(args.data, args.backbone, weights, args.epochs))
+    return out
+
+
+def train_markdown(res: dict) -> str:
+    rows = res["rows"]
+    rec = rows.get("recipe", {}).get("wall_s")
+    labels = {
+        "cli_cold": "imgclf CLI `imgclf train`, 1st run (empty cache: build + export + extract + train + test)",
+        "cli_warm": f"imgclf CLI `imgclf train --lr {res['lr_second']:g}`, 2nd run (warm feature cache)",
+        "api_cold": "imgclf in-process `fit` + `evaluate`, 1st run (empty cache)",
+        "api_warm": f"imgclf in-process `fit` + `evaluate` (lr {res['lr_second']:g}), 2nd run (warm cache)",
+        "recipe": "classic recipe loop (decode + frozen backbone every epoch, eager torch fp32)",
+    }
+    lines = [
+        f"Backbone `{res['backbone']}` (weights: {res['weights']}), {res['epochs']} epochs, batch 32, Adam "
+        f"(1st runs lr 1e-3, 2nd runs lr {res['lr_second']:g}); imgclf with `--patience 0` so it runs every epoch.",
+        "",
+        "| method | engine | wall s | test accuracy | recipe / this |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for key, label in labels.items():
+        r = rows.get(key)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {label} | | failed: {r['error']} | | |")
+            continue
+        eng = r.get("engine") or {}
+        eng_s = f"{eng.get('engine', '?')} {eng.get('precision', '')}".strip()
+        if key.endswith("warm") and eng.get("engine") == "cache":
+            eng_s = "feature cache (no backbone)"
+        ratio = f"{rec / r['wall_s']:.1f}x" if rec and r["wall_s"] > 0 else ""
+        lines.append(f"| {label} | {eng_s} | {r['wall_s']:.1f} | {r['accuracy']:.4f} | {ratio} |")
+    lines.append("")
+    notes = []
+    for a, b, what in (("cli_cold", "cli_warm", "CLI"), ("api_cold", "api_warm", "in-process")):
+        ra, rb = rows.get(a, {}), rows.get(b, {})
+        if "wall_s" in ra and "wall_s" in rb:
+            notes.append(f"- {what}: 2nd run / 1st run = {rb['wall_s']:.1f} s / {ra['wall_s']:.1f} s = {rb['wall_s'] / ra['wall_s']:.2f}")
+    for key in ("cli_cold", "cli_warm"):
+        r = rows.get(key, {})
+        if r.get("inner_wall_s") is not None:
+            notes.append(
+                f"- {key}: {r['wall_s']:.1f} s process wall, of which {r['inner_wall_s']:.1f} s inside `run_train` "
+                f"(so {r['wall_s'] - r['inner_wall_s']:.1f} s interpreter start + imports); feature step {r['feature_s']:.1f} s"
+            )
+    notes.append(f"- a fresh interpreter importing imgclf's CLI modules (torch, sklearn, ...) takes {res['import_s']:.1f} s here")
+    r = rows.get("api_cold", {})
+    if "feature_s" in r:
+        notes.append(f"- in-process 1st run: {r['feature_s']:.1f} s of its {r['wall_s']:.1f} s are the train+validation feature step (backbone build, ONNX export, compile, extraction)")
+    r = rows.get("recipe", {})
+    if "epoch_s" in r:
+        es = r["epoch_s"]
+        notes.append(
+            f"- recipe: {r['n_train']} train images decoded and forwarded {len(es)} times; epochs took "
+            f"{', '.join(f'{s:.1f}' for s in es)} s; model build {r['build_s']:.1f} s; test pass over {r['n_test']} images included"
+        )
+    return "\n".join(lines + notes)
+
+
+# --------------------------------------------------------------------------- 2. extraction throughput
+
+
+def pick_paths(data: Path, n: int) -> list[Path]:
+    """n training images spread evenly over the (sorted) train split, so every class appears."""
+    from imgclf.data import load_dataset
+
+    samples = load_dataset(data, seed=0).samples["train"]
+    if n >= len(samples):
+        return [s.path for s in samples]
+    step = len(samples) / n
+    return [samples[int(i * step)].path for i in range(n)]
+
+
+def _timed_batches(engine, arr, n: int) -> float:
+    t = time.perf_counter()
+    for k in range(0, n, BATCH):
+        engine(arr[k:min(k + BATCH, n)])
+    return time.perf_counter() - t
+
+
+def extraction_benchmark(args, tmp: Path) -> dict:
+    import numpy as np
+
+    from imgclf.backbones import get_backbone_spec
+    from imgclf.features import BackboneRunner, cpu_has_bf16, extract_features
+    from imgclf.imaging import load_rgb
+    from imgclf.preprocess import image_to_array
+
+    has_bf16 = cpu_has_bf16()
+    paths = pick_paths(args.data, args.extraction_images)
+    n_all = len(paths)
+    out = {"images": n_all, "batch": BATCH, "cell_seconds": args.cell_seconds, "cpu_has_bf16": has_bf16, "rows": []}
+    for bname in args.backbones:
+        row: dict = {"backbone": bname, "cells": {}}
+        out["rows"].append(row)
+        cache = tmp / "cache-extract" / bname
+        try:
+            spec = get_backbone_spec(bname)
+            row["weights"], ref = resolve_weights_offline(spec)
+            row["input_size"] = spec.preprocessing.input_size
+            t = time.perf_counter()
+            arr = np.stack([image_to_array(load_rgb(p, draft_size=2 * spec.preprocessing.resize_size), spec.preprocessing) for p in paths])
+            row["decode_img_s_1thread"] = n_all / (time.perf_counter() - t)
+        except Exception as e:
+            row["error"] = one_line(e)
+            log(f"{bname}: failed before measuring: {row['error']}")
+            continue
+        for eng, prec in CELLS:
+            key = f"{eng} {prec}"
+            if prec == "bf16" and not has_bf16:
+                row["cells"][key] = {"skipped": "CPU has no native bf16 (avx512_bf16/amx_bf16)"}
+                continue
+            runner = engine = None
+            try:
+                t = time.perf_counter()
+                runner = BackboneRunner(spec, ref, cache, engine=eng, precision=prec)
+                engine = runner.get()
+                setup = time.perf_counter() - t
+                if (engine.name, engine.precision) != (eng, prec):
+                    raise RuntimeError(f"got {engine.name} {engine.precision} instead")
+                warm = _timed_batches(engine, arr, min(BATCH, n_all))
+                est = min(BATCH, n_all) / warm
+                n = min(n_all, max(BATCH, int(args.cell_seconds * est) // BATCH * BATCH))
+                dt = _timed_batches(engine, arr, n)
+                row["cells"][key] = {"img_s": n / dt, "n": n, "setup_s": setup, "warmup_batch_s": warm}
+                log(f"{bname} {key}: {n / dt:.1f} img/s on {n} images (setup {setup:.1f} s)")
+            except Exception as e:
+                row["cells"][key] = {"error": one_line(e)}
+                log(f"{bname} {key}: failed: {one_line(e)}")
+            finally:
+                del runner, engine
+                gc.collect()
+        # end to end: imgclf's default engine choice, extract_features with decoding, no cache
+        runner = None
+        try:
+            runner = BackboneRunner(spec, ref, cache, engine="auto", precision="auto")
+            t = time.perf_counter()
+            engine = runner.get()
+            setup = time.perf_counter() - t
+            _timed_batches(engine, arr, min(BATCH, n_all))  # warm-up batch
+            same = row["cells"].get(f"{engine.name} {engine.precision}", {})
+            n = same.get("n") or n_all
+            t = time.perf_counter()
+            res = extract_features([str(p) for p in paths[:n]], runner, use_cache=False)
+            wall = time.perf_counter() - t
+            if res.errors:
+                raise RuntimeError(f"{len(res.errors)} decode errors, e.g. {next(iter(res.errors.values()))}")
+            row["end_to_end"] = {
+                "engine": engine.name, "precision": engine.precision, "n": n, "setup_s": setup,
+                "img_s": n / wall, "img_s_reported_by_imgclf": res.images_per_second,
+            }
+            log(f"{bname} end-to-end ({engine.name} {engine.precision}): {n / wall:.1f} img/s on {n} images")
+        except Exception as e:
+            row["end_to_end"] = {"error": one_line(e)}
+            log(f"{bname} end-to-end: failed: {one_line(e)}")
+        finally:
+            del runner
+            gc.collect()
+    return out
+
+
+def _cell_text(c: dict, n_all: int, value: str = "img_s") -> str:
+    if "error" in c:
+        return f"failed: {c['error'].replace('|', '/')}"
+    if "skipped" in c:
+        return f"n/a ({c['skipped']})"
+    if value == "setup_s":
+        return f"{c['setup_s']:.1f}"
+    s = f"{c['img_s']:.1f}"
+    if c.get("n") and c["n"] < n_all:
+        s += f" (n={c['n']})"
+    return s
+
+
+def extraction_markdown(res: dict) -> str:
+    n_all = res["images"]
+    keys = [f"{e} {p}" for e, p in CELLS]
+    head = "| backbone | weights | " + " | ".join(keys) + " | end-to-end `extract_features` (default engine) | decode only, 1 thread |"
+    lines = [
+        f"Backbone-only img/s at batch {res['batch']} on {n_all} pre-decoded flowers12 train images "
+        f"(fewer, shown as n=..., where a cell would exceed ~{res['cell_seconds']:g} s); one warm-up batch first; "
+        "model build / ONNX export / compile excluded (next table).",
+        "",
+        head,
+        "|---|---|" + "---:|" * (len(keys) + 2),
+    ]
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['backbone']} | | failed: {r['error']} |" + " |" * (len(keys) + 1))
+            continue
+        cells = [_cell_text(r["cells"].get(k, {"error": "not run"}), n_all) for k in keys]
+        e2e = r.get("end_to_end", {})
+        if "error" in e2e:
+            e2e_s = f"failed: {e2e['error']}"
+        else:
+            e2e_s = f"{e2e['img_s']:.1f} ({e2e['engine']} {e2e['precision']}" + (f", n={e2e['n']})" if e2e["n"] < n_all else ")")
+        lines.append(f"| {r['backbone']} | {r['weights']} | " + " | ".join(cells) + f" | {e2e_s} | {r['decode_img_s_1thread']:.0f} |")
+    lines += ["", "Setup seconds per cell (backbone build + ONNX export + engine compile; the ONNX file is exported once per backbone and reused):", ""]
+    lines.append("| backbone | " + " | ".join(keys) + " |")
+    lines.append("|---|" + "---:|" * len(keys))
+    for r in res["rows"]:
+        if "error" in r:
+            continue
+        lines.append(f"| {r['backbone']} | " + " | ".join(
+            _cell_text(r["cells"][k], n_all, "setup_s") if "setup_s" in r["cells"].get(k, {}) else "" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"dataset root; relative paths are resolved against the repo root (default: {DEFAULT_DATA})")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone of the train comparison (default: efficientnet_lite0)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs for imgclf and the recipe loop (default: 5)")
+    p.add_argument("--lr2", type=float, default=5e-4, help="learning rate of the 2nd (warm-cache) imgclf run (default: 5e-4)")
+    p.add_argument("--skip-train", action="store_true", help="skip the train comparison")
+    p.add_argument("--skip-extraction", action="store_true", help="skip the extraction throughput table")
+    p.add_argument("--extraction-images", type=int, default=128, help="images per extraction cell (default: 128)")
+    p.add_argument("--cell-seconds", type=float, default=10.0, help="time budget per extraction cell: slow cells (VGG16) use fewer images, in whole batches, at least one (default: 10)")
+    p.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES, help="backbones of the extraction table (default: %(default)s)")
+    p.add_argument("--out", default=None, help="also write all results as JSON here")
+    p.add_argument("--keep-temp", action="store_true", help="keep the temporary cache/run folder")
+    p.add_argument("--online", action="store_true", help="allow imgclf to look for ImageNet weights online (default: offline, IMGCLF_OFFLINE=1)")
+    args = p.parse_args(argv)
+    d = Path(args.data).expanduser()
+    args.data = (d if d.is_absolute() else REPO / d).resolve()
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    if args.extraction_images < 1:
+        p.error("--extraction-images must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.online:
+        os.environ["IMGCLF_OFFLINE"] = "1"
+    if not (args.data / "train").is_dir():
+        print(f"bench_train: no dataset at {args.data} (expected train/<class>/...)", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
+    os.environ["IMGCLF_CACHE_DIR"] = str(tmp / "cache-default")  # anything that falls back to the default cache stays here
+    log(f"temporary caches and runs under {tmp}")
+    results: dict = {"machine": machine_info(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    md = [f"# imgclf benchmarks ({results['machine']['date']})", "",
+          f"Machine: {results['machine']['cpu_model']}, {results['machine']['cpus']} CPUs, "
+          f"AVX-512F {'yes' if results['machine']['avx512f'] else 'no'}, AVX512-BF16 {'yes' if results['machine']['avx512_bf16'] else 'no'}, "
+          f"AMX-BF16 {'yes' if results['machine']['amx_bf16'] else 'no'}; torch {results['machine']['versions']['torch']}, "
+          f"onnxruntime {results['machine']['versions']['onnxruntime']}, openvino {results['machine']['versions']['openvino']}. "
+          f"Dataset {args.data}."]
+    t_all = time.perf_counter()
+    try:
+        if not args.skip_train:
+            results["train"] = train_comparison(args, tmp)
+            md += ["", "## Train comparison", "", train_markdown(results["train"])]
+            print("\n".join(md), flush=True)
+            md_printed = len(md)
+        else:
+            md_printed = 0
+        if not args.skip_extraction:
+            results["extraction"] = extraction_benchmark(args, tmp)
+            md += ["", "## Extraction throughput", "", extraction_markdown(results["extraction"])]
+        results["total_seconds"] = time.perf_counter() - t_all
+        md += ["", f"Total benchmark time: {results['total_seconds']:.0f} s."]
+        print("\n".join(md[md_printed:]), flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+            log(f"results written to {args.out}")
+    finally:
+        if args.keep_temp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
