@@ -220,7 +220,10 @@ class ImageClassifier:
     def evaluate_samples(self, samples) -> dict:
         self._check_fitted()
         x, y, ok, skipped = self._split_features(samples, "test features")
-        m = classification_metrics(y, self._proba_from_features(x), self.class_names_)
+        probs = self._proba_from_features(x)
+        # per-image results, for reports (worst mistakes) and callers
+        self.last_eval_ = {"paths": [str(samples[i].path) for i in ok], "y_true": y, "probs": probs}
+        m = classification_metrics(y, probs, self.class_names_)
         m["skipped"] = [{"path": p, "error": e} for p, e in skipped]
         return m
 

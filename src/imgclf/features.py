@@ -271,7 +271,8 @@ class BackboneRunner:
             self._engine = self._make()
         return self._engine
 
-    def _module(self):
+    def torch_module(self):
+        """The frozen PyTorch feature extractor (built once; for Grad-CAM, export, fine-tuning)."""
         if not hasattr(self, "_fx"):
             self._fx = build_feature_extractor(self.spec, self.weights, seed=self.seed)
         return self._fx
@@ -280,7 +281,7 @@ class BackboneRunner:
         p = self.onnx_path
         if not p.is_file():
             t = time.perf_counter()
-            export_backbone_onnx(self._module(), self.spec.preprocessing.input_size, p)
+            export_backbone_onnx(self.torch_module(), self.spec.preprocessing.input_size, p)
             log.info("exported %s backbone to ONNX in %.1f s: %s", self.spec.name, time.perf_counter() - t, p)
         return p
 
@@ -292,7 +293,7 @@ class BackboneRunner:
         for name in order:
             try:
                 if name == "torch":
-                    return TorchEngine(self._module(), self.precision)
+                    return TorchEngine(self.torch_module(), self.precision)
                 onnx_path = self._onnx()
                 if name == "openvino":
                     return OpenVinoEngine(onnx_path, self.precision)
