@@ -90,7 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=40, help="training images per class (default: 40)")
     _add_train_flags(p)
     p.set_defaults(name="demo")
+    for module in EXTENSION_MODULES:
+        _load_extension(module).register(sub, COMMANDS)
     return parser
+
+
+# Modules that add sub-commands: each has ``register(subparsers, commands)`` which adds
+# its parsers and puts ``name -> function(args) -> int`` into ``commands``.
+EXTENSION_MODULES = ("imgclf.cli_report", "imgclf.cli_serve")
+
+
+def _load_extension(name: str):
+    import importlib
+
+    return importlib.import_module(name)
 
 
 # --------------------------------------------------------------------------- commands
@@ -176,6 +189,7 @@ def run_train(args) -> dict:
         metrics = clf.evaluate()
         metrics["run"] = str(run_dir)
         write_json(run_dir / "test_metrics.json", metrics)
+        write_csv(run_dir / "test_predictions.csv", prediction_rows(clf), ["path", "true", "predicted", *clf.class_names_])
         skipped = clf.skipped_ + [(s["path"], s["error"]) for s in metrics["skipped"]]
         write_csv(run_dir / "skipped.csv", [{"path": p, "error": e} for p, e in skipped], ["path", "error"])
         config["fit_summary"] = clf.fit_summary_
@@ -190,6 +204,16 @@ def run_train(args) -> dict:
         return metrics
     finally:
         detach(handler)
+
+
+def prediction_rows(clf) -> list[dict]:
+    """Per-image test results of the last evaluation: path, true and predicted class, probabilities."""
+    ev = clf.last_eval_
+    names = clf.class_names_
+    return [
+        {"path": p, "true": names[int(t)], "predicted": names[int(pr.argmax())], **{c: f"{v:.6f}" for c, v in zip(names, pr)}}
+        for p, t, pr in zip(ev["paths"], ev["y_true"], ev["probs"])
+    ]
 
 
 def cmd_train(args) -> int:
