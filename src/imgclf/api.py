@@ -11,6 +11,7 @@ The CLI is a thin face over this class.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import platform
@@ -32,9 +33,13 @@ from imgclf.backbones import (
 )
 from imgclf.bundle import BundleError, load_bundle, save_bundle
 from imgclf.data import Dataset, load_dataset
+from imgclf.augment import AugmentedView, build_augment, tta_views
 from imgclf.features import BackboneRunner, default_cache_dir, extract_features
+from imgclf.finetune import finetune
 from imgclf.heads import head_config, head_from_config
 from imgclf.metrics import classification_metrics
+from imgclf.recipes import DEFAULT_RECIPE, default_unfreeze, resolve_recipe
+from imgclf.thresholds import apply_threshold, choose_threshold, parse_policy
 from imgclf.training import TrainConfig, fit_head
 
 log = logging.getLogger("imgclf")
@@ -49,18 +54,44 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 class ImageClassifier:
-    """Transfer-learned image classifier on a frozen, cached ImageNet backbone."""
+    """Transfer-learned image classifier on an ImageNet backbone with cached features.
+
+    ``recipe`` (``seed`` | ``fast`` | ``finetune``, see :mod:`imgclf.recipes`) sets the
+    defaults; every other training argument left as None takes the recipe's value.
+    """
 
     def __init__(
         self,
         backbone: str = DEFAULT_BACKBONE,
         weights: str | os.PathLike | None = "imagenet",
-        head: str = "recipe",
-        epochs: int = 30,
-        lr: float = 1e-3,
-        batch_size: int = 32,
-        patience: int = 5,
-        class_weight: str = "auto",
+        recipe: str = DEFAULT_RECIPE,
+        *,
+        head: str | None = None,
+        epochs: int | None = None,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        patience: int | None = None,
+        class_weight: str | None = None,
+        loss: str | None = None,
+        focal_gamma: float = 2.0,
+        sampler: str | None = None,
+        label_smoothing: float | None = None,
+        mixup: float | None = None,
+        augment: str | None = None,
+        hflip: bool | None = None,
+        vflip: bool | None = None,
+        rot90: bool | None = None,
+        crop_scale: float | None = None,
+        color_jitter: float | None = None,
+        feature_views: int | None = None,
+        unfreeze: int | None = None,
+        finetune_epochs: int | None = None,
+        finetune_lr: float | None = None,
+        finetune_patience: int | None = None,
+        finetune_views: int | None = None,
+        finetune_label_smoothing: float | None = None,
+        threshold_policy: str | None = None,
+        tta: str | None = None,
         seed: int = 0,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
@@ -72,8 +103,30 @@ class ImageClassifier:
     ):
         self.backbone = backbone
         self.weights = weights
-        self.train_config = TrainConfig(head=head, epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, class_weight=class_weight, seed=seed)
+        self.settings = resolve_recipe(recipe, dict(
+            head=head, epochs=epochs, lr=lr, batch_size=batch_size, patience=patience, class_weight=class_weight,
+            loss=loss, sampler=sampler, label_smoothing=label_smoothing, mixup=mixup, augment=augment,
+            feature_views=feature_views, unfreeze=unfreeze, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+            finetune_patience=finetune_patience, finetune_views=finetune_views,
+            finetune_label_smoothing=finetune_label_smoothing, threshold_policy=threshold_policy, tta=tta,
+        ))
+        st = self.settings
+        self.augment_config = build_augment(st["augment"], hflip=hflip, vflip=vflip, rot90=rot90, crop_scale=crop_scale, color_jitter=color_jitter)
+        self.settings["augment_config"] = self.augment_config.to_dict()
+        self.settings["focal_gamma"] = focal_gamma
+        self.train_config = TrainConfig(
+            head=st["head"], epochs=st["epochs"], lr=st["lr"], batch_size=st["batch_size"], patience=st["patience"],
+            class_weight=st["class_weight"], seed=seed, label_smoothing=st["label_smoothing"], loss=st["loss"],
+            focal_gamma=focal_gamma, sampler=st["sampler"], mixup=st["mixup"], checkpoint=st["checkpoint"],
+        )
         self.train_config.validate()
+        parse_policy(st["threshold_policy"])
+        tta_views(st["tta"])
+        if st["feature_views"] < 1 or st["finetune_views"] < 1:
+            raise ValueError("--feature-views must be >= 1")
+        self.recipe = recipe
+        self.tta = st["tta"]
+        self.threshold_ = None
         self.seed = seed
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -85,6 +138,7 @@ class ImageClassifier:
         self._runner: BackboneRunner | None = None
         self._spec: BackboneSpec | None = None
         self._weights_ref: WeightsRef | None = None
+        self._tuned: dict[str, torch.Tensor] | None = None
         self.errors_: dict[str, str] = {}
 
     # ------------------------------------------------------------------ backbone
@@ -93,18 +147,27 @@ class ImageClassifier:
         """Resolve backbone and weights (cheap, fails fast offline); the model is built lazily."""
         if self._runner is None:
             if self._spec is None:
-                self._spec = get_backbone_spec(self.backbone)
+                spec = get_backbone_spec(self.backbone)
+                if self.settings["input_scaling"] == "x/255":
+                    log.warning(
+                        "recipe 'seed' keeps the tutorial's bug: pixels scaled x/255 (squash resize, nearest) instead of "
+                        "the preprocessing %s was trained with; for comparison only", spec.name)
+                    s = spec.preprocessing.input_size
+                    spec = dataclasses.replace(spec, preprocessing=Preprocessing(s, s, "nearest", (0.0, 0.0, 0.0), (255.0, 255.0, 255.0), "squash"))
+                self._spec = spec
             if self._weights_ref is None:
                 self._weights_ref = resolve_weights(self._spec, self.weights, seed=self.seed)
             self._runner = BackboneRunner(self._spec, self._weights_ref, self.cache_dir, engine=self.engine, precision=self.precision, seed=self.seed)
+            if self._tuned is not None:
+                self._runner.apply_tuned(self._tuned)
         return self._runner
 
-    def features(self, paths: Sequence[str | os.PathLike], desc: str = "features") -> tuple[np.ndarray, list[int], dict[int, str]]:
+    def features(self, paths: Sequence[str | os.PathLike], desc: str = "features", transform=None) -> tuple[np.ndarray, list[int], dict[int, str]]:
         """Backbone features for ``paths`` (cached); returns (X, ok indices, errors by index)."""
         runner = self.backbone_runner()
         bar = _progress_bar(len(paths), desc, self.progress)
         try:
-            res = extract_features(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None)
+            res = extract_features(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None, transform=transform)
         finally:
             if bar:
                 bar.close()
@@ -115,8 +178,9 @@ class ImageClassifier:
             )
         elif paths:
             log.info("%s: all %d images from the feature cache", desc, res.cached)
-        for i, msg in res.errors.items():
-            log.warning("skipped %s", msg)
+        if transform is None:
+            for i, msg in res.errors.items():
+                log.warning("skipped %s", msg)
         self.last_extraction_ = res
         return res.features, res.ok_indices, res.errors
 
@@ -125,6 +189,18 @@ class ImageClassifier:
         y = np.array([samples[i].label for i in ok], dtype=np.int64)
         skipped = [(str(samples[i].path), msg) for i, msg in errors.items()]
         return x, y, ok, skipped
+
+    def _view_features(self, paths, ok: list[int], views: int, desc: str) -> np.ndarray:
+        """(views, n_ok, D): the plain view plus ``views - 1`` augmented ones (cached)."""
+        x0, ok0, _ = self.features(paths, desc=desc)
+        stacks = [x0]
+        for v in range(1, views):
+            xv, okv, _ = self.features(paths, desc=f"{desc} view {v + 1}/{views}", transform=AugmentedView(self.augment_config, v, self.seed))
+            pos = {i: k for k, i in enumerate(okv)}
+            if any(i not in pos for i in ok0):
+                log.warning("an augmented view failed to decode; using the plain view for those images")
+            stacks.append(np.stack([xv[pos[i]] if i in pos else x0[k] for k, i in enumerate(ok0)]))
+        return np.stack(stacks)
 
     # ------------------------------------------------------------------ fit
 
@@ -135,6 +211,7 @@ class ImageClassifier:
         dataset's own (or carved) validation split.
         """
         t0 = time.perf_counter()
+        st = self.settings
         ds = data if isinstance(data, Dataset) else load_dataset(data, val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed)
         if validation is not None:
             ds = _with_validation_folder(ds, validation)
@@ -142,24 +219,73 @@ class ImageClassifier:
             log.warning("%s", w)
         self.dataset_ = ds
         self.class_names_ = list(ds.class_names)
-        xt, yt, _, sk_tr = self._split_features(ds.samples["train"], "train features")
-        xv, yv, _, sk_va = self._split_features(ds.samples["validation"], "validation features")
+        n_classes = len(self.class_names_)
+        runner = self.backbone_runner()
+        train, val = ds.samples["train"], ds.samples["validation"]
+        xt, yt, ok_t, sk_tr = self._split_features(train, "train features")
+        xv, yv, ok_v, sk_va = self._split_features(val, "validation features")
         self.skipped_ = sk_tr + sk_va
         if len(yt) == 0:
             raise ValueError("no readable training images")
         missing = [c for i, c in enumerate(self.class_names_) if i not in set(yt.tolist())]
         if missing:
             raise ValueError(f"no readable training images for class(es): {', '.join(missing)}")
+        views = st["feature_views"] if self.augment_config.active else 1
+        if views > 1:
+            xt = self._view_features([train[i].path for i in ok_t], list(range(len(ok_t))), views, "train features")
         t_feat = time.perf_counter() - t0
-        head, history, summary = fit_head(xt, yt, xv, yv, len(self.class_names_), self.train_config, on_epoch=on_epoch)
-        self.head_ = head
+        head, history, summary = fit_head(xt, yt, xv, yv, n_classes, self.train_config, on_epoch=on_epoch)
+        summaries = [summary]
+
+        unfreeze = st["unfreeze"]
+        if unfreeze is None:
+            unfreeze = default_unfreeze(runner.spec)
+        if unfreeze and st["finetune_epochs"]:
+            cfg2 = dataclasses.replace(
+                self.train_config, epochs=st["finetune_epochs"], lr=st["finetune_lr"], patience=st["finetune_patience"],
+                optimizer="adamw", weight_decay=0.01, warmup_epochs=1.0, schedule="cosine", checkpoint="best",
+                label_smoothing=st["finetune_label_smoothing"],
+            )
+            tuned, hist2, sum2 = finetune(
+                runner, head, [str(train[i].path) for i in ok_t], yt, [str(val[i].path) for i in ok_v], yv, n_classes, cfg2,
+                unfreeze=unfreeze, augment=self.augment_config, views=st["finetune_views"], on_epoch=on_epoch,
+            )
+            runner.apply_tuned(tuned)
+            self._tuned = tuned
+            history += hist2
+            summaries.append(sum2)
+            self.finetune_config_ = cfg2.to_dict()
+        self.head_ = head.eval()
         self.history_ = history
-        self.fit_summary_ = {**summary, "feature_seconds": round(t_feat, 3), "fit_seconds": round(time.perf_counter() - t0, 3)}
-        runner = self.backbone_runner()
-        self.meta_ = self._make_meta(runner)
+
+        self.threshold_ = None
+        if n_classes == 2:
+            self.threshold_ = self._choose_threshold(val)
+        self.fit_summary_ = {
+            "stages": summaries,
+            "best_epoch": summaries[-1]["best_epoch"],
+            "epochs_run": sum(s["epochs_run"] for s in summaries),
+            "monitor": summaries[-1]["monitor"],
+            "threshold": self.threshold_,
+            "feature_seconds": round(t_feat, 3),
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+        }
+        self.meta_ = self._make_meta(runner, unfreeze if self._tuned is not None else 0)
         return self
 
-    def _make_meta(self, runner: BackboneRunner) -> dict:
+    def _choose_threshold(self, val_samples) -> float:
+        policy = self.settings["threshold_policy"]
+        if parse_policy(policy)[0] == "fixed":
+            return choose_threshold([], [], policy)
+        x, y, _, _ = self._split_features(val_samples, "validation features")
+        if len(set(y.tolist())) < 2:
+            log.warning("validation split lacks a class: threshold policy %s not applicable, using 0.5", policy)
+            return 0.5
+        t = choose_threshold(y, self._proba_from_features(x)[:, 1], policy)
+        log.info("decision threshold %.4f on P(%s), chosen on validation by %s", t, self.class_names_[1], policy)
+        return t
+
+    def _make_meta(self, runner: BackboneRunner, unfreeze: int) -> dict:
         spec = runner.spec
         return {
             "imgclf_version": __version__,
@@ -168,8 +294,15 @@ class ImageClassifier:
             "preprocessing": spec.preprocessing.to_dict(),
             "class_names": list(self.class_names_),
             "head": head_config(self.train_config.head, spec.feature_dim, len(self.class_names_)),
-            "frozen_backbone": True,
+            "frozen_backbone": self._tuned is None,
+            "backbone_tuned": None if self._tuned is None else {"unfreeze": unfreeze, "digest": runner.tuned_digest, "tensors": len(self._tuned)},
+            "recipe": self.recipe,
+            "settings": self.settings,
             "train_config": self.train_config.to_dict(),
+            "threshold": self.threshold_,
+            "threshold_policy": self.settings["threshold_policy"] if self.threshold_ is not None else None,
+            "positive_class": self.class_names_[1] if len(self.class_names_) == 2 else None,
+            "tta": self.tta,
             "seed": self.seed,
         }
 
@@ -186,48 +319,71 @@ class ImageClassifier:
             return np.zeros((0, len(self.class_names_)), np.float64)
         return torch.softmax(self.head_(torch.from_numpy(x)), 1).double().numpy()
 
-    def predict_proba(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    def _proba(self, paths: list[str], desc: str, tta: str | None = None) -> tuple[np.ndarray, list[int], dict[int, str]]:
+        """Probabilities of readable images, averaged over the test-time views."""
+        tta = self.tta if tta is None else tta
+        x, ok, errors = self.features(paths, desc=desc)
+        probs = self._proba_from_features(x)
+        views = tta_views(tta)[1:]
+        for view in views:
+            xv, okv, _ = self.features(paths, desc=f"{desc} ({view.name})", transform=view)
+            pos = {i: k for k, i in enumerate(okv)}
+            pv = self._proba_from_features(xv)
+            probs = probs + np.stack([pv[pos[i]] if i in pos else probs[k] for k, i in enumerate(ok)])
+        return probs / (1 + len(views)), ok, errors
+
+    def predict_proba(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> np.ndarray:
         """(n, n_classes) probabilities; rows of unreadable files are NaN (see ``errors_``)."""
         self._check_fitted()
         paths = [str(p) for p in paths]
-        x, ok, errors = self.features(paths, desc="predict features")
+        probs, ok, errors = self._proba(paths, "predict features", tta)
         out = np.full((len(paths), len(self.class_names_)), np.nan)
         if ok:
-            out[ok] = self._proba_from_features(x)
+            out[ok] = probs
         self.errors_ = {paths[i]: msg for i, msg in errors.items()}
         return out
 
-    def predict(self, paths: Sequence[str | os.PathLike]) -> list[str | None]:
-        """Predicted class name per path (None for unreadable files)."""
-        proba = self.predict_proba(paths)
-        return [None if np.isnan(row).any() else self.class_names_[int(row.argmax())] for row in proba]
+    def predict(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> list[str | None]:
+        """Predicted class name per path (binary: the stored threshold); None for unreadable files."""
+        proba = self.predict_proba(paths, tta=tta)
+        good = ~np.isnan(proba).any(1)
+        idx = np.zeros(len(proba), np.int64)
+        if good.any():
+            idx[good] = apply_threshold(proba[good], self.threshold_)
+        return [self.class_names_[int(i)] if g else None for i, g in zip(idx, good)]
 
-    def predict_table(self, paths: Sequence[str | os.PathLike]) -> list[dict]:
+    def predict_table(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> list[dict]:
         """Rows for the predict CLI: path, predicted class, probability per class, error."""
-        proba = self.predict_proba(paths)
+        proba = self.predict_proba(paths, tta=tta)
         rows = []
         for p, row in zip(paths, proba):
             r = {"path": str(p)}
             if np.isnan(row).any():
                 r.update({"predicted": None, **{c: None for c in self.class_names_}, "error": self.errors_.get(str(p), "unreadable")})
             else:
-                r.update({"predicted": self.class_names_[int(row.argmax())], **{c: float(v) for c, v in zip(self.class_names_, row)}, "error": None})
+                k = int(apply_threshold(row[None], self.threshold_)[0])
+                r.update({"predicted": self.class_names_[k], **{c: float(v) for c, v in zip(self.class_names_, row)}, "error": None})
             rows.append(r)
         return rows
 
     # ------------------------------------------------------------------ evaluate
 
-    def evaluate_samples(self, samples) -> dict:
+    def evaluate_samples(self, samples, *, tta: str | None = None) -> dict:
         self._check_fitted()
-        x, y, ok, skipped = self._split_features(samples, "test features")
-        probs = self._proba_from_features(x)
+        paths = [str(s.path) for s in samples]
+        probs, ok, errors = self._proba(paths, "test features", tta)
+        y = np.array([samples[i].label for i in ok], dtype=np.int64)
         # per-image results, for reports (worst mistakes) and callers
-        self.last_eval_ = {"paths": [str(samples[i].path) for i in ok], "y_true": y, "probs": probs}
-        m = classification_metrics(y, probs, self.class_names_)
-        m["skipped"] = [{"path": p, "error": e} for p, e in skipped]
+        self.last_eval_ = {"paths": [paths[i] for i in ok], "y_true": y, "probs": probs}
+        kwargs = {}
+        if "threshold" in inspect.signature(classification_metrics).parameters:
+            kwargs["threshold"] = self.threshold_
+        m = classification_metrics(y, probs, self.class_names_, **kwargs)
+        m["tta"] = self.tta if tta is None else tta
+        m["skipped"] = [{"path": paths[i], "error": e} for i, e in errors.items()]
         return m
 
-    def evaluate(self, data: str | os.PathLike | None = None) -> dict:
+    def evaluate(self, data: str | os.PathLike | None = None, *, tta: str | None = None) -> dict:
         """Metrics on ``data``'s test split (or on all of a flat class-folder set).
 
         With no argument, evaluates the test split of the dataset given to ``fit``.
@@ -236,8 +392,8 @@ class ImageClassifier:
         if data is None:
             if not hasattr(self, "dataset_"):
                 raise ValueError("evaluate() needs a folder when the model was loaded from disk")
-            return self.evaluate_samples(self.dataset_.samples["test"])
-        return self.evaluate_samples(labelled_eval_samples(data, self.class_names_))
+            return self.evaluate_samples(self.dataset_.samples["test"], tta=tta)
+        return self.evaluate_samples(labelled_eval_samples(data, self.class_names_), tta=tta)
 
     def score(self, data: str | os.PathLike) -> float:
         return float(self.evaluate(data)["accuracy"])
@@ -247,7 +403,7 @@ class ImageClassifier:
     def save(self, path: str | os.PathLike) -> Path:
         self._check_fitted()
         Path(path).mkdir(parents=True, exist_ok=True)
-        return save_bundle(path, self.head_, self.meta_)
+        return save_bundle(path, self.head_, self.meta_, backbone_tensors=self._tuned)
 
     @classmethod
     def load(
@@ -260,19 +416,21 @@ class ImageClassifier:
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
         progress: bool = False,
+        tta: str | None = None,
     ) -> "ImageClassifier":
         """Load a bundle; the backbone comes from the weights source recorded in it.
 
         ``weights`` overrides where the backbone weights are read from (e.g. the file
         moved); its identity must still match the one the model was trained with.
         """
-        meta, head_tensors = load_bundle(path)
+        meta, head_tensors, backbone_tensors = load_bundle(path)
         b = meta["backbone"]
-        clf = cls(backbone=b["name"], engine=engine, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress, seed=int(meta.get("seed", 0)))
+        clf = cls(backbone=b["name"], recipe="fast", engine=engine, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress, seed=int(meta.get("seed", 0)))
         spec = get_backbone_spec(b["name"])
         prep = Preprocessing.from_dict(meta["preprocessing"])
         if prep != spec.preprocessing:
-            log.warning("model.json preprocessing differs from the registry's current entry; using the model's")
+            if meta.get("settings", {}).get("input_scaling") != "x/255":
+                log.warning("model.json preprocessing differs from the registry's current entry; using the model's")
             spec = dataclasses.replace(spec, preprocessing=prep)
         clf._spec = spec
         recorded = meta["weights"]
@@ -292,6 +450,13 @@ class ImageClassifier:
                 f"{path}: backbone weights differ from training ({ref.identity} here, {recorded.get('identity')} in the model)"
             )
         clf._weights_ref = ref
+        tuned_meta = meta.get("backbone_tuned")
+        if tuned_meta:
+            from imgclf.finetune import tensors_digest
+
+            if not backbone_tensors or tensors_digest(backbone_tensors) != tuned_meta.get("digest"):
+                raise BundleError(f"{path}: fine-tuned backbone tensors are missing or do not match model.json")
+            clf._tuned = backbone_tensors
         head = head_from_config(meta["head"])
         try:
             head.load_state_dict(head_tensors, strict=True)
@@ -301,7 +466,12 @@ class ImageClassifier:
         clf.head_ = head
         clf.class_names_ = list(meta["class_names"])
         clf.meta_ = meta
-        clf.train_config = TrainConfig(**{**TrainConfig().to_dict(), **meta.get("train_config", {})})
+        clf.threshold_ = meta.get("threshold")
+        clf.tta = tta if tta is not None else meta.get("tta", "none")
+        tta_views(clf.tta)
+        clf.recipe = meta.get("recipe", "fast")
+        known = TrainConfig().to_dict()
+        clf.train_config = TrainConfig(**{**known, **{k: v for k, v in meta.get("train_config", {}).items() if k in known}})
         return clf
 
 

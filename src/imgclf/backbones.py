@@ -537,3 +537,78 @@ def weights_fingerprint(spec: BackboneSpec, ref: WeightsRef) -> str:
         {"spec": spec.describe(), "weights": ref.identity, "format": 1}, sort_keys=True
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class _LiteStem(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.conv, self.bn, self.act = net._conv_stem, net._bn0, net._swish
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class _LiteStage(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class _LiteHead(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.conv, self.bn, self.act = net._conv_head, net._bn1, net._swish
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str, nn.Module]]:
+    """The body as named blocks in order; applied in sequence they equal ``fx.body``.
+
+    ``--unfreeze K`` trains the last K of these. The modules are the body's own
+    (shared parameters), only regrouped.
+    """
+    body = fx.body
+    if spec.family == "efficientnet_lite":
+        net = body.net
+        stages, current = [], []
+        for blk in net._blocks:
+            # the first block of each stage keeps the decoder's list-valued stride
+            if current and isinstance(blk._block_args.stride, (list, tuple)):
+                stages.append(current)
+                current = []
+            current.append(blk)
+        stages.append(current)
+        return [("stem", _LiteStem(net))] + [(f"stage{i + 1}", _LiteStage(s)) for i, s in enumerate(stages)] + [("head", _LiteHead(net))]
+    if spec.family == "torchvision":
+        if spec.arch == "vgg16":
+            blocks, current, k = [], [], 1
+            for layer in body:
+                current.append(layer)
+                if isinstance(layer, nn.MaxPool2d):
+                    blocks.append((f"block{k}", nn.Sequential(*current)))
+                    current, k = [], k + 1
+            return blocks
+        if spec.arch == "resnet50":
+            children = list(body.children())
+            return [("stem", nn.Sequential(*children[:4]))] + [(f"layer{i}", children[3 + i]) for i in range(1, 5)]
+        return [(f"features.{i}", m) for i, m in enumerate(body)]
+    if spec.family == "timm":
+        net = body.net
+        for attr in ("stages", "blocks", "layers"):
+            seq = getattr(net, attr, None)
+            if isinstance(seq, (nn.Sequential, nn.ModuleList)) and len(seq) > 1:
+                break
+        else:
+            raise ValueError(f"{spec.name}: block structure unknown; fine-tuning (--unfreeze) is not supported, use --recipe fast")
+        raise ValueError(f"{spec.name}: fine-tuning timm models is not supported yet; use --recipe fast")
+    raise AssertionError(spec.family)

@@ -35,19 +35,22 @@ def resolve_bundle_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def save_bundle(directory: str | os.PathLike, head: torch.nn.Module, meta: dict) -> Path:
+def save_bundle(directory: str | os.PathLike, head: torch.nn.Module, meta: dict, backbone_tensors: dict | None = None) -> Path:
+    """Head tensors as ``head.*``; fine-tuned backbone tensors (if any) as ``backbone.*``."""
     from safetensors.torch import save
 
     directory = Path(directory)
     tensors = {f"head.{k}": v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    for k, v in (backbone_tensors or {}).items():
+        tensors[f"backbone.{k}"] = v.detach().contiguous().cpu()
     meta = {"format": BUNDLE_FORMAT, **meta}
     atomic_write_bytes(directory / "model.safetensors", save(tensors, metadata={"format": BUNDLE_FORMAT}))
     atomic_write_bytes(directory / "model.json", (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
     return directory
 
 
-def load_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Return (meta, head tensors) after checking the two files agree."""
+def load_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Return (meta, head tensors, fine-tuned backbone tensors) after checking the files agree."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -66,7 +69,8 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
     except (SafetensorError, OSError, ValueError) as e:
         raise BundleError(f"{d / 'model.safetensors'}: unreadable ({e})") from None
     head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
+    backbone = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
     n = len(meta["class_names"])
     if int(meta["head"].get("n_classes", -1)) != n:
         raise BundleError(f"{d}: model.json lists {n} classes but its head has {meta['head'].get('n_classes')}")
-    return meta, head
+    return meta, head, backbone

@@ -37,20 +37,46 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from imgclf.backbones import DEFAULT_BACKBONE, available_backbones
 
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registry name: {', '.join(available_backbones())} (default: {DEFAULT_BACKBONE})")
-    p.add_argument("--weights", default="imagenet", help="imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.safetensors path")
-    p.add_argument("--head", default="recipe", choices=["recipe", "linear"], help="recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear (default: recipe)")
-    p.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: 30)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
-    p.add_argument("--batch-size", type=int, default=32, help="head training batch size (default: 32)")
-    p.add_argument("--patience", type=int, default=5, help="early stopping: epochs without validation-loss improvement (0: off; default: 5)")
-    p.add_argument("--class-weight", default="auto", choices=["auto", "balanced", "none"], help="loss class weights: auto = inverse frequency when the largest class is > 1.5x the smallest (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and shuffling (default: 0)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of train carved for validation when the dataset has none (default: 0.2)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of train carved for test when the dataset has none (default: 0.2)")
-    p.add_argument("--validation", default=None, help="a folder of class sub-folders to use as the validation split")
-    p.add_argument("--project", default="runs", help="parent folder of run folders (default: runs)")
-    p.add_argument("--name", default="train", help="run folder name; -2, -3… appended if taken (default: train)")
+    g = p.add_argument_group("model")
+    g.add_argument("--recipe", default="fast", choices=["seed", "fast", "finetune"], help="named defaults (any flag below overrides): seed = the tutorial as written (x/255 bug kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head (default: fast)")
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registry name: {', '.join(available_backbones())} (default: {DEFAULT_BACKBONE})")
+    g.add_argument("--weights", default="imagenet", help="imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.safetensors path")
+    g.add_argument("--head", default=None, choices=["recipe", "linear"], help="recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear (default: recipe)")
+    g = p.add_argument_group("training (defaults: the recipe's)")
+    g.add_argument("--epochs", type=int, default=None, help="maximum head epochs (seed 5, else 30)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate of the head (1e-3)")
+    g.add_argument("--batch-size", type=int, default=None, help="batch size (32)")
+    g.add_argument("--patience", type=int, default=None, help="early stopping: epochs without validation-loss improvement, 0 = off (seed 0, else 5)")
+    g.add_argument("--class-weight", default=None, choices=["auto", "balanced", "none"], help="loss class weights; auto = inverse frequency when the largest class is > 1.5x the smallest (seed none, else auto)")
+    g.add_argument("--loss", default=None, choices=["ce", "focal"], help="softmax cross-entropy or focal loss (ce)")
+    g.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (2.0)")
+    g.add_argument("--sampler", default=None, choices=["shuffle", "balanced"], help="shuffle, or class-balanced sampling with replacement (shuffle)")
+    g.add_argument("--label-smoothing", type=float, default=None, help="head-stage label smoothing (0)")
+    g.add_argument("--mixup", type=float, default=None, help="mixup alpha on the trainable part's inputs, 0 = off (0)")
+    g.add_argument("--unfreeze", type=int, default=None, help="finetune: number of last backbone blocks to train (entry default, e.g. 3 for efficientnet_lite0, 1 for vgg16)")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="finetune: stage-2 epochs (12)")
+    g.add_argument("--finetune-lr", type=float, default=None, help="finetune: stage-2 head learning rate; blocks get half per block going down (1e-3)")
+    g.add_argument("--finetune-patience", type=int, default=None, help="finetune: stage-2 early stopping patience (4)")
+    g.add_argument("--finetune-views", type=int, default=None, help="finetune: augmented views of the frozen prefix computed once and cached (4)")
+    g.add_argument("--finetune-label-smoothing", type=float, default=None, help="finetune: stage-2 label smoothing (0.1)")
+    g = p.add_argument_group("augmentation (training)")
+    g.add_argument("--augment", default=None, choices=["none", "light", "strong"], help="preset: light = flips, 90-degree rotations, crop >= 80%% area, jitter 0.1; strong = crop >= 50%%, jitter 0.25 (finetune light, else none)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
+    g.add_argument("--vflip", action=argparse.BooleanOptionalAction, default=None, help="random vertical flips (lesions have no up)")
+    g.add_argument("--rot90", action=argparse.BooleanOptionalAction, default=None, help="random 90-degree rotations")
+    g.add_argument("--crop-scale", type=float, default=None, help="random resized crop keeps at least this fraction of the area (1 = off)")
+    g.add_argument("--color-jitter", type=float, default=None, help="max relative brightness/contrast/saturation change (0 = off)")
+    g.add_argument("--feature-views", type=int, default=None, help="frozen stage: cached augmented views per training image (1)")
+    g = p.add_argument_group("decision and evaluation")
+    g.add_argument("--threshold-policy", default=None, help="binary: youden | balanced | sensitivity:S | fixed:T, chosen on validation and stored in the model (seed fixed:0.5, else youden)")
+    g.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation stored with the model: average probabilities over flips/rotations (none)")
+    g = p.add_argument_group("data and output")
+    g.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation, shuffling and augmentation (default: 0)")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="fraction of train carved for validation when the dataset has none (default: 0.2)")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="fraction of train carved for test when the dataset has none (default: 0.2)")
+    g.add_argument("--validation", default=None, help="a folder of class sub-folders to use as the validation split")
+    g.add_argument("--project", default="runs", help="parent folder of run folders (default: runs)")
+    g.add_argument("--name", default="train", help="run folder name; -2, -3... appended if taken (default: train)")
     _add_engine_flags(p)
 
 
@@ -70,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset root with test/, or a folder of class sub-folders")
     p.add_argument("--out", default=None, help="write the metrics JSON here")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
+    p.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation (default: the model's)")
     _add_engine_flags(p)
 
     p = sub.add_parser("predict", help="predict classes of image files or folders", description="Predict each image (folders are searched recursively). A bad file becomes a row with its error.")
@@ -78,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write results here (default: stdout)")
     p.add_argument("--format", default=None, choices=["csv", "json"], help="output format (default: from --out's extension, else csv)")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
+    p.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation (default: the model's)")
     _add_engine_flags(p)
 
     p = sub.add_parser("inspect", help="counts, image statistics and problems of a dataset", description="Counts per split and class, image sizes, unreadable/truncated/non-image files, exact duplicates and cross-split leakage. Reads only.")
@@ -121,8 +149,13 @@ def _classifier_from_args(args):
     from imgclf.api import ImageClassifier
 
     return ImageClassifier(
-        backbone=args.backbone, weights=args.weights, head=args.head, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, patience=args.patience, class_weight=args.class_weight, seed=args.seed,
+        backbone=args.backbone, weights=args.weights, recipe=args.recipe, head=args.head, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, patience=args.patience, class_weight=args.class_weight, loss=args.loss,
+        focal_gamma=args.focal_gamma, sampler=args.sampler, label_smoothing=args.label_smoothing, mixup=args.mixup,
+        augment=args.augment, hflip=args.hflip, vflip=args.vflip, rot90=args.rot90, crop_scale=args.crop_scale,
+        color_jitter=args.color_jitter, feature_views=args.feature_views, unfreeze=args.unfreeze,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_patience=args.finetune_patience,
+        finetune_views=args.finetune_views, finetune_label_smoothing=args.finetune_label_smoothing, threshold_policy=args.threshold_policy, tta=args.tta, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, engine=args.engine,
         precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress,
     )
@@ -175,16 +208,17 @@ def run_train(args) -> dict:
         write_json(run_dir / "config.json", config)
         write_split_csv(ds, run_dir / "split.csv")
 
-        print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8}", flush=True)
+        print(f"{'stage':>8} {'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8}", flush=True)
 
         def on_epoch(row):
             mark = " *" if row["best"] else ""
-            print(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_accuracy']:>9.4f} {row['val_loss']:>9.4f} {row['val_accuracy']:>8.4f}{mark}", flush=True)
+            print(f"{row['stage']:>8} {row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_accuracy']:>9.4f} {row['val_loss']:>9.4f} {row['val_accuracy']:>8.4f}{mark}", flush=True)
 
         clf.fit(ds, validation=args.validation, on_epoch=on_epoch)
         ex = clf.last_extraction_
-        log.info("best epoch %d of %d (%s)", clf.fit_summary_["best_epoch"], clf.fit_summary_["epochs_run"], clf.fit_summary_["monitor"])
-        write_csv(run_dir / "metrics.csv", clf.history_, ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "best"])
+        for st in clf.fit_summary_["stages"]:
+            log.info("%s: best epoch %d of %d (%s)", st["stage"], st["best_epoch"], st["epochs_run"], st["monitor"])
+        write_csv(run_dir / "metrics.csv", clf.history_, ["stage", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "best", "lr"])
         clf.save(run_dir)
         metrics = clf.evaluate()
         metrics["run"] = str(run_dir)
@@ -240,7 +274,7 @@ def cmd_evaluate(args) -> int:
     from imgclf.metrics import format_metrics
     from imgclf.runs import write_json
 
-    clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress)
+    clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress, tta=args.tta)
     if args.out and _inside(Path(args.out), Path(args.data)):
         raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
     m = clf.evaluate(args.data)
@@ -267,7 +301,7 @@ def cmd_predict(args) -> int:
         raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(args.paths)))
     for p in problems:
         log.warning("%s", p)
-    clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress)
+    clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress, tta=args.tta)
     rows = clf.predict_table(paths)
     fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
     if fmt == "json":

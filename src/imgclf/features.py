@@ -257,6 +257,8 @@ class BackboneRunner:
             log.info("onnxruntime runs fp32 on CPU; using fp32")
             self.precision = "fp32"
         self.fingerprint = weights_fingerprint(self.spec, self.weights)
+        self.base_fingerprint = self.fingerprint
+        self.tuned_digest = None
 
     @property
     def cache_key(self) -> str:
@@ -271,21 +273,35 @@ class BackboneRunner:
             self._engine = self._make()
         return self._engine
 
+    def apply_tuned(self, tensors: dict) -> None:
+        """Use fine-tuned backbone tensors: new identity, so new cache entries and exports."""
+        import torch
+
+        from imgclf.finetune import tensors_digest
+
+        fx = self.torch_module()
+        own = fx.state_dict()
+        bad = [k for k in tensors if k not in own or tuple(own[k].shape) != tuple(tensors[k].shape)]
+        if bad:
+            raise ValueError(f"fine-tuned tensors do not fit {self.spec.name} (e.g. {bad[0]})")
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(v)
+        self.tuned_digest = tensors_digest(tensors)
+        self.fingerprint = hashlib.sha256(f"{self.base_fingerprint}:{self.tuned_digest}".encode()).hexdigest()[:24]
+        self._engine = None
+
     def torch_module(self):
         """The frozen PyTorch feature extractor (built once; for Grad-CAM, export, fine-tuning)."""
         if not hasattr(self, "_fx"):
             self._fx = build_feature_extractor(self.spec, self.weights, seed=self.seed)
         return self._fx
 
-    def _onnx(self) -> Path:
-        p = self.onnx_path
-        if not p.is_file():
-            t = time.perf_counter()
-            export_backbone_onnx(self.torch_module(), self.spec.preprocessing.input_size, p)
-            log.info("exported %s backbone to ONNX in %.1f s: %s", self.spec.name, time.perf_counter() - t, p)
-        return p
-
     def _make(self) -> Engine:
+        return self.engine_for(self.torch_module, self.onnx_path, "backbone")
+
+    def engine_for(self, module_fn: Callable[[], object], onnx_path: Path, what: str) -> Engine:
+        """Fastest engine for a frozen module taking uint8 images (exported to ONNX once)."""
         order = {"auto": ["openvino", "onnxruntime", "torch"]}.get(self.engine, [self.engine])
         if self.precision == "fp32" and self.engine == "auto":
             order = ["onnxruntime", "openvino", "torch"]  # ORT fp32 was fastest fp32 here
@@ -293,8 +309,11 @@ class BackboneRunner:
         for name in order:
             try:
                 if name == "torch":
-                    return TorchEngine(self.torch_module(), self.precision)
-                onnx_path = self._onnx()
+                    return TorchEngine(module_fn(), self.precision)
+                if not onnx_path.is_file():
+                    t = time.perf_counter()
+                    export_backbone_onnx(module_fn(), self.spec.preprocessing.input_size, onnx_path)
+                    log.info("exported %s %s to ONNX in %.1f s: %s", self.spec.name, what, time.perf_counter() - t, onnx_path)
                 if name == "openvino":
                     return OpenVinoEngine(onnx_path, self.precision)
                 if self.precision == "bf16" and self.engine == "auto":
@@ -303,8 +322,8 @@ class BackboneRunner:
             except Exception as e:  # an engine missing or failing must not stop the run
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 errors.append(f"{name}: {first}")
-                log.warning("engine %s unavailable (%s); trying the next", name, first)
-        raise RuntimeError("no inference engine could run the backbone: " + "; ".join(errors))
+                log.warning("engine %s unavailable for the %s (%s); trying the next", name, what, first)
+        raise RuntimeError(f"no inference engine could run the {what}: " + "; ".join(errors))
 
 
 # --------------------------------------------------------------------------- extraction
@@ -326,9 +345,12 @@ class ExtractionResult:
         return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
 
 
-def _decode(path: str, prep, draft: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: str, prep, draft: int | None, transform=None, content_hash: str = "") -> tuple[np.ndarray | None, str | None]:
     try:
-        return image_to_array(load_rgb(path, draft_size=draft), prep), None
+        img = load_rgb(path, draft_size=draft)
+        if transform is not None:
+            img = transform(img, content_hash)
+        return image_to_array(img, prep), None
     except ImageDecodeError as e:
         return None, str(e)
     except Exception as e:  # never let one file kill the run
@@ -343,11 +365,19 @@ def extract_features(
     batch_size: int = 32,
     decode_threads: int = 2,
     progress: Callable[[int], None] | None = None,
+    transform=None,
 ) -> ExtractionResult:
-    """Pooled backbone features for ``paths``; bad files come back in ``errors``."""
+    """Pooled backbone features for ``paths``; bad files come back in ``errors``.
+
+    ``transform`` (an augmented or test-time view with a ``key``) is applied to each
+    decoded image before preprocessing; its key is part of the cache key.
+    """
     prep = runner.spec.preprocessing
     dim = runner.spec.feature_dim
-    cache = FeatureCache(runner.cache_root, runner.cache_key, dim) if use_cache else None
+    key = runner.cache_key
+    if transform is not None:
+        key += "-" + hashlib.sha256(transform.key.encode()).hexdigest()[:16]
+    cache = FeatureCache(runner.cache_root, key, dim) if use_cache else None
     n = len(paths)
     feats: dict[int, np.ndarray] = {}
     errors: dict[int, str] = {}
@@ -381,16 +411,17 @@ def extract_features(
         if todo:
             engine = runner.get()
             engine_name, precision = engine.name, engine.precision
-            draft = 2 * prep.resize_size
+            # JPEG draft decoding only for the plain view: a random crop may zoom in
+            draft = 2 * prep.resize_size if transform is None else None
             batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
             futures = []
             ahead = 2  # batches decoded ahead of inference
             for b in batches[:ahead]:
-                futures.append([pool.submit(_decode, str(paths[i]), prep, draft) for i in b])
+                futures.append([pool.submit(_decode, str(paths[i]), prep, draft, transform, hashes[i]) for i in b])
             t0 = time.perf_counter()
             for bi, b in enumerate(batches):
                 if bi + ahead < len(batches):
-                    futures.append([pool.submit(_decode, str(paths[i]), prep, draft) for i in batches[bi + ahead]])
+                    futures.append([pool.submit(_decode, str(paths[i]), prep, draft, transform, hashes[i]) for i in batches[bi + ahead]])
                 arrays, idx = [], []
                 for i, fut in zip(b, futures[bi]):
                     arr, err = fut.result()

@@ -1,8 +1,9 @@
-"""Head training on cached features: plain functions, every setting a flag.
+"""Training loops: plain functions, every setting a flag.
 
 Like torchvision's classification reference: ``train_one_epoch`` and ``evaluate`` are
-plain functions; ``fit_head`` adds Adam, best-by-validation checkpointing and early
-stopping. Same seed + same features ⇒ same weights and metrics.
+plain functions; ``fit_head`` adds the optimiser, schedule, best-by-validation
+checkpointing and early stopping for a head on cached features (with optional K
+augmented feature views per image). Same seed + same features ⇒ same weights.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from imgclf.heads import build_head
+from imgclf.heads import HEAD_KINDS, build_head
+
+LOSSES = ("ce", "focal")
+SAMPLERS = ("shuffle", "balanced")
 
 
 @dataclass
@@ -27,11 +32,22 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 32
     patience: int = 5
-    class_weight: str = "auto"  # auto | none
+    class_weight: str = "auto"  # auto | balanced | none
     weight_decay: float = 0.0
     seed: int = 0
+    optimizer: str = "adam"  # adam | adamw
+    warmup_epochs: float = 0.0
+    schedule: str = "constant"  # constant | cosine
+    label_smoothing: float = 0.0
+    loss: str = "ce"  # ce | focal
+    focal_gamma: float = 2.0
+    sampler: str = "shuffle"  # shuffle | balanced
+    mixup: float = 0.0  # Beta(a, a) mixing of the trainable part's inputs; 0 = off
+    checkpoint: str = "best"  # best (lowest validation loss) | last
 
     def validate(self) -> None:
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"--head must be one of {', '.join(HEAD_KINDS)}")
         if self.epochs < 1:
             raise ValueError("--epochs must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -42,6 +58,20 @@ class TrainConfig:
             raise ValueError("--patience must be >= 0 (0 disables early stopping)")
         if self.class_weight not in ("auto", "none", "balanced"):
             raise ValueError("--class-weight must be auto, balanced or none")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError("--optimizer must be adam or adamw")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError("--schedule must be constant or cosine")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("--label-smoothing must be in [0, 1)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}")
+        if self.mixup < 0:
+            raise ValueError("--mixup must be >= 0")
+        if self.checkpoint not in ("best", "last"):
+            raise ValueError("checkpoint must be best or last")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,39 +95,178 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | No
     return torch.tensor(w, dtype=torch.float32)
 
 
-def train_one_epoch(head: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, loss_fn, batch_size: int, generator: torch.Generator) -> tuple[float, float]:
-    head.train()
-    order = torch.randperm(len(y), generator=generator)
-    total_loss, correct = 0.0, 0
-    for k in range(0, len(order), batch_size):
-        idx = order[k:k + batch_size]
-        logits = head(x[idx])
-        loss = loss_fn(logits, y[idx])
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): down-weights easy examples; ``weight`` = per-class alpha."""
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight if weight is not None else None)
+
+    def forward(self, logits, target):
+        logp = F.log_softmax(logits.float(), 1).gather(1, target[:, None]).squeeze(1)
+        loss = -((1 - logp.exp()) ** self.gamma) * logp
+        if self.weight is not None:
+            w = self.weight[target]
+            return (loss * w).sum() / w.sum()
+        return loss.mean()
+
+
+def make_loss(cfg: TrainConfig, weights: torch.Tensor | None) -> nn.Module:
+    if cfg.loss == "focal":
+        return FocalLoss(cfg.focal_gamma, weights)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+
+
+def make_optimizer(param_groups, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam/AdamW; the fused CPU kernel where this torch has it (2x faster on a small head)."""
+    groups = list(param_groups)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    try:
+        return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warmup then constant or cosine decay, stepped per batch."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step):
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            t = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(y: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Sample order for one epoch: a shuffle, or class-balanced sampling with replacement."""
+    n = len(y)
+    if cfg.sampler == "balanced":
+        counts = torch.bincount(y).float()
+        w = 1.0 / counts[y]
+        return torch.multinomial(w, n, replacement=True, generator=generator)
+    return torch.randperm(n, generator=generator)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches,
+    optimizer,
+    loss_fn,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    scheduler=None,
+) -> tuple[float, float]:
+    """One pass over ``batches`` (iterable of (inputs, targets)); returns (loss, accuracy)."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for xb, yb in batches:
+        if cfg.mixup > 0:
+            lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))).beta(cfg.mixup, cfg.mixup))
+            perm = torch.randperm(len(yb), generator=generator)
+            logits = model(lam * xb + (1 - lam) * xb[perm])
+            loss = lam * loss_fn(logits, yb) + (1 - lam) * loss_fn(logits, yb[perm])
+        else:
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(idx)
-        correct += (logits.argmax(1) == y[idx]).sum().item()
-    return total_loss / len(y), correct / len(y)
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.item() * len(yb)
+        correct += (logits.argmax(1) == yb).sum().item()
+        seen += len(yb)
+    return total_loss / max(1, seen), correct / max(1, seen)
 
 
 @torch.no_grad()
-def evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float, np.ndarray]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float, np.ndarray]:
     """Loss, accuracy and softmax probabilities on a split (eval mode: no dropout)."""
-    head.eval()
-    logits = head(x)
+    model.eval()
+    logits = torch.cat([model(x[k:k + 256]).float() for k in range(0, len(x), 256)]) if len(x) else model(x)
     loss = loss_fn(logits, y).item() if len(y) else float("nan")
     acc = (logits.argmax(1) == y).float().mean().item() if len(y) else float("nan")
-    return loss, acc, torch.softmax(logits, 1).numpy()
+    return loss, acc, torch.softmax(logits.float(), 1).numpy()
 
 
-def _adam(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam; the fused CPU kernel where this torch has it (2x faster on a small head)."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _feature_batches(xt: torch.Tensor, yt: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
+    """Batches of cached features; with views (V, n, D) each sample gets a random view."""
+    order = epoch_order(yt, cfg, gen)
+    if xt.dim() == 3:
+        view = torch.randint(0, xt.shape[0], (len(yt),), generator=gen)
+    for k in range(0, len(order), cfg.batch_size):
+        idx = order[k:k + cfg.batch_size]
+        xb = xt[view[idx], idx] if xt.dim() == 3 else xt[idx]
+        yield xb, yt[idx]
+
+
+def fit_loop(
+    model: nn.Module,
+    make_batches: Callable[[torch.Generator], object],
+    steps_per_epoch: int,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    y_train: np.ndarray,
+    n_classes: int,
+    cfg: TrainConfig,
+    param_groups=None,
+    on_epoch: Callable[[dict], None] | None = None,
+    stage: str = "head",
+) -> tuple[list[dict], dict]:
+    """Shared epoch loop: optimiser, schedule, validation, early stopping, checkpoint.
+
+    Trains ``model`` in place and leaves the selected (best or last) weights loaded.
+    """
+    weights = class_weights(y_train, n_classes, cfg.class_weight)
+    loss_fn = make_loss(cfg, weights)
+    eval_loss_fn = nn.CrossEntropyLoss()
+    optimizer = make_optimizer(param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}], cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch) if (cfg.schedule != "constant" or cfg.warmup_epochs) else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    has_val = len(yv) > 0
+    history: list[dict] = []
+    best_state, best_epoch, best_loss, stale = None, 0, math.inf, 0
+    for epoch in range(1, cfg.epochs + 1):
+        tr_loss, tr_acc = train_one_epoch(model, make_batches(gen), optimizer, loss_fn, cfg, gen, scheduler)
+        if has_val:
+            va_loss, va_acc, _ = evaluate(model, xv, yv, eval_loss_fn)
+        else:
+            va_loss, va_acc = float("nan"), float("nan")
+        monitor = va_loss if has_val else tr_loss
+        improved = monitor < best_loss - 1e-6
+        if improved:
+            best_loss, best_epoch, stale = monitor, epoch, 0
+            if cfg.checkpoint == "best":
+                best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        row = {"stage": stage, "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "best": improved, "lr": optimizer.param_groups[-1]["lr"]}
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if cfg.patience and stale >= cfg.patience:
+            break
+    if cfg.checkpoint == "best" and best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    summary = {
+        "stage": stage,
+        "best_epoch": best_epoch if cfg.checkpoint == "best" else len(history),
+        "epochs_run": len(history),
+        "monitor": "val_loss" if has_val else "train_loss",
+        "best_monitor": best_loss,
+        "checkpoint": cfg.checkpoint,
+        "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
+        "stopped_early": len(history) < cfg.epochs,
+    }
+    return history, summary
 
 
 def fit_head(
@@ -109,51 +278,15 @@ def fit_head(
     cfg: TrainConfig,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[nn.Sequential, list[dict], dict]:
-    """Train a head; returns (best head, per-epoch history, summary)."""
+    """Train a head on cached features; ``x_train`` is (n, D) or (views, n, D)."""
     cfg.validate()
     seed_everything(cfg.seed)
     xt = torch.from_numpy(np.asarray(x_train, np.float32))
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
     xv = torch.from_numpy(np.asarray(x_val, np.float32))
     yv = torch.from_numpy(np.asarray(y_val, np.int64))
-    head = build_head(cfg.head, xt.shape[1], n_classes)
-    head.norm.fit(xt)
-    weights = class_weights(y_train, n_classes, cfg.class_weight)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
-    eval_loss_fn = nn.CrossEntropyLoss()
-    optimizer = _adam(head.parameters(), cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    has_val = len(yv) > 0
-
-    history: list[dict] = []
-    best_state, best_epoch, best_loss, stale = None, 0, math.inf, 0
-    for epoch in range(1, cfg.epochs + 1):
-        tr_loss, tr_acc = train_one_epoch(head, xt, yt, optimizer, loss_fn, cfg.batch_size, gen)
-        if has_val:
-            va_loss, va_acc, _ = evaluate(head, xv, yv, eval_loss_fn)
-        else:
-            va_loss, va_acc = float("nan"), float("nan")
-        monitor = va_loss if has_val else tr_loss
-        improved = monitor < best_loss - 1e-6
-        if improved:
-            best_loss, best_epoch, stale = monitor, epoch, 0
-            best_state = copy.deepcopy(head.state_dict())
-        else:
-            stale += 1
-        row = {"epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "best": improved}
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-        if cfg.patience and stale >= cfg.patience:
-            break
-    head.load_state_dict(best_state)
-    head.eval()
-    summary = {
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "monitor": "val_loss" if has_val else "train_loss",
-        "best_monitor": best_loss,
-        "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
-        "stopped_early": len(history) < cfg.epochs,
-    }
+    head = build_head(cfg.head, xt.shape[-1], n_classes)
+    head.norm.fit(xt.reshape(-1, xt.shape[-1]))
+    steps = math.ceil(len(yt) / cfg.batch_size)
+    history, summary = fit_loop(head, lambda g: _feature_batches(xt, yt, cfg, g), steps, xv, yv, np.asarray(y_train), n_classes, cfg, on_epoch=on_epoch, stage="head")
     return head, history, summary

@@ -1,0 +1,233 @@
+"""Stage 2 of the ``finetune`` recipe: train the last K backbone blocks with the head.
+
+Speed on a CPU comes from not recomputing what does not change: the frozen prefix
+(all blocks before the last K) runs once per image and augmented view, its output is
+kept in memory (bf16), and each epoch only runs the trainable tail — bf16 autocast and
+where the CPU has native bf16 (measured here: contiguous layout trained the Lite0 tail
+slightly faster than channels-last, 93 vs 86 img/s). The frozen prefix itself runs on
+the same fast engine as feature extraction (exported to ONNX once, OpenVINO bf16).
+BatchNorm layers of frozen blocks stay in
+eval mode (their statistics never move); the tail's BatchNorms train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgclf.augment import AugmentConfig, AugmentedView
+from imgclf.backbones import backbone_blocks
+from imgclf.features import _decode, content_hash
+from imgclf.training import TrainConfig, fit_loop, seed_everything
+
+log = logging.getLogger("imgclf")
+
+PREFIX_CACHE_MB = int(os.environ.get("IMGCLF_PREFIX_CACHE_MB", "4096"))
+
+
+class TailModel(nn.Module):
+    """Trainable tail blocks → the entry's pooling → head."""
+
+    def __init__(self, tail: list[nn.Module], pool: nn.Module, head: nn.Module, autocast_bf16: bool):
+        super().__init__()
+        self.tail = nn.Sequential(*tail)
+        self.pool = pool
+        self.head = head
+        self.autocast_bf16 = autocast_bf16
+
+    def forward(self, h):
+        h = h.to(torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            f = self.pool(self.tail(h)).flatten(1)
+        return self.head(f.float())
+
+
+def split_blocks(fx, spec, unfreeze: int) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    blocks = backbone_blocks(fx, spec)
+    if not 1 <= unfreeze <= len(blocks):
+        raise ValueError(f"--unfreeze must be between 1 and {len(blocks)} for {spec.name} (blocks: {', '.join(n for n, _ in blocks)})")
+    return blocks[:-unfreeze], blocks[-unfreeze:]
+
+
+def tail_state_keys(fx: nn.Module, tail: list[tuple[str, nn.Module]]) -> list[str]:
+    """Names (in ``fx.state_dict()``) of every tensor that belongs to the tail blocks."""
+    ids = {id(t) for _, m in tail for t in list(m.parameters()) + list(m.buffers())}
+    return [k for k, v in fx.state_dict(keep_vars=True).items() if id(v) in ids]
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class PrefixModule(nn.Module):
+    """uint8 images → frozen prefix activations (normalisation included), for export."""
+
+    def __init__(self, fx, prefix: list[nn.Module]):
+        super().__init__()
+        self.fx = fx
+        self.prefix = nn.Sequential(*prefix)
+
+    def forward(self, x):
+        return self.prefix(self.fx.normalize(x))
+
+
+def compute_prefix(engine, paths: list[str], prep, transform, batch_size: int = 32) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
+    """Frozen-prefix activations (bf16 in memory) for one view of ``paths``; decoding runs ahead."""
+    outs, ok, errors = [], [], {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        hashes = list(pool.map(content_hash, paths))
+        decoded = pool.map(lambda ih: _decode(paths[ih[0]], prep, None, transform, ih[1]), enumerate(hashes))
+        batch, idx = [], []
+        for i, (arr, err) in enumerate(decoded):
+            if err:
+                errors[i] = err
+            else:
+                batch.append(arr)
+                idx.append(i)
+            if batch and (len(batch) == batch_size or i == len(paths) - 1):
+                outs.append(torch.from_numpy(np.asarray(engine(np.stack(batch)))).to(torch.bfloat16))
+                ok.extend(idx)
+                batch, idx = [], []
+    return (torch.cat(outs) if outs else None), ok, errors
+
+
+def finetune(
+    runner,
+    head: nn.Module,
+    train_paths: list[str],
+    y_train: np.ndarray,
+    val_paths: list[str],
+    y_val: np.ndarray,
+    n_classes: int,
+    cfg: TrainConfig,
+    *,
+    unfreeze: int,
+    augment: AugmentConfig,
+    views: int,
+    layer_decay: float = 0.5,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
+    """Fine-tune the last ``unfreeze`` blocks + ``head`` in place.
+
+    Returns (tuned backbone tensors keyed as in ``fx.state_dict()``, history, summary).
+    The runner's torch module is updated in place (its tail blocks are shared).
+    """
+    cfg.validate()
+    seed_everything(cfg.seed)
+    spec = runner.spec
+    fx = runner.torch_module()
+    prefix_named, tail_named = split_blocks(fx, spec, unfreeze)
+    prefix = [m for _, m in prefix_named]
+    tail = [m for _, m in tail_named]
+    bf16 = runner.precision == "bf16"
+    prep = spec.preprocessing
+    views = max(1, views if augment.active else 1)
+
+    # memory budget for the cached prefix activations
+    with torch.inference_mode():
+        s = prep.input_size
+        probe = nn.Sequential(*prefix)(fx.normalize(torch.zeros(1, 3, s, s))) if prefix else torch.zeros(1, 3, s, s)
+    per_item = probe[0].numel() * 2  # bf16 bytes
+    budget = PREFIX_CACHE_MB * 2**20
+    n_items = len(train_paths) * views + len(val_paths)
+    if n_items * per_item > budget:
+        fit_views = max(1, (budget // per_item - len(val_paths)) // max(1, len(train_paths)))
+        if fit_views < 1 or (budget // per_item) < len(train_paths) + len(val_paths):
+            raise ValueError(
+                f"fine-tuning {len(train_paths)} images with --unfreeze {unfreeze} needs {n_items * per_item / 2**20:.0f} MB of "
+                f"cached activations (limit IMGCLF_PREFIX_CACHE_MB={PREFIX_CACHE_MB}); use a smaller --unfreeze or --recipe fast"
+            )
+        log.warning("reducing --feature-views from %d to %d to fit the activation cache", views, fit_views)
+        views = int(fit_views)
+
+    t0 = time.perf_counter()
+    prefix_name = prefix_named[-1][0] if prefix_named else "input"
+    engine = runner.engine_for(
+        lambda: PrefixModule(fx, prefix).eval(),
+        runner.cache_root / "backbones" / f"{spec.name.replace(':', '_')}-{runner.fingerprint}-prefix-{prefix_name}.onnx",
+        f"frozen prefix (up to {prefix_name})",
+    )
+    train_views = []
+    keep = None
+    for v in range(views):
+        transform = None if v == 0 else AugmentedView(augment, v, cfg.seed)
+        h, ok, errors = compute_prefix(engine, train_paths, prep, transform)
+        if keep is None:
+            keep = ok
+        elif ok != keep:  # a file decoded in one view but not another: keep the common ones
+            common = sorted(set(ok) & set(keep))
+            h = h[[ok.index(i) for i in common]]
+            train_views = [tv[[keep.index(i) for i in common]] for tv in train_views]
+            keep = common
+        train_views.append(h)
+    hv, ok_v, _ = compute_prefix(engine, val_paths, prep, None)
+    prefix_s = time.perf_counter() - t0
+    n_prefix = len(train_paths) * views + len(val_paths)
+    log.info("fine-tune: frozen prefix (up to %s) computed once on %s (%s) for %d image views in %.1f s (%.1f img/s), %.0f MB cached",
+             prefix_name, engine.name, engine.precision, n_prefix, prefix_s, n_prefix / max(prefix_s, 1e-9),
+             (sum(t.numel() for t in train_views) + (hv.numel() if hv is not None else 0)) * 2 / 2**20)
+
+    xt = torch.stack(train_views)  # (V, n, C, H, W) bf16
+    yt = torch.from_numpy(np.asarray(y_train, np.int64)[keep])
+    xv = hv if hv is not None else torch.zeros((0, *xt.shape[2:]), dtype=torch.bfloat16)
+    yv = torch.from_numpy(np.asarray(y_val, np.int64)[ok_v])
+
+    # trainable: tail + head; frozen prefix stays in eval mode (BN statistics frozen)
+    for p in fx.parameters():
+        p.requires_grad_(False)
+    for m in tail:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    model = TailModel(tail, fx.pool, head, bf16)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+    for depth, m in enumerate(reversed(tail), start=1):
+        groups.append({"params": [p for p in m.parameters()], "lr": cfg.lr * layer_decay**depth})
+    base_lrs = [g["lr"] for g in groups]
+
+    def batches(gen):
+        n = len(yt)
+        order = torch.randperm(n, generator=gen) if cfg.sampler == "shuffle" else torch.multinomial(1.0 / torch.bincount(yt).float()[yt], n, replacement=True, generator=gen)
+        view = torch.randint(0, xt.shape[0], (n,), generator=gen)
+        for k in range(0, n, cfg.batch_size):
+            idx = order[k:k + cfg.batch_size]
+            yield xt[view[idx], idx], yt[idx]
+
+    t1 = time.perf_counter()
+    steps = math.ceil(len(yt) / cfg.batch_size)
+    history, summary = fit_loop(model, batches, steps, xv, yv, np.asarray(y_train)[keep], n_classes, cfg, param_groups=groups, on_epoch=on_epoch, stage="finetune")
+    train_s = time.perf_counter() - t1
+    imgs = len(yt) * summary["epochs_run"]
+    summary.update({
+        "unfreeze": unfreeze,
+        "trainable_blocks": [n for n, _ in tail_named],
+        "views": views,
+        "prefix_seconds": round(prefix_s, 2),
+        "train_seconds": round(train_s, 2),
+        "images_per_second": round(imgs / max(train_s, 1e-9), 1),
+        "precision": "bf16" if bf16 else "fp32",
+        "group_lrs": base_lrs,
+    })
+    log.info("fine-tune: %d epochs over the tail at %.1f img/s (%s autocast)", summary["epochs_run"], summary["images_per_second"], summary["precision"])
+    for p in fx.parameters():
+        p.requires_grad_(False)
+    fx.eval()
+    head.eval()
+    keys = tail_state_keys(fx, tail_named)
+    sd = fx.state_dict()
+    return {k: sd[k].detach().clone() for k in keys}, history, summary

@@ -1,0 +1,61 @@
+"""Decision threshold for binary models, chosen on the validation split.
+
+A medical question rarely wants argmax at 0.5: the policy picks the operating point on
+validation probabilities of the positive class (the second class name), the threshold is
+stored in the model bundle and used by evaluate and predict (``p >= threshold``).
+
+* ``youden``           maximise sensitivity + specificity − 1 (Youden's J);
+* ``balanced``         the point where sensitivity and specificity are closest (equal error);
+* ``sensitivity:S``    the highest threshold whose sensitivity is at least S (best specificity
+                       subject to catching S of the positives), e.g. ``sensitivity:0.95``;
+* ``fixed:T``          T, e.g. ``fixed:0.5``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def parse_policy(policy: str) -> tuple[str, float | None]:
+    name, _, arg = policy.partition(":")
+    if name in ("youden", "balanced") and not arg:
+        return name, None
+    if name in ("sensitivity", "fixed") and arg:
+        try:
+            v = float(arg)
+        except ValueError:
+            v = -1.0
+        if 0.0 <= v <= 1.0:
+            return name, v
+    raise ValueError(f"--threshold-policy {policy!r}: use youden, balanced, sensitivity:S or fixed:T with S, T in [0, 1]")
+
+
+def choose_threshold(y_true, p_positive, policy: str) -> float:
+    """Threshold on the positive-class probability for ``policy`` (see module doc)."""
+    from sklearn.metrics import roc_curve
+
+    name, arg = parse_policy(policy)
+    if name == "fixed":
+        return float(arg)
+    y = np.asarray(y_true)
+    p = np.asarray(p_positive, dtype=np.float64)
+    if len(np.unique(y)) < 2:
+        raise ValueError("the validation split needs both classes to choose a threshold")
+    fpr, tpr, thr = roc_curve(y, p)
+    thr = np.minimum(thr, 1.0)  # sklearn's first threshold is +inf (predict nothing positive)
+    if name == "youden":
+        i = int(np.argmax(tpr - fpr))
+    elif name == "balanced":
+        i = int(np.argmin(np.abs(tpr - (1 - fpr))))
+    else:  # sensitivity
+        ok = np.flatnonzero(tpr >= arg)
+        i = int(ok[0])  # thresholds decrease along the curve: first hit = highest threshold
+    return float(thr[i])
+
+
+def apply_threshold(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Class indices: argmax, or for binary with a threshold ``p[:, 1] >= threshold``."""
+    probs = np.asarray(probs)
+    if threshold is None or probs.shape[1] != 2:
+        return probs.argmax(1)
+    return (probs[:, 1] >= threshold).astype(np.int64)

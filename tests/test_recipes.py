@@ -1,0 +1,137 @@
+"""Recipes, fine-tuning, augmented views, thresholds and test-time augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgclf.api import ImageClassifier
+from imgclf.augment import AugmentedView, build_augment, tta_views
+from imgclf.backbones import backbone_blocks, build_feature_extractor, get_backbone_spec, resolve_weights
+from imgclf.features import BackboneRunner, extract_features
+from imgclf.recipes import RECIPES, resolve_recipe
+from imgclf.thresholds import apply_threshold, choose_threshold, parse_policy
+
+
+def test_recipes_are_defaults_that_flags_override():
+    seed = resolve_recipe("seed", {"epochs": None, "lr": 3e-4})
+    assert seed["epochs"] == 5 and seed["lr"] == 3e-4 and seed["input_scaling"] == "x/255" and seed["checkpoint"] == "last"
+    assert resolve_recipe("fast", {})["unfreeze"] == 0
+    assert RECIPES["finetune"]["augment"] == "light" and RECIPES["finetune"]["finetune_epochs"] > 0
+    with pytest.raises(ValueError, match="--recipe"):
+        resolve_recipe("nope", {})
+
+
+def test_seed_recipe_keeps_the_x255_bug_and_says_so(shapes_root, tmp_path, caplog):
+    clf = ImageClassifier(recipe="seed", progress=False).fit(shapes_root)
+    prep = clf.meta_["preprocessing"]
+    assert tuple(prep["mean"]) == (0.0, 0.0, 0.0) and tuple(prep["std"]) == (255.0, 255.0, 255.0) and prep["policy"] == "squash"
+    assert any("x/255" in r.getMessage() for r in caplog.records)
+    assert len(clf.history_) == 5  # fixed 5 epochs, no early stopping
+    clf.save(tmp_path / "m")
+    again = ImageClassifier.load(tmp_path / "m")
+    paths = sorted((shapes_root / "test").rglob("*.jpg"))[:4]
+    np.testing.assert_allclose(again.predict_proba(paths), clf.predict_proba(paths), atol=1e-6)
+
+
+def test_blocks_compose_to_the_body_for_every_torchvision_entry():
+    for name in ("efficientnet_lite0", "vgg16", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"):
+        spec = get_backbone_spec(name)
+        fx = build_feature_extractor(spec, resolve_weights(spec, "imagenet" if "lite" in name else "none"))
+        x = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8) if "lite" not in name else torch.randint(0, 255, (1, 3, 224, 224), dtype=torch.uint8)
+        with torch.no_grad():
+            h = fx.normalize(x)
+            for _, block in backbone_blocks(fx, spec):
+                h = block(h)
+            torch.testing.assert_close(h, fx.feature_map(x))
+
+
+def test_finetune_changes_exactly_the_unfrozen_blocks_and_keeps_frozen_bn(shapes_root, tmp_path):
+    clf = ImageClassifier(recipe="finetune", unfreeze=2, finetune_epochs=2, finetune_views=2, cache_dir=tmp_path / "c", progress=False)
+    spec = get_backbone_spec("efficientnet_lite0")
+    base = build_feature_extractor(spec, resolve_weights(spec)).state_dict()
+    clf.fit(shapes_root)
+    fx = clf.backbone_runner().torch_module()
+    names = [n for n, _ in backbone_blocks(fx, spec)]
+    tuned_keys = set(clf._tuned)
+    changed = {k for k, v in fx.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed and changed <= tuned_keys
+    # every tuned tensor lives in the last two blocks (stage7 and the conv head)
+    assert names[-2:] == ["stage7", "head"]
+    assert all(k.startswith(("body.net._blocks.15.", "body.net._conv_head", "body.net._bn1")) for k in tuned_keys), sorted(tuned_keys)[:5]
+    # frozen BatchNorm statistics did not move
+    for k in base:
+        if "running_" in k and k not in tuned_keys:
+            assert torch.equal(fx.state_dict()[k], base[k]), k
+    assert any("running_mean" in k for k in changed)  # the tail's BN did train
+    assert clf.meta_["backbone_tuned"]["unfreeze"] == 2
+    # the bundle carries the tuned tensors and reproduces predictions
+    clf.save(tmp_path / "m")
+    paths = sorted((shapes_root / "test").rglob("*.jpg"))
+    again = ImageClassifier.load(tmp_path / "m", cache_dir=tmp_path / "c2")
+    a, b = clf.predict_proba(paths), again.predict_proba(paths)
+    assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() < 0.05
+    assert clf.score(shapes_root) >= 0.8
+
+
+def test_augmented_views_differ_are_deterministic_and_cached(shapes_root, tmp_path):
+    cfg = build_augment("strong")
+    img = Image.open(next((shapes_root / "train" / "circle").glob("*.jpg"))).convert("RGB")
+    v1, v1b, v2 = AugmentedView(cfg, 1, 0), AugmentedView(cfg, 1, 0), AugmentedView(cfg, 2, 0)
+    a, b, c = (np.asarray(v(img, "abc")) for v in (v1, v1b, v2))
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    spec = get_backbone_spec("timm:test_efficientnet")
+    runner = BackboneRunner(spec, resolve_weights(spec, "none"), tmp_path / "c", engine="torch", precision="fp32")
+    paths = sorted((shapes_root / "train").rglob("*.jpg"))[:6]
+    plain = extract_features(paths, runner).features
+    view = extract_features(paths, runner, transform=v1)
+    assert view.computed == 6 and not np.allclose(plain, view.features)
+    again = extract_features(paths, runner, transform=AugmentedView(cfg, 1, 0))
+    assert again.cached == 6 and again.computed == 0
+    np.testing.assert_array_equal(again.features, view.features)
+    with pytest.raises(ValueError):
+        build_augment("light", crop_scale=0.0)
+
+
+def test_threshold_policies_on_a_constructed_case():
+    # negatives at 0.1..0.5, positives at 0.45..0.9
+    y = np.array([0] * 5 + [1] * 5)
+    p = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.45, 0.6, 0.7, 0.8, 0.9])
+    assert choose_threshold(y, p, "youden") == pytest.approx(0.6)  # TPR 0.8, FPR 0
+    assert choose_threshold(y, p, "sensitivity:1.0") == pytest.approx(0.45)  # catch all positives
+    assert choose_threshold(y, p, "fixed:0.3") == 0.3
+    t = choose_threshold(y, p, "balanced")
+    sens, spec = (p[y == 1] >= t).mean(), (p[y == 0] < t).mean()
+    assert abs(sens - spec) <= 0.2
+    assert apply_threshold(np.stack([1 - p, p], 1), 0.6).tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    for bad in ("youden:1", "sensitivity", "sensitivity:2", "fixed:x", "other"):
+        with pytest.raises(ValueError):
+            parse_policy(bad)
+
+
+def test_binary_model_stores_and_uses_its_threshold(tmp_path):
+    from conftest import make_shapes_dataset
+
+    root = make_shapes_dataset(tmp_path / "bin", {"train": 10, "validation": 5, "test": 5}, classes=("circle", "square"))
+    clf = ImageClassifier(threshold_policy="sensitivity:1.0", epochs=5, cache_dir=tmp_path / "c").fit(root)
+    assert clf.meta_["threshold"] == clf.threshold_ and 0 <= clf.threshold_ <= 1
+    clf.save(tmp_path / "m")
+    loaded = ImageClassifier.load(tmp_path / "m", cache_dir=tmp_path / "c")
+    assert loaded.threshold_ == clf.threshold_
+    paths = sorted((root / "test").rglob("*.jpg"))
+    proba = loaded.predict_proba(paths)
+    expected = ["square" if p >= loaded.threshold_ else "circle" for p in proba[:, 1]]
+    assert loaded.predict(paths) == expected
+
+
+def test_tta_is_deterministic_and_averages_views(trained_run, shapes_root):
+    paths = sorted((shapes_root / "test").rglob("*.jpg"))
+    clf = ImageClassifier.load(trained_run)
+    plain = clf.predict_proba(paths, tta="none")
+    t1 = clf.predict_proba(paths, tta="flips")
+    t2 = ImageClassifier.load(trained_run, tta="flips").predict_proba(paths)
+    np.testing.assert_array_equal(t1, t2)
+    assert not np.allclose(t1, plain) and np.allclose(t1.sum(1), 1)
+    assert [v.name if v else "identity" for v in tta_views("flips")] == ["identity", "hflip", "vflip", "rot180"]
