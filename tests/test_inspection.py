@@ -189,3 +189,71 @@ def test_relative_root_gives_absolute_paths(dataset, monkeypatch):
 def test_structural_error_raises(tmp_path):
     with pytest.raises(DatasetError):
         inspect_dataset(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- near-duplicates
+
+
+def _lesions(n: int, seed: int, size: int = 160) -> list[Image.Image]:
+    """Demo-style lesion photos: all alike at low frequencies (one blob in the middle), the
+    hard case for a perceptual hash."""
+    from imgclf.demo_data import render_lesion
+
+    return [render_lesion(np.random.default_rng([seed, i]), i % 2 == 1, size) for i in range(n)]
+
+
+@pytest.fixture
+def near_dataset(tmp_path):
+    root = tmp_path / "near"
+    train = _lesions(12, 1)
+    for i, im in enumerate(train):
+        _save(im, root / "train" / ("b" if i % 2 else "a") / f"t{i}.jpg", quality=92)
+    for i, im in enumerate(_lesions(8, 2)):  # unrelated test/validation images
+        _save(im, root / ("test" if i < 6 else "validation") / ("b" if i % 2 else "a") / f"u{i}.jpg", quality=92)
+    src = [Image.open(root / "train" / ("b" if i % 2 else "a") / f"t{i}.jpg").convert("RGB") for i in range(4)]
+    _save(src[0], root / "test" / "a" / "reencoded_q50.jpg", quality=50)
+    _save(src[1].resize((80, 80), Image.Resampling.BILINEAR), root / "test" / "b" / "half.jpg", quality=85)
+    _save(src[2].resize((272, 272), Image.Resampling.BICUBIC), root / "test" / "a" / "bigger.png")
+    _save(src[3], root / "validation" / "b" / "reencoded_q70.jpg", quality=70)
+    (root / "test" / "a" / "byte_copy.jpg").write_bytes((root / "train" / "a" / "t4.jpg").read_bytes())
+    return root
+
+
+def test_near_duplicates_found_across_splits(near_dataset):
+    r = inspect_dataset(near_dataset)
+    near = r["near_duplicates"]
+    assert near["max_distance"] == 12 and near["min_correlation"] == 0.95
+    pairs = {(Path(g["paths"][0]).name, Path(g["paths"][1]).name): g["splits"] for g in near["cross_split"]}
+    assert pairs == {
+        ("t0.jpg", "reencoded_q50.jpg"): ["train", "test"],
+        ("t1.jpg", "half.jpg"): ["train", "test"],
+        ("t2.jpg", "bigger.png"): ["train", "test"],
+        ("t3.jpg", "reencoded_q70.jpg"): ["train", "validation"],
+    }  # and no pair of unrelated lesions, and the byte copy only as an exact duplicate
+    assert near["counts"] == {"validation~train": 1, "test~train": 3}
+    assert all(0 <= g["distance"] <= 12 and g["correlation"] >= 0.95 for g in near["cross_split"])
+    assert sorted(Path(p).name for g in r["duplicates"]["cross_split"] for p in g["paths"]) == ["byte_copy.jpg", "t4.jpg"]
+    warn = [w for w in r["warnings"] if w.startswith("LEAKAGE (near-duplicates)")]
+    assert len(warn) == 2 and any("3 images in test have near-copies in train" in w and "half.jpg" in w for w in warn)
+    text = format_report(r)
+    assert "Near-duplicates across splits: 4 pair(s)" in text and "test ~ train" in text
+    assert json.loads(json.dumps(r)) == r
+
+
+def test_near_duplicates_use_the_runs_split(near_dataset):
+    """A carved split lives in one folder on disk: the run's split.csv decides what leaks."""
+    train = sorted((near_dataset / "train").rglob("*.jpg"))
+    copy = near_dataset / "test" / "a" / "reencoded_q50.jpg"
+    split_of = {str(p): "train" for p in train}
+    split_of[str(copy)] = "validation"  # as if the run had carved it into validation
+    r = inspect_dataset(near_dataset, split_of=split_of)
+    pairs = [(g["splits"], Path(g["paths"][1]).name) for g in r["near_duplicates"]["cross_split"]]
+    assert pairs == [(["train", "validation"], "reencoded_q50.jpg")]  # images the run did not use are left out
+    assert r["counts"]["test"]["a"] == 6  # counts stay those of the folders
+
+
+def test_near_duplicate_check_can_be_switched_off(near_dataset):
+    r = inspect_dataset(near_dataset, near_duplicates=False)
+    assert r["near_duplicates"] is None
+    assert not [w for w in r["warnings"] if "near-duplicates" in w]
+    assert "Near-duplicates" not in format_report(r)

@@ -11,7 +11,6 @@ The CLI is a thin face over this class.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import os
 import platform
@@ -368,22 +367,19 @@ class ImageClassifier:
 
     # ------------------------------------------------------------------ evaluate
 
-    def evaluate_samples(self, samples, *, tta: str | None = None) -> dict:
+    def evaluate_samples(self, samples, *, tta: str | None = None, bootstrap: int = 1000) -> dict:
         self._check_fitted()
         paths = [str(s.path) for s in samples]
         probs, ok, errors = self._proba(paths, "test features", tta)
         y = np.array([samples[i].label for i in ok], dtype=np.int64)
         # per-image results, for reports (worst mistakes) and callers
         self.last_eval_ = {"paths": [paths[i] for i in ok], "y_true": y, "probs": probs}
-        kwargs = {}
-        if "threshold" in inspect.signature(classification_metrics).parameters:
-            kwargs["threshold"] = self.threshold_
-        m = classification_metrics(y, probs, self.class_names_, **kwargs)
+        m = classification_metrics(y, probs, self.class_names_, threshold=self.threshold_, bootstrap=bootstrap, seed=self.seed)
         m["tta"] = self.tta if tta is None else tta
         m["skipped"] = [{"path": paths[i], "error": e} for i, e in errors.items()]
         return m
 
-    def evaluate(self, data: str | os.PathLike | None = None, *, tta: str | None = None) -> dict:
+    def evaluate(self, data: str | os.PathLike | None = None, *, tta: str | None = None, bootstrap: int = 1000) -> dict:
         """Metrics on ``data``'s test split (or on all of a flat class-folder set).
 
         With no argument, evaluates the test split of the dataset given to ``fit``.
@@ -392,8 +388,8 @@ class ImageClassifier:
         if data is None:
             if not hasattr(self, "dataset_"):
                 raise ValueError("evaluate() needs a folder when the model was loaded from disk")
-            return self.evaluate_samples(self.dataset_.samples["test"], tta=tta)
-        return self.evaluate_samples(labelled_eval_samples(data, self.class_names_), tta=tta)
+            return self.evaluate_samples(self.dataset_.samples["test"], tta=tta, bootstrap=bootstrap)
+        return self.evaluate_samples(labelled_eval_samples(data, self.class_names_), tta=tta, bootstrap=bootstrap)
 
     def score(self, data: str | os.PathLike) -> float:
         return float(self.evaluate(data)["accuracy"])

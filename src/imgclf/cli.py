@@ -70,6 +70,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decision and evaluation")
     g.add_argument("--threshold-policy", default=None, help="binary: youden | balanced | sensitivity:S | fixed:T, chosen on validation and stored in the model (seed fixed:0.5, else youden)")
     g.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation stored with the model: average probabilities over flips/rotations (none)")
+    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% confidence intervals (0: none; default: 1000)")
+    g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="write plots and report.html into the run folder (default: on)")
     g = p.add_argument_group("data and output")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation, shuffling and augmentation (default: 0)")
     g.add_argument("--val-fraction", type=float, default=0.2, help="fraction of train carved for validation when the dataset has none (default: 0.2)")
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the metrics JSON here")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
     p.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation (default: the model's)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% confidence intervals (0: none; default: 1000)")
     _add_engine_flags(p)
 
     p = sub.add_parser("predict", help="predict classes of image files or folders", description="Predict each image (folders are searched recursively). A bad file becomes a row with its error.")
@@ -108,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation (default: the model's)")
     _add_engine_flags(p)
 
-    p = sub.add_parser("inspect", help="counts, image statistics and problems of a dataset", description="Counts per split and class, image sizes, unreadable/truncated/non-image files, exact duplicates and cross-split leakage. Reads only.")
+    p = sub.add_parser("inspect", help="counts, image statistics and problems of a dataset", description="Counts per split and class, image sizes, unreadable/truncated/non-image files, exact and near duplicates (perceptual hash) and cross-split leakage. Reads only.")
     p.add_argument("data", help="dataset root")
+    p.add_argument("--no-near-duplicates", action="store_true", help="skip the perceptual-hash near-duplicate check")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -202,6 +206,7 @@ def run_train(args) -> dict:
         config = {
             "command": "train",
             "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
+            "settings": clf.settings,
             "dataset": {"root": str(root.resolve()), "layout": ds.layout, "class_names": ds.class_names, "split_source": ds.split_source, "split_seed": args.seed, "counts": ds.counts()},
             "environment": environment_info(),
         }
@@ -220,7 +225,7 @@ def run_train(args) -> dict:
             log.info("%s: best epoch %d of %d (%s)", st["stage"], st["best_epoch"], st["epochs_run"], st["monitor"])
         write_csv(run_dir / "metrics.csv", clf.history_, ["stage", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "best", "lr"])
         clf.save(run_dir)
-        metrics = clf.evaluate()
+        metrics = clf.evaluate(bootstrap=args.bootstrap)
         metrics["run"] = str(run_dir)
         write_json(run_dir / "test_metrics.json", metrics)
         write_csv(run_dir / "test_predictions.csv", prediction_rows(clf), ["path", "true", "predicted", *clf.class_names_])
@@ -230,6 +235,13 @@ def run_train(args) -> dict:
         config["backbone_engine"] = {"engine": ex.engine, "precision": ex.precision}
         config["wall_seconds"] = round(time.perf_counter() - t0, 3)
         write_json(run_dir / "config.json", config)
+        if args.report:
+            from imgclf.report import write_run_report
+
+            try:
+                print(f"report: {write_run_report(run_dir, clf=clf)}", flush=True)
+            except Exception as e:  # noqa: BLE001 - the run succeeded; `imgclf report RUN` can redo it
+                log.warning("report.html not written (%s); regenerate with: imgclf report %s", _one_line(e), run_dir)
         print(format_metrics(metrics), flush=True)
         if skipped:
             print(f"skipped {len(skipped)} unreadable file(s): listed in {run_dir / 'skipped.csv'}", flush=True)
@@ -242,11 +254,13 @@ def run_train(args) -> dict:
 
 def prediction_rows(clf) -> list[dict]:
     """Per-image test results of the last evaluation: path, true and predicted class, probabilities."""
+    from imgclf.thresholds import apply_threshold
+
     ev = clf.last_eval_
     names = clf.class_names_
     return [
-        {"path": p, "true": names[int(t)], "predicted": names[int(pr.argmax())], **{c: f"{v:.6f}" for c, v in zip(names, pr)}}
-        for p, t, pr in zip(ev["paths"], ev["y_true"], ev["probs"])
+        {"path": p, "true": names[int(t)], "predicted": names[int(k)], **{c: f"{v:.6f}" for c, v in zip(names, pr)}}
+        for p, t, pr, k in zip(ev["paths"], ev["y_true"], ev["probs"], apply_threshold(ev["probs"], clf.threshold_))
     ]
 
 
@@ -277,7 +291,7 @@ def cmd_evaluate(args) -> int:
     clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress, tta=args.tta)
     if args.out and _inside(Path(args.out), Path(args.data)):
         raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
-    m = clf.evaluate(args.data)
+    m = clf.evaluate(args.data, bootstrap=args.bootstrap)
     m["model"] = str(args.model)
     m["data"] = str(args.data)
     print(format_metrics(m))
@@ -320,7 +334,7 @@ def cmd_predict(args) -> int:
 def cmd_inspect(args) -> int:
     from imgclf.inspection import format_report, inspect_dataset
 
-    report = inspect_dataset(args.data, progress=not args.no_progress)
+    report = inspect_dataset(args.data, progress=not args.no_progress, near_duplicates=not args.no_near_duplicates)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -1,0 +1,78 @@
+"""Compare training recipes (seed, fast, finetune) on one dataset with one backbone and seed.
+
+Each recipe runs as a fresh ``imgclf train`` process with an empty feature cache, so wall
+time includes extraction; peak memory is that process's max RSS. Prints a Markdown table
+(and JSON with --out). Usage:
+
+    .venv/bin/python benchmarks/bench_recipes.py [--data ../shared/data/flowers12] [--backbone efficientnet_lite0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_recipe(data: Path, recipe: str, backbone: str, seed: int, extra: list[str], workdir: Path) -> dict:
+    cache = workdir / f"cache-{recipe}"
+    project = workdir / "runs"
+    cmd = [sys.executable, "-m", "imgclf", "-q", "train", str(data), "--recipe", recipe, "--backbone", backbone,
+           "--seed", str(seed), "--project", str(project), "--name", recipe, "--cache-dir", str(cache), "--no-progress", *extra]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    out, err = proc.communicate()
+    rc = os.waitstatus_to_exitcode(status)
+    row = {"recipe": recipe, "rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    if rc != 0:
+        row["error"] = (err.strip().splitlines() or ["?"])[-1]
+        return row
+    m = json.loads((project / recipe / "test_metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
+        row[key] = m.get(key)
+    if m.get("at_threshold"):  # binary
+        row["sensitivity"] = m["at_threshold"].get("sensitivity")
+        row["specificity"] = m["at_threshold"].get("specificity")
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flowers12"))
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipes", nargs="+", default=["seed", "fast", "finetune"])
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="imgclf-bench-recipes-") as tmp:
+        for r in args.recipes:
+            rows.append(run_recipe(Path(args.data), r, args.backbone, args.seed, [], Path(tmp)))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    cols = ["recipe", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "sensitivity", "specificity", "wall_s", "peak_rss_mb"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    print(f"dataset: {args.data}  backbone: {args.backbone}  seed: {args.seed}\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.4f}" if isinstance(v, float) and c not in ("wall_s",) else ("" if v is None else str(v)))
+        print("| " + " | ".join(cells) + " |" + (f"  error: {r['error']}" if "error" in r else ""))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
