@@ -26,8 +26,8 @@ model.json, test_metrics.json, skipped.csv and train.log.
 """
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", default="auto", choices=["auto", "openvino", "onnxruntime", "torch"], help="backbone inference engine (default: auto = fastest available)")
+def _add_engine_flags(p: argparse.ArgumentParser, engines=("auto", "openvino", "onnxruntime", "torch"), engine_help="backbone inference engine (default: auto = fastest available)") -> None:
+    p.add_argument("--engine", default="auto", choices=list(engines), help=engine_help)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="backbone precision (auto: bf16 where the CPU has it; fp32 forces full precision)")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf); never inside the dataset")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, choices=["csv", "json"], help="output format (default: from --out's extension, else csv)")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
     p.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation (default: the model's)")
-    _add_engine_flags(p)
+    _add_engine_flags(p, engines=["auto", "onnx", "torch", "openvino", "onnxruntime"], engine_help="auto: the model's ONNX export (imgclf export) when a valid one exists, else the feature path; onnx: ONNX Runtime on the exported model, exporting now if needed; torch/openvino/onnxruntime: feature path with that backbone engine")
 
     p = sub.add_parser("inspect", help="counts, image statistics and problems of a dataset", description="Counts per split and class, image sizes, unreadable/truncated/non-image files, exact and near duplicates (perceptual hash) and cross-split leakage. Reads only.")
     p.add_argument("data", help="dataset root")
@@ -305,8 +305,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from imgclf.api import ImageClassifier
     from imgclf.data import collect_image_paths
+    from imgclf.export import predictor_for
     from imgclf.features import atomic_write_bytes
     from imgclf.runs import csv_text
 
@@ -315,7 +315,8 @@ def cmd_predict(args) -> int:
         raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(args.paths)))
     for p in problems:
         log.warning("%s", p)
-    clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress, tta=args.tta)
+    clf = predictor_for(args.model, args.engine, weights=args.weights, precision=args.precision, cache_dir=args.cache_dir,
+                        use_cache=not args.no_cache, progress=not args.no_progress, parity_images=paths, tta=args.tta)
     rows = clf.predict_table(paths)
     fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
     if fmt == "json":

@@ -1,0 +1,159 @@
+"""A real browser against a real server: `imgclf serve` on a loopback port, Chromium
+(driven by Playwright, no browser download) uploads an image through the page and reads
+the predicted class; curl-style rejections against the same live server.
+
+Set IMGCLF_SCREENSHOT_DIR to keep the page's screenshots."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from imgclf.export import OnnxClassifier
+from test_export import exported_copy
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    sync_playwright = None
+
+pytestmark = pytest.mark.skipif(
+    sync_playwright is None or not (Path(CHROMIUM).exists() or shutil.which("chromium")),
+    reason="needs Debian's chromium and the playwright package",
+)
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    return exported_copy(trained_run, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    """`python -m imgclf serve MODEL --port 0`; yields (base url, process)."""
+    log_dir = tmp_path_factory.mktemp("serve-log")
+    err = open(log_dir / "stderr.txt", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgclf", "serve", str(exported), "--port", "0", "--max-upload-mb", "1"],
+        stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    base = None
+    deadline = time.monotonic() + 120
+    try:
+        while base is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            m = re.search(r"on (http://127\.0\.0\.1:\d+/)", line)
+            if m:
+                base = m.group(1)
+        if base is None:
+            err.flush()
+            pytest.fail(f"imgclf serve did not start: {(log_dir / 'stderr.txt').read_text()[-2000:]}")
+        import httpx
+
+        for _ in range(100):  # the line is printed just before uvicorn accepts
+            try:
+                if httpx.get(base + "healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        err.close()
+
+
+def _browser(p):
+    exe = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    return p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+
+
+def test_page_uploads_an_image_and_shows_the_prediction(server, exported, shapes_root, tmp_path):
+    base, proc = server
+    image = sorted((shapes_root / "test" / "triangle").glob("*.jpg"))[1]
+    expected = OnnxClassifier(exported).predict([image])[0]
+    shots = Path(os.environ.get("IMGCLF_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("these are notes, not a picture")
+    requests, console_errors = [], []
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 820})
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: console_errors.append(str(e)))
+            page.goto(base, timeout=30_000)
+            page.wait_for_selector("#model-line:has-text('circle')", timeout=30_000)
+            assert "3 classes" in page.text_content("#model-line")
+            page.screenshot(path=str(shots / "serve-page-empty.png"), full_page=True)
+
+            page.set_input_files("#file-input", str(image))
+            page.wait_for_selector("#prediction:not([hidden])", timeout=60_000)
+            assert page.text_content("#predicted").strip() == expected == "triangle"
+            assert page.is_visible("#preview")
+            bars = page.query_selector_all("#bars li")
+            assert [b.get_attribute("data-class") for b in bars][0] == "triangle" and len(bars) == 3
+            assert "%" in page.text_content("#bars li.winner .bar-value")
+            if page.evaluate("fetch('/v1/model').then(r => r.json()).then(m => m.explain)"):
+                page.wait_for_selector("#explain-img:not([hidden])", timeout=60_000)
+                assert "Grad-CAM" in page.text_content("#explain-caption")
+            page.screenshot(path=str(shots / "serve-page-prediction.png"), full_page=True)
+
+            page.set_input_files("#file-input", str(not_image))
+            page.wait_for_selector("#status.error", timeout=30_000)
+            assert "not a JPEG, PNG" in page.text_content("#status")
+            assert page.is_hidden("#prediction")
+            page.wait_for_selector("#preview", state="hidden", timeout=10_000)  # no broken-image icon
+            page.screenshot(path=str(shots / "serve-page-error.png"), full_page=True)
+        finally:
+            browser.close()
+    expected_415 = [m for m in console_errors if "status of 415" in m]  # the browser logs the refused upload
+    assert len(expected_415) == 1 and not [m for m in console_errors if m not in expected_415], console_errors
+    outside = [u for u in requests if not (u.startswith(base) or u.startswith(("data:", "blob:")))]
+    assert not outside, outside  # only this server: no CDN, no network
+    assert proc.poll() is None
+
+
+def test_live_server_answers_curl_style_requests(server, shapes_root, tmp_path):
+    import httpx
+
+    base, _ = server
+    image = sorted((shapes_root / "test" / "square").glob("*.jpg"))[0]
+    with httpx.Client(base_url=base, timeout=60) as c:
+        r = c.post("v1/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")})
+        assert r.status_code == 200 and r.json()["predictions"][0]["predicted"] == "square"
+        r = c.post("v1/predict", files={"file": ("bad.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 50, "image/jpeg")})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "corrupt-image"
+        r = c.post("v1/predict", files={"file": ("text.png", b"hello", "image/png")})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "not-an-image"
+        big = os.urandom(1_500_000)  # over --max-upload-mb 1
+        r = c.post("v1/predict", files={"file": ("big.jpg", b"\xff\xd8\xff" + big, "image/jpeg")})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "file-too-large"
+        assert c.get("healthz").json()["status"] == "ok"
+        assert c.get("docs").status_code == 200
