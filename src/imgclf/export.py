@@ -205,41 +205,23 @@ class Decision:
 
 def decode_to_array(path: str | os.PathLike, prep) -> np.ndarray:
     """File → uint8 (3, S, S), exactly as the feature path decodes for predict."""
-    from imgclf.imaging import load_rgb
-    from imgclf.preprocess import image_to_array
+    from imgclf.preprocess import decode_array
 
-    return image_to_array(load_rgb(path, draft_size=2 * prep.resize_size), prep)
+    arr, err = decode_array(str(path), prep, 2 * prep.resize_size)
+    if err:
+        from imgclf.imaging import ImageDecodeError
 
-
-def _decode_safe(path, prep) -> tuple[np.ndarray | None, str | None]:
-    from imgclf.imaging import ImageDecodeError
-
-    try:
-        return decode_to_array(path, prep), None
-    except ImageDecodeError as e:
-        return None, str(e)
-    except Exception as e:  # never let one file kill a batch
-        return None, f"{path}: {type(e).__name__}: {e}".splitlines()[0]
+        raise ImageDecodeError(str(path), err.split(": ", 1)[-1], "unreadable")
+    return arr
 
 
 def _batched_decode(paths: Sequence[str], prep, batch_size: int, threads: int):
-    """Yield (indices, uint8 batch or None, {index: error}) with decoding one batch ahead."""
-    batches = [list(range(k, min(k + batch_size, len(paths)))) for k in range(0, len(paths), batch_size)]
+    """Yield (indices, uint8 batch or None, {index: error}) with decoding ahead of inference."""
+    from imgclf.preprocess import decode_array, decoded_batches
+
+    draft = 2 * prep.resize_size
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        futures = [[pool.submit(_decode_safe, paths[i], prep) for i in b] for b in batches[:2]]
-        for bi, b in enumerate(batches):
-            if bi + 2 < len(batches):
-                futures.append([pool.submit(_decode_safe, paths[i], prep) for i in batches[bi + 2]])
-            arrays, idx, errors = [], [], {}
-            for i, fut in zip(b, futures[bi]):
-                arr, err = fut.result()
-                if err:
-                    errors[i] = err
-                else:
-                    arrays.append(arr)
-                    idx.append(i)
-            futures[bi] = None
-            yield idx, (np.stack(arrays) if arrays else None), errors
+        yield from decoded_batches(list(range(len(paths))), lambda i: decode_array(str(paths[i]), prep, draft), batch_size, pool)
 
 
 def rows_from_proba(paths: Sequence, proba: np.ndarray, errors: dict[str, str], decision: Decision) -> list[dict]:
@@ -469,8 +451,10 @@ def _spread(items: list[tuple[Path, str]], n: int, seed: int = 0) -> list[tuple[
 
 
 def _load_arrays(items: Sequence[tuple[Path, str]], prep, threads: int = 2) -> tuple[np.ndarray, list[tuple[Path, str]]]:
+    from imgclf.preprocess import decode_array
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        res = list(pool.map(lambda it: _decode_safe(it[0], prep), items))
+        res = list(pool.map(lambda it: decode_array(str(it[0]), prep, 2 * prep.resize_size), items))
     kept = [(it, arr) for it, (arr, err) in zip(items, res) if arr is not None]
     if not kept:
         return np.zeros((0, 3, prep.input_size, prep.input_size), np.uint8), []

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.backbones import BackboneSpec, WeightsRef, build_feature_extractor, weights_fingerprint
-from imgclf.imaging import ImageDecodeError, load_rgb
-from imgclf.preprocess import image_to_array
+from imgclf.preprocess import decode_array as _decode
+from imgclf.preprocess import decoded_batches
 
 log = logging.getLogger("imgclf")
 
@@ -345,18 +345,6 @@ class ExtractionResult:
         return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
 
 
-def _decode(path: str, prep, draft: int | None, transform=None, content_hash: str = "") -> tuple[np.ndarray | None, str | None]:
-    try:
-        img = load_rgb(path, draft_size=draft)
-        if transform is not None:
-            img = transform(img, content_hash)
-        return image_to_array(img, prep), None
-    except ImageDecodeError as e:
-        return None, str(e)
-    except Exception as e:  # never let one file kill the run
-        return None, f"{path}: {type(e).__name__}: {e}".splitlines()[0]
-
-
 def extract_features(
     paths: Sequence[str | os.PathLike],
     runner: BackboneRunner,
@@ -413,32 +401,18 @@ def extract_features(
             engine_name, precision = engine.name, engine.precision
             # JPEG draft decoding only for the plain view: a random crop may zoom in
             draft = 2 * prep.resize_size if transform is None else None
-            batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
-            futures = []
-            ahead = 2  # batches decoded ahead of inference
-            for b in batches[:ahead]:
-                futures.append([pool.submit(_decode, str(paths[i]), prep, draft, transform, hashes[i]) for i in b])
             t0 = time.perf_counter()
-            for bi, b in enumerate(batches):
-                if bi + ahead < len(batches):
-                    futures.append([pool.submit(_decode, str(paths[i]), prep, draft, transform, hashes[i]) for i in batches[bi + ahead]])
-                arrays, idx = [], []
-                for i, fut in zip(b, futures[bi]):
-                    arr, err = fut.result()
-                    if err:
-                        errors[i] = err
-                    else:
-                        arrays.append(arr)
-                        idx.append(i)
-                futures[bi] = None
-                if arrays:
-                    out = engine(np.stack(arrays))
+            decode = lambda i: _decode(str(paths[i]), prep, draft, transform, hashes[i])  # noqa: E731
+            for idx, batch, errs in decoded_batches(todo, decode, batch_size, pool):
+                errors.update(errs)
+                if batch is not None:
+                    out = engine(batch)
                     for i, vec in zip(idx, out):
                         feats[i] = vec
                         if cache:
                             cache.put(hashes[i], vec)
                 if progress:
-                    progress(len(b))
+                    progress(len(idx) + len(errs))
     seconds = time.perf_counter() - t0 if todo else 0.0
     ok = sorted(feats)
     mat = np.stack([feats[i] for i in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)

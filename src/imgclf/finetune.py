@@ -26,7 +26,9 @@ from torch import nn
 
 from imgclf.augment import AugmentConfig, AugmentedView
 from imgclf.backbones import backbone_blocks
-from imgclf.features import _decode, content_hash
+from imgclf.features import content_hash
+from imgclf.preprocess import decode_array as _decode
+from imgclf.preprocess import decoded_batches
 from imgclf.training import TrainConfig, fit_loop, seed_everything
 
 log = logging.getLogger("imgclf")
@@ -89,18 +91,12 @@ def compute_prefix(engine, paths: list[str], prep, transform, batch_size: int = 
     outs, ok, errors = [], [], {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         hashes = list(pool.map(content_hash, paths))
-        decoded = pool.map(lambda ih: _decode(paths[ih[0]], prep, None, transform, ih[1]), enumerate(hashes))
-        batch, idx = [], []
-        for i, (arr, err) in enumerate(decoded):
-            if err:
-                errors[i] = err
-            else:
-                batch.append(arr)
-                idx.append(i)
-            if batch and (len(batch) == batch_size or i == len(paths) - 1):
-                outs.append(torch.from_numpy(np.asarray(engine(np.stack(batch)))).to(torch.bfloat16))
+        decode = lambda i: _decode(paths[i], prep, None, transform, hashes[i])  # noqa: E731
+        for idx, batch, errs in decoded_batches(list(range(len(paths))), decode, batch_size, pool):
+            errors.update(errs)
+            if batch is not None:
+                outs.append(torch.from_numpy(np.asarray(engine(batch))).to(torch.bfloat16))
                 ok.extend(idx)
-                batch, idx = [], []
     return (torch.cat(outs) if outs else None), ok, errors
 
 

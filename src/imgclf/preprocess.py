@@ -6,10 +6,17 @@ so every engine (torch, ONNX Runtime, OpenVINO) and every client sees the same p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image
 
-from imgclf.backbones import Preprocessing
+from imgclf.imaging import ImageDecodeError, load_rgb
+
+if TYPE_CHECKING:  # keep this module torch-free for ONNX-only clients
+    from imgclf.backbones import Preprocessing
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -46,3 +53,43 @@ def image_to_array(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     """RGB PIL image → uint8 array (3, S, S) ready for the feature extractor."""
     arr = np.asarray(resize_and_crop(img, prep), dtype=np.uint8)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def decoded_batches(items: Sequence, decode: Callable, batch_size: int, pool: ThreadPoolExecutor, ahead: int = 2):
+    """Yield (items, uint8 batch or None, {item: error}) per batch, decoding ``ahead`` batches early.
+
+    ``decode(item) -> (array | None, error | None)`` runs in ``pool`` while the caller
+    runs inference on the current batch: decoding overlaps compute.
+    """
+    batches = [list(items[k:k + batch_size]) for k in range(0, len(items), batch_size)]
+    futures = [[pool.submit(decode, i) for i in b] for b in batches[:ahead]]
+    for bi, b in enumerate(batches):
+        if bi + ahead < len(batches):
+            futures.append([pool.submit(decode, i) for i in batches[bi + ahead]])
+        arrays, idx, errors = [], [], {}
+        for i, fut in zip(b, futures[bi]):
+            arr, err = fut.result()
+            if err:
+                errors[i] = err
+            else:
+                arrays.append(arr)
+                idx.append(i)
+        futures[bi] = None
+        yield idx, (np.stack(arrays) if arrays else None), errors
+
+
+def decode_array(path: str, prep, draft: int | None = None, transform=None, content_hash: str = "") -> tuple[np.ndarray | None, str | None]:
+    """File → (uint8 (3, S, S), None) or (None, one-line error): bad files never raise.
+
+    ``draft`` lets libjpeg decode large JPEGs at a reduced scale; ``transform`` (an
+    augmented or test-time view) is applied to the decoded image before preprocessing.
+    """
+    try:
+        img = load_rgb(path, draft_size=draft)
+        if transform is not None:
+            img = transform(img, content_hash)
+        return image_to_array(img, prep), None
+    except ImageDecodeError as e:
+        return None, str(e)
+    except Exception as e:  # never let one file kill the run
+        return None, f"{path}: {type(e).__name__}: {e}".splitlines()[0]
