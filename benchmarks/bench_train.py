@@ -106,6 +106,50 @@ def machine_info() -> dict:
     }
 
 
+def machine_state() -> dict:
+    """Load average and a 2-thread fp32 matmul speed: shared 2-core VMs are noisy, so say how busy."""
+    import statistics
+
+    import torch
+
+    a = torch.randn(1024, 1024)
+    a @ a
+    rates = []
+    for _ in range(7):
+        t = time.perf_counter()
+        for _ in range(20):
+            a @ a
+        rates.append(20 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9)
+    return {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()], "matmul_gflops_median": round(statistics.median(rates), 1),
+            "matmul_gflops_min": round(min(rates), 1), "matmul_gflops_max": round(max(rates), 1)}
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(wall, CPU-seconds busy on the whole machine, CPU-seconds of this process + reaped children)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = float("nan")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def other_cpu(start: tuple[float, float, float]) -> dict:
+    """CPU time other processes used since ``start``: the benchmark shares the machine with them."""
+    end = cpu_snapshot()
+    wall = end[0] - start[0]
+    other = max(0.0, (end[1] - start[1]) - (end[2] - start[2]))
+    cpus = os.cpu_count() or 1
+    return {"wall_s": round(wall, 1), "other_cpu_s": round(other, 1), "other_share_of_machine": round(other / (wall * cpus), 3) if wall > 0 else None}
+
+
+def other_cpu_note(d: dict) -> str:
+    return (f"Other processes on this machine used {d['other_cpu_s']:.0f} CPU-seconds during this section "
+            f"({100 * d['other_share_of_machine']:.0f}% of the machine's {os.cpu_count()} CPUs over {d['wall_s']:.0f} s).")
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -372,10 +416,13 @@ def pick_paths(data: Path, n: int) -> list[Path]:
     return [samples[int(i * step)].path for i in range(n)]
 
 
-def _timed_batches(engine, arr, n: int) -> float:
+def _timed_batches(engine, arr, n: int, per_batch: list | None = None) -> float:
     t = time.perf_counter()
     for k in range(0, n, BATCH):
+        tb = time.perf_counter()
         engine(arr[k:min(k + BATCH, n)])
+        if per_batch is not None:
+            per_batch.append((min(k + BATCH, n) - k) / (time.perf_counter() - tb))
     return time.perf_counter() - t
 
 
@@ -422,8 +469,10 @@ def extraction_benchmark(args, tmp: Path) -> dict:
                 warm = _timed_batches(engine, arr, min(BATCH, n_all))
                 est = min(BATCH, n_all) / warm
                 n = min(n_all, max(BATCH, int(args.cell_seconds * est) // BATCH * BATCH))
-                dt = _timed_batches(engine, arr, n)
-                row["cells"][key] = {"img_s": n / dt, "n": n, "setup_s": setup, "warmup_batch_s": warm}
+                rates: list = []
+                dt = _timed_batches(engine, arr, n, rates)
+                row["cells"][key] = {"img_s": n / dt, "n": n, "setup_s": setup, "warmup_batch_s": warm,
+                                     "batch_img_s_min": min(rates), "batch_img_s_max": max(rates)}
                 log(f"{bname} {key}: {n / dt:.1f} img/s on {n} images (setup {setup:.1f} s)")
             except Exception as e:
                 row["cells"][key] = {"error": one_line(e)}
@@ -551,20 +600,31 @@ def main(argv=None) -> int:
           f"AMX-BF16 {'yes' if results['machine']['amx_bf16'] else 'no'}; torch {results['machine']['versions']['torch']}, "
           f"onnxruntime {results['machine']['versions']['onnxruntime']}, openvino {results['machine']['versions']['openvino']}. "
           f"Dataset {args.data}."]
+    results["machine_state_start"] = machine_state()
+    log(f"machine state at start: {results['machine_state_start']}")
     t_all = time.perf_counter()
     try:
         if not args.skip_train:
+            snap = cpu_snapshot()
             results["train"] = train_comparison(args, tmp)
-            md += ["", "## Train comparison", "", train_markdown(results["train"])]
+            results["train"]["contention"] = other_cpu(snap)
+            md += ["", "## Train comparison", "", train_markdown(results["train"]), "", other_cpu_note(results["train"]["contention"])]
             print("\n".join(md), flush=True)
             md_printed = len(md)
         else:
             md_printed = 0
         if not args.skip_extraction:
+            snap = cpu_snapshot()
             results["extraction"] = extraction_benchmark(args, tmp)
-            md += ["", "## Extraction throughput", "", extraction_markdown(results["extraction"])]
+            results["extraction"]["contention"] = other_cpu(snap)
+            md += ["", "## Extraction throughput", "", extraction_markdown(results["extraction"]), "", other_cpu_note(results["extraction"]["contention"])]
         results["total_seconds"] = time.perf_counter() - t_all
-        md += ["", f"Total benchmark time: {results['total_seconds']:.0f} s."]
+        results["machine_state_end"] = machine_state()
+        st0, st1 = results["machine_state_start"], results["machine_state_end"]
+        md += ["", f"Total benchmark time: {results['total_seconds']:.0f} s. Machine state (load average 1/5/15 min; "
+               f"2-thread fp32 1024x1024 matmul GFLOP/s median [min-max] of 7): start {st0['loadavg_1_5_15']}, "
+               f"{st0['matmul_gflops_median']} [{st0['matmul_gflops_min']}-{st0['matmul_gflops_max']}]; end {st1['loadavg_1_5_15']}, "
+               f"{st1['matmul_gflops_median']} [{st1['matmul_gflops_min']}-{st1['matmul_gflops_max']}]."]
         print("\n".join(md[md_printed:]), flush=True)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

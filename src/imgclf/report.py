@@ -701,5 +701,5 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
     )
     out = run_dir / "report.html"
     atomic_write_bytes(out, page.encode("utf-8"))
-    log.info("report written: %s (%.1f s)", out, time.perf_counter() - t0)
+    log.debug("report written: %s (%.1f s)", out, time.perf_counter() - t0)
     return out
