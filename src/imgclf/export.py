@@ -261,16 +261,11 @@ def as_nchw_uint8(batch: np.ndarray, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the graph
 
 
-_TTA_FALLBACK = {"none": ("identity",), "flips": ("identity", "hflip", "vflip", "rot180"), "d4": ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")}
-
-
 def tta_view_names(tta: str | None) -> tuple[str, ...]:
     """The test-time views of a model's ``tta`` setting (as :mod:`imgclf.augment` defines them)."""
+    from imgclf.augment import TTA_PRESETS
+
     tta = tta or "none"
-    try:
-        from imgclf.augment import TTA_PRESETS
-    except ImportError:  # pragma: no cover - older trees without test-time augmentation
-        TTA_PRESETS = _TTA_FALLBACK
     if tta not in TTA_PRESETS:
         raise ExportError(f"model.json tta {tta!r} is unknown (known: {', '.join(TTA_PRESETS)})")
     return tuple(TTA_PRESETS[tta])
