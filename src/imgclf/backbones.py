@@ -131,7 +131,9 @@ _TORCHVISION = {
     "convnext_tiny": (768, "avg+layernorm", "stage 4 → global average pooling → LayerNorm"),
 }
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+from imgclf.names import BACKBONE_NAMES, DEFAULT_BACKBONE, LITE_NAMES, TORCHVISION_NAMES  # noqa: E402
+
+assert tuple(_LITE) == LITE_NAMES and tuple(_TORCHVISION) == TORCHVISION_NAMES
 
 
 def _lite_spec(name: str) -> BackboneSpec:
@@ -221,7 +223,7 @@ def _timm_spec(model_name: str) -> BackboneSpec:
 
 def available_backbones() -> list[str]:
     """Names accepted by ``--backbone`` (plus ``timm:<any timm model>``)."""
-    return list(_LITE) + list(_TORCHVISION) + ["timm:<name>"]
+    return list(BACKBONE_NAMES)
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:

@@ -35,11 +35,11 @@ def _add_engine_flags(p: argparse.ArgumentParser, engines=("auto", "openvino", "
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from imgclf.backbones import DEFAULT_BACKBONE, available_backbones
+    from imgclf.names import BACKBONE_NAMES, DEFAULT_BACKBONE
 
     g = p.add_argument_group("model")
     g.add_argument("--recipe", default="fast", choices=["seed", "fast", "finetune"], help="named defaults (any flag below overrides): seed = the tutorial as written (x/255 bug kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head (default: fast)")
-    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registry name: {', '.join(available_backbones())} (default: {DEFAULT_BACKBONE})")
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registry name: {', '.join(BACKBONE_NAMES)} (default: {DEFAULT_BACKBONE})")
     g.add_argument("--weights", default="imagenet", help="imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.safetensors path")
     g.add_argument("--head", default=None, choices=["recipe", "linear"], help="recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear (default: recipe)")
     g = p.add_argument_group("training (defaults: the recipe's)")

@@ -378,7 +378,9 @@ def extract_features(
             except OSError as e:
                 return i, None, f"{paths[i]}: cannot read ({e.strerror or e})"
 
-        for i, h, err in pool.map(_hash, range(n)):
+        # content hashes key the cache and seed augmented views; plain uncached runs skip them
+        need_hash = cache is not None or transform is not None
+        for i, h, err in (pool.map(_hash, range(n)) if need_hash else ((i, "", None) for i in range(n))):
             if err:
                 errors[i] = err
             else:

@@ -5,8 +5,8 @@
                  nearest-neighbour sampling (Keras ``flow_from_directory``), recipe head,
                  Adam 1e-3, batch 32, 5 epochs, last-epoch weights, frozen backbone, no
                  augmentation, no class weights.
-* ``fast``     — frozen backbone, cached features, head only, early stopping.
-* ``finetune`` — (default) stage 1 as ``fast``; stage 2 unfreezes the last K blocks
+* ``fast``     — (default) frozen backbone, cached features, head only, early stopping.
+* ``finetune`` — stage 1 as ``fast``; stage 2 unfreezes the last K blocks
                  (``--unfreeze``) and trains them with the head: AdamW, discriminative
                  learning rates (halved per block going down), 1 warmup epoch + cosine,
                  label smoothing 0.1, light augmentation through K cached views of the
