@@ -27,44 +27,25 @@ The API key may also come from $IMGCLF_API_KEY (keeps it out of the process list
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
+def _bounded(cast, what: str, ok, rule: str):
+    """argparse type: ``cast`` the text, then require ``ok(value)``; one-line errors."""
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return v
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0..65535 (0 = any free port), got {text}")
-    return v
+_positive_float = _bounded(float, "a number", lambda v: v > 0, "> 0")
+_non_negative_float = _bounded(float, "a number", lambda v: v >= 0, ">= 0")
+_positive_int = _bounded(int, "an integer", lambda v: v >= 1, ">= 1")
+_port = _bounded(int, "a port number", lambda v: 0 <= v <= 65535, "0..65535 (0 = any free port)")
 
 
 def register(subparsers, commands) -> None:
