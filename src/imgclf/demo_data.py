@@ -9,9 +9,11 @@ hairs, blur) and the two classes follow the textbook "ABCD" cues:
 * benign    - roughly round, symmetric, ONE brown colour, smooth border, smaller;
 * malignant - asymmetric, jagged border, several colours, larger.
 
-Sizes overlap and the malignant cues vary in strength (a per-image
-"severity"), so no single cue such as lesion area separates the classes
-perfectly: the task is learnable but not trivial.
+Sizes overlap, the malignant cues vary in strength (a per-image "severity",
+skewed towards mild cases) and 15 % of benign lesions are atypical (drawn like a
+mild malignant one), so no single cue separates the classes perfectly: the task
+is learnable but not trivial (EfficientNet-Lite0 + the default recipe: 0.95 test
+accuracy on the default demo set, seed 0).
 
 Everything is numpy-vectorised + Pillow; each image's random generator is
 seeded from ``(seed, split, class, index)`` so the same seed gives
@@ -38,7 +40,7 @@ SPLITS = ("train", "validation", "test")
 CLASSES = ("benign", "malignant")
 
 # Bump whenever rendering changes, so a cached set made by older code is not re-used.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _JPEG_QUALITY = 92
 
 # Skin tones from very light to very dark (RGB); a tone is interpolated along this ramp.
@@ -160,24 +162,32 @@ def _render(rng: np.random.Generator, malignant: bool, image_size: int) -> tuple
     img[..., 1:] -= 0.4 * redness[..., None]
 
     # --- lesion geometry: polar radius function around a jittered centre
-    severity = float(rng.uniform(0.12, 1.0)) if malignant else 0.0
+    # Overlap on purpose: many malignant lesions are mild (severity skewed low) and some
+    # benign ones (15 %) are atypical (drawn like a mild malignant lesion), so a good
+    # model still makes some mistakes and the evidence is informative.
+    atypical = (not malignant) and rng.random() < 0.15
+    looks_malignant = malignant or atypical
+    if malignant:
+        severity = float(rng.uniform(0.05, 1.0) ** 1.2)
+    else:
+        severity = float(rng.uniform(0.05, 0.25)) if atypical else 0.0
     lo, hi = (0.18, 0.32) if malignant else (0.12, 0.22)
     radius = rng.uniform(lo, hi) * s
     cx, cy = c + np.clip(rng.normal(0, 0.04 * s, 2), -0.08 * s, 0.08 * s)
     dx, dy = xx - cx, yy - cy
     dist = np.hypot(dx, dy)
     theta = np.arctan2(dy, dx)
-    r_rel = _border_radius(rng, malignant, severity)
+    r_rel = _border_radius(rng, looks_malignant, severity)
     angles = np.linspace(-np.pi, np.pi, r_rel.size, endpoint=False)
     r_theta = radius * np.interp(theta, angles, r_rel, period=2 * np.pi)
-    edge = rng.uniform(1.0, 2.0) if malignant else rng.uniform(1.5, 3.5)  # px of soft edge
+    edge = rng.uniform(1.0, 2.5) if looks_malignant else rng.uniform(1.5, 3.5)  # px of soft edge
     alpha = np.clip((r_theta - dist) / edge + 0.5, 0.0, 1.0)
     area = float(alpha.sum()) / (s * s)
 
     # --- lesion colour, darkened to stay visible on darker skin
     base = _BROWN_LIGHT + rng.uniform() * (_BROWN_DARK - _BROWN_LIGHT)
     scale = min(1.0, 0.8 * skin_luma / float(base @ _LUMA))
-    if malignant:
+    if looks_malignant:
         n_extra = int(np.clip(round(1 + 3 * severity + rng.normal(0, 0.5)), 1, 4))
         extra = rng.choice(len(_MALIGNANT_EXTRA), n_extra, replace=False, p=_MALIGNANT_EXTRA_P)
         colours = np.vstack([base[None], _MALIGNANT_EXTRA[extra]]) * scale  # (k, 3)
