@@ -212,3 +212,31 @@ def test_same_seed_same_metrics_end_to_end(trained_run, shapes_root):
     h1 = (trained_run / "metrics.csv").read_text()
     h2 = (trained_run.parent / "again" / "metrics.csv").read_text()
     assert h1 == h2
+
+
+def test_predict_refuses_out_inside_an_input_folder(trained_run, shapes_root, capsys):
+    before = tree_snapshot(shapes_root)
+    rc = main(["predict", str(trained_run), str(shapes_root / "test"), "--out", str(shapes_root / "test" / "p.csv"), "--no-progress"])
+    assert rc == 2 and "never writes into input folders" in capsys.readouterr().err
+    assert tree_snapshot(shapes_root) == before
+
+
+def test_validation_folder_replaces_carving(tmp_path):
+    root = make_shapes_dataset(tmp_path / "flat", {"": 10}, classes=("circle", "square"))
+    val = make_shapes_dataset(tmp_path / "val", {"": 3}, classes=("circle", "square"), seed=5)
+    rc = main(["-q", "train", str(root), "--validation", str(val), "--project", str(tmp_path / "runs"), "--no-progress", "--epochs", "3", "--test-fraction", "0.2", "--no-report"])
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "runs" / "train" / "split.csv").open()))
+    by_split = {}
+    for r in rows:
+        by_split.setdefault(r["split"], []).append(r["path"])
+    assert len(by_split["train"]) == 16 and len(by_split["test"]) == 4  # nothing carved for validation
+    assert len(by_split["validation"]) == 6 and all(p.startswith(str(val)) for p in by_split["validation"])
+
+
+def test_evaluate_on_the_runs_own_flat_set_uses_its_test_split(tmp_path, capsys):
+    root = make_shapes_dataset(tmp_path / "flat", {"": 10}, classes=("circle", "square"))
+    assert main(["-q", "train", str(root), "--project", str(tmp_path / "runs"), "--no-progress", "--epochs", "3", "--no-report"]) == 0
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(tmp_path / "runs" / "train"), str(root), "--out", str(out), "--no-progress", "--bootstrap", "0"]) == 0
+    assert json.loads(out.read_text())["n"] == 4  # the carved test split, not all 20 images

@@ -49,7 +49,8 @@ def test_blocks_compose_to_the_body_for_every_torchvision_entry():
 
 
 def test_finetune_changes_exactly_the_unfrozen_blocks_and_keeps_frozen_bn(shapes_root, tmp_path):
-    clf = ImageClassifier(recipe="finetune", unfreeze=2, finetune_epochs=2, finetune_views=2, cache_dir=tmp_path / "c", progress=False)
+    # a 1-epoch head leaves room for stage 2 to lower the validation loss (else the frozen model is kept)
+    clf = ImageClassifier(recipe="finetune", epochs=1, lr=1e-4, unfreeze=2, finetune_epochs=2, finetune_views=2, cache_dir=tmp_path / "c", progress=False)
     spec = get_backbone_spec("efficientnet_lite0")
     base = build_feature_extractor(spec, resolve_weights(spec)).state_dict()
     clf.fit(shapes_root)
@@ -135,3 +136,36 @@ def test_tta_is_deterministic_and_averages_views(trained_run, shapes_root):
     np.testing.assert_array_equal(t1, t2)
     assert not np.allclose(t1, plain) and np.allclose(t1.sum(1), 1)
     assert [v.name if v else "identity" for v in tta_views("flips")] == ["identity", "hflip", "vflip", "rot180"]
+
+
+def test_finetune_flags_switch_stage_two_on_under_fast():
+    s = resolve_recipe("fast", {"unfreeze": 2})
+    assert s["unfreeze"] == 2 and s["finetune_epochs"] == RECIPES["finetune"]["finetune_epochs"] and s["finetune_lr"] > 0
+    s = resolve_recipe("fast", {"finetune_epochs": 3})
+    assert s["finetune_epochs"] == 3 and s["unfreeze"] is None  # the entry's default blocks
+    assert resolve_recipe("fast", {})["finetune_epochs"] == 0
+
+
+def test_tta_fallback_keeps_rows_normalised(trained_run, shapes_root, tmp_path, monkeypatch):
+    """A view that fails to decode falls back to the plain view: rows still sum to 1."""
+    import imgclf.augment as aug
+
+    clf = ImageClassifier.load(trained_run, cache_dir=tmp_path / "c")
+    paths = sorted((shapes_root / "test").rglob("*.jpg"))[:3]
+    original = aug.FixedView.__call__
+
+    def flaky(self, img, h):
+        if self.name == "vflip":
+            raise OSError("simulated decode failure")
+        return original(self, img, h)
+
+    monkeypatch.setattr(aug.FixedView, "__call__", flaky)
+    p = clf.predict_proba(paths, tta="flips")
+    assert np.allclose(p.sum(1), 1.0)
+
+
+def test_finetune_that_does_not_help_keeps_the_frozen_model(shapes_root, tmp_path):
+    clf = ImageClassifier(recipe="finetune", unfreeze=1, finetune_epochs=1, finetune_lr=0.5, finetune_views=1, cache_dir=tmp_path / "c")
+    clf.fit(shapes_root)  # a huge stage-2 learning rate can only hurt
+    stage2 = clf.fit_summary_["stages"][1]
+    assert stage2["kept_start"] and clf._tuned is None and clf.meta_["frozen_backbone"] is True

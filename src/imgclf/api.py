@@ -121,8 +121,12 @@ class ImageClassifier:
         self.train_config.validate()
         parse_policy(st["threshold_policy"])
         tta_views(st["tta"])
-        if st["feature_views"] < 1 or st["finetune_views"] < 1:
+        if st["feature_views"] < 1:
             raise ValueError("--feature-views must be >= 1")
+        if st["finetune_views"] < 1:
+            raise ValueError("--finetune-views must be >= 1")
+        if st["finetune_epochs"] and not (st["finetune_lr"] > 0):
+            raise ValueError("--finetune-lr must be a positive number")
         self.recipe = recipe
         self.tta = st["tta"]
         self.threshold_ = None
@@ -211,9 +215,14 @@ class ImageClassifier:
         """
         t0 = time.perf_counter()
         st = self.settings
-        ds = data if isinstance(data, Dataset) else load_dataset(data, val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed)
+        # a second fit() starts from the pretrained backbone, not from a previous fine-tune
+        self._runner, self._tuned, self.threshold_ = None, None, None
+        if isinstance(data, Dataset):
+            ds = data
+        else:  # with a validation folder, nothing is carved out of train for validation
+            ds = load_dataset(data, val_fraction=0.0 if validation is not None else self.val_fraction, test_fraction=self.test_fraction, seed=self.seed)
         if validation is not None:
-            ds = _with_validation_folder(ds, validation)
+            ds = with_validation_folder(ds, validation)
         for w in ds.warnings:
             log.warning("%s", w)
         self.dataset_ = ds
@@ -249,8 +258,9 @@ class ImageClassifier:
                 runner, head, [str(train[i].path) for i in ok_t], yt, [str(val[i].path) for i in ok_v], yv, n_classes, cfg2,
                 unfreeze=unfreeze, augment=self.augment_config, views=st["finetune_views"], on_epoch=on_epoch,
             )
-            runner.apply_tuned(tuned)
-            self._tuned = tuned
+            if tuned:
+                runner.apply_tuned(tuned)
+                self._tuned = tuned
             history += hist2
             summaries.append(sum2)
             self.finetune_config_ = cfg2.to_dict()
@@ -322,14 +332,16 @@ class ImageClassifier:
         """Probabilities of readable images, averaged over the test-time views."""
         tta = self.tta if tta is None else tta
         x, ok, errors = self.features(paths, desc=desc)
-        probs = self._proba_from_features(x)
+        plain = self._proba_from_features(x)
+        total = plain.copy()
         views = tta_views(tta)[1:]
         for view in views:
             xv, okv, _ = self.features(paths, desc=f"{desc} ({view.name})", transform=view)
             pos = {i: k for k, i in enumerate(okv)}
             pv = self._proba_from_features(xv)
-            probs = probs + np.stack([pv[pos[i]] if i in pos else probs[k] for k, i in enumerate(ok)])
-        return probs / (1 + len(views)), ok, errors
+            # a view that failed to decode counts as the plain view for that image
+            total += np.stack([pv[pos[i]] if i in pos else plain[k] for k, i in enumerate(ok)]) if ok else 0.0
+        return total / (1 + len(views)), ok, errors
 
     def predict_proba(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> np.ndarray:
         """(n, n_classes) probabilities; rows of unreadable files are NaN (see ``errors_``)."""
@@ -496,7 +508,7 @@ def labelled_eval_samples(data: str | os.PathLike, class_names: list[str]):
     return [Sample(Path(p), index[c], "test") for c in sorted(folders) for p in folders[c]]
 
 
-def _with_validation_folder(ds: Dataset, folder: str | os.PathLike) -> Dataset:
+def with_validation_folder(ds: Dataset, folder: str | os.PathLike) -> Dataset:
     samples = labelled_eval_samples(folder, ds.class_names)
     samples = [dataclasses.replace(s, split="validation") for s in samples]
     new = dataclasses.replace(ds, samples={**ds.samples, "validation": samples}, split_source={**ds.split_source, "validation": f"folder {folder}"})

@@ -321,7 +321,9 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = "ima
         for fname in ("model.safetensors", "pytorch_model.bin"):
             hit = try_to_load_from_cache(repo, fname)
             if isinstance(hit, str) and os.path.isfile(hit):
-                return WeightsRef("hub-cache", f"hf:{repo}/{fname}", hit, f"Hugging Face cache {hit}")
+                # identity without the cache state, so a model trained while downloading
+                # still loads once the weights are cached
+                return WeightsRef("hub-cache", f"hf:{repo}", hit, f"Hugging Face cache {hit}")
         if not _host_reachable("huggingface.co"):
             raise WeightsUnavailableError(
                 f"{spec.name}: ImageNet weights not available offline: looked for {repo} (model.safetensors or "

@@ -40,7 +40,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--recipe", default="fast", choices=["seed", "fast", "finetune"], help="named defaults (any flag below overrides): seed = the tutorial as written (x/255 bug kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head (default: fast)")
     g.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registry name: {', '.join(BACKBONE_NAMES)} (default: {DEFAULT_BACKBONE})")
-    g.add_argument("--weights", default="imagenet", help="imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.safetensors path")
+    g.add_argument("--weights", default="imagenet", help="imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.bin/.safetensors state-dict path")
     g.add_argument("--head", default=None, choices=["recipe", "linear"], help="recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear (default: recipe)")
     g = p.add_argument_group("training (defaults: the recipe's)")
     g.add_argument("--epochs", type=int, default=None, help="maximum head epochs (seed 5, else 30)")
@@ -57,7 +57,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-epochs", type=int, default=None, help="finetune: stage-2 epochs (12)")
     g.add_argument("--finetune-lr", type=float, default=None, help="finetune: stage-2 head learning rate; blocks get half per block going down (1e-3)")
     g.add_argument("--finetune-patience", type=int, default=None, help="finetune: stage-2 early stopping patience (4)")
-    g.add_argument("--finetune-views", type=int, default=None, help="finetune: augmented views of the frozen prefix computed once and cached (4)")
+    g.add_argument("--finetune-views", type=int, default=None, help="finetune: augmented views per image whose frozen-prefix activations are computed once and held in memory (4)")
     g.add_argument("--finetune-label-smoothing", type=float, default=None, help="finetune: stage-2 label smoothing (0.1)")
     g = p.add_argument_group("augmentation (training)")
     g.add_argument("--augment", default=None, choices=["none", "light", "strong"], help="preset: light = flips, 90-degree rotations, crop >= 80%% area, jitter 0.1; strong = crop >= 50%%, jitter 0.25 (finetune light, else none)")
@@ -179,7 +179,7 @@ def format_counts(counts: dict[str, dict[str, int]], class_names: list[str]) -> 
 
 def run_train(args) -> dict:
     """The ``train`` command (and the second half of ``demo``); returns the test metrics."""
-    from imgclf.api import environment_info
+    from imgclf.api import environment_info, with_validation_folder
     from imgclf.data import load_dataset, write_split_csv
     from imgclf.metrics import format_metrics
     from imgclf.runs import attach_run_log, detach, new_run_dir, write_csv, write_json
@@ -187,7 +187,9 @@ def run_train(args) -> dict:
     t0 = time.perf_counter()
     root = Path(args.data)
     clf = _classifier_from_args(args)
-    ds = load_dataset(root, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    ds = load_dataset(root, val_fraction=0.0 if args.validation else args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    if args.validation:  # the validation folder replaces carving: train keeps all its images
+        ds = with_validation_folder(ds, args.validation)
     if _inside(Path(args.project), root):
         raise ValueError(f"--project {args.project} is inside the dataset {root}; imgclf never writes into the dataset folder")
     if _inside(clf.cache_dir, root):
@@ -219,7 +221,7 @@ def run_train(args) -> dict:
             mark = " *" if row["best"] else ""
             print(f"{row['stage']:>8} {row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_accuracy']:>9.4f} {row['val_loss']:>9.4f} {row['val_accuracy']:>8.4f}{mark}", flush=True)
 
-        clf.fit(ds, validation=args.validation, on_epoch=on_epoch)
+        clf.fit(ds, on_epoch=on_epoch)
         ex = clf.last_extraction_
         for st in clf.fit_summary_["stages"]:
             log.info("%s: best epoch %d of %d (%s)", st["stage"], st["best_epoch"], st["epochs_run"], st["monitor"])
@@ -283,6 +285,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _run_test_split(model, data, class_names):
+    """Test samples from split.csv when DATA is the run's own flat training set, else None.
+
+    Evaluating a flat set as a whole would score the training images too.
+    """
+    from imgclf.bundle import resolve_bundle_dir
+    from imgclf.data import Sample, read_split_csv
+
+    run = resolve_bundle_dir(model)
+    cfg_path, split_path = run / "config.json", run / "split.csv"
+    if not (cfg_path.is_file() and split_path.is_file()) or (Path(data) / "test").is_dir():
+        return None
+    try:
+        root = json.loads(cfg_path.read_text())["dataset"]["root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if Path(root).resolve() != Path(data).resolve():
+        return None
+    index = {c: i for i, c in enumerate(class_names)}
+    return [Sample(Path(p), index[c], "test") for p, c in read_split_csv(split_path)["test"] if c in index]
+
+
 def cmd_evaluate(args) -> int:
     from imgclf.api import ImageClassifier
     from imgclf.metrics import format_metrics
@@ -291,7 +315,12 @@ def cmd_evaluate(args) -> int:
     clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress, tta=args.tta)
     if args.out and _inside(Path(args.out), Path(args.data)):
         raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
-    m = clf.evaluate(args.data, bootstrap=args.bootstrap)
+    samples = _run_test_split(args.model, args.data, clf.class_names_)
+    if samples is not None:
+        log.info("%s is this run's own (flat) training set: evaluating the run's test split from split.csv", args.data)
+        m = clf.evaluate_samples(samples, bootstrap=args.bootstrap)
+    else:
+        m = clf.evaluate(args.data, bootstrap=args.bootstrap)
     m["model"] = str(args.model)
     m["data"] = str(args.data)
     print(format_metrics(m))
@@ -313,6 +342,9 @@ def cmd_predict(args) -> int:
     paths, problems = collect_image_paths(args.paths)
     if not paths:
         raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(args.paths)))
+    inside = [p for p in args.paths if args.out and Path(p).is_dir() and _inside(Path(args.out), Path(p))]
+    if inside:
+        raise ValueError(f"--out {args.out} is inside the image folder {inside[0]}; imgclf never writes into input folders")
     for p in problems:
         log.warning("%s", p)
     clf = predictor_for(args.model, args.engine, weights=args.weights, precision=args.precision, cache_dir=args.cache_dir,

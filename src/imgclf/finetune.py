@@ -118,8 +118,10 @@ def finetune(
 ) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Fine-tune the last ``unfreeze`` blocks + ``head`` in place.
 
-    Returns (tuned backbone tensors keyed as in ``fx.state_dict()``, history, summary).
-    The runner's torch module is updated in place (its tail blocks are shared).
+    Returns (tuned backbone tensors keyed as in ``fx.state_dict()``, history, summary);
+    the tensors are empty when no fine-tuned epoch beat the starting (frozen) model on
+    validation loss, in which case that model is kept. The runner's torch module is
+    updated in place (its tail blocks are shared).
     """
     cfg.validate()
     seed_everything(cfg.seed)
@@ -146,7 +148,7 @@ def finetune(
                 f"fine-tuning {len(train_paths)} images with --unfreeze {unfreeze} needs {n_items * per_item / 2**20:.0f} MB of "
                 f"cached activations (limit IMGCLF_PREFIX_CACHE_MB={PREFIX_CACHE_MB}); use a smaller --unfreeze or --recipe fast"
             )
-        log.warning("reducing --feature-views from %d to %d to fit the activation cache", views, fit_views)
+        log.warning("reducing --finetune-views from %d to %d to fit the activation cache", views, fit_views)
         views = int(fit_views)
 
     t0 = time.perf_counter()
@@ -206,7 +208,8 @@ def finetune(
 
     t1 = time.perf_counter()
     steps = math.ceil(len(yt) / cfg.batch_size)
-    history, summary = fit_loop(model, batches, steps, xv, yv, np.asarray(y_train)[keep], n_classes, cfg, param_groups=groups, on_epoch=on_epoch, stage="finetune")
+    history, summary = fit_loop(model, batches, steps, xv, yv, np.asarray(y_train)[keep], n_classes, cfg, param_groups=groups,
+                                on_epoch=on_epoch, stage="finetune", keep_start_if_best=True)
     train_s = time.perf_counter() - t1
     imgs = len(yt) * summary["epochs_run"]
     summary.update({
@@ -224,6 +227,9 @@ def finetune(
         p.requires_grad_(False)
     fx.eval()
     head.eval()
+    if summary["kept_start"]:
+        log.warning("fine-tuning did not lower the validation loss of the frozen model; keeping the frozen model")
+        return {}, history, summary
     keys = tail_state_keys(fx, tail_named)
     sd = fx.state_dict()
     return {k: sd[k].detach().clone() for k in keys}, history, summary

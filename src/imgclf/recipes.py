@@ -56,6 +56,14 @@ def resolve_recipe(name: str, overrides: dict) -> dict:
     unknown = set(overrides) - set(out) - {"augment_flags"}
     if unknown:
         raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    out.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    out.update(given)
+    wants_finetune = bool(given.get("unfreeze")) or any(k.startswith("finetune_") for k in given)
+    if name != "finetune" and wants_finetune:
+        # an explicit --unfreeze / --finetune-* asks for stage 2: take the finetune
+        # recipe's values for the stage-2 settings that were not given
+        for k, v in RECIPES["finetune"].items():
+            if (k.startswith("finetune_") or k == "unfreeze") and k not in given:
+                out[k] = v
     out["recipe"] = name
     return out

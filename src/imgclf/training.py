@@ -219,10 +219,13 @@ def fit_loop(
     param_groups=None,
     on_epoch: Callable[[dict], None] | None = None,
     stage: str = "head",
+    keep_start_if_best: bool = False,
 ) -> tuple[list[dict], dict]:
     """Shared epoch loop: optimiser, schedule, validation, early stopping, checkpoint.
 
     Trains ``model`` in place and leaves the selected (best or last) weights loaded.
+    ``keep_start_if_best``: the starting weights (epoch 0) compete for "best", so a
+    stage that only hurts validation loss returns the model it was given.
     """
     weights = class_weights(y_train, n_classes, cfg.class_weight)
     loss_fn = make_loss(cfg, weights)
@@ -233,6 +236,9 @@ def fit_loop(
     has_val = len(yv) > 0
     history: list[dict] = []
     best_state, best_epoch, best_loss, stale = None, 0, math.inf, 0
+    if keep_start_if_best and has_val and cfg.checkpoint == "best":
+        best_loss = evaluate(model, xv, yv, eval_loss_fn)[0]
+        best_state = copy.deepcopy(model.state_dict())
     for epoch in range(1, cfg.epochs + 1):
         tr_loss, tr_acc = train_one_epoch(model, make_batches(gen), optimizer, loss_fn, cfg, gen, scheduler)
         if has_val:
@@ -259,6 +265,7 @@ def fit_loop(
     summary = {
         "stage": stage,
         "best_epoch": best_epoch if cfg.checkpoint == "best" else len(history),
+        "kept_start": keep_start_if_best and best_epoch == 0 and best_state is not None,
         "epochs_run": len(history),
         "monitor": "val_loss" if has_val else "train_loss",
         "best_monitor": best_loss,
