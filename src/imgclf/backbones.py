@@ -546,10 +546,12 @@ def weights_fingerprint(spec: BackboneSpec, ref: WeightsRef) -> str:
 # --------------------------------------------------------------------------- blocks
 
 
-class _LiteStem(nn.Module):
-    def __init__(self, net):
+class _ConvBnAct(nn.Module):
+    """EfficientNet-Lite's stem or conv head, regrouped as one block (shared modules)."""
+
+    def __init__(self, conv, bn, act):
         super().__init__()
-        self.conv, self.bn, self.act = net._conv_stem, net._bn0, net._swish
+        self.conv, self.bn, self.act = conv, bn, act
 
     def forward(self, x):
         return self.act(self.bn(self.conv(x)))
@@ -565,14 +567,6 @@ class _LiteStage(nn.Module):
             x = b(x)
         return x
 
-
-class _LiteHead(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.conv, self.bn, self.act = net._conv_head, net._bn1, net._swish
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
 
 
 def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str, nn.Module]]:
@@ -592,7 +586,8 @@ def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str,
                 current = []
             current.append(blk)
         stages.append(current)
-        return [("stem", _LiteStem(net))] + [(f"stage{i + 1}", _LiteStage(s)) for i, s in enumerate(stages)] + [("head", _LiteHead(net))]
+        stem, head = _ConvBnAct(net._conv_stem, net._bn0, net._swish), _ConvBnAct(net._conv_head, net._bn1, net._swish)
+        return [("stem", stem)] + [(f"stage{i + 1}", _LiteStage(s)) for i, s in enumerate(stages)] + [("head", head)]
     if spec.family == "torchvision":
         if spec.arch == "vgg16":
             blocks, current, k = [], [], 1
