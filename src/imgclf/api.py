@@ -23,7 +23,6 @@ import torch
 
 from imgclf import __version__
 from imgclf.backbones import (
-    DEFAULT_BACKBONE,
     BackboneSpec,
     Preprocessing,
     WeightsRef,
@@ -37,6 +36,7 @@ from imgclf.features import BackboneRunner, default_cache_dir, extract_features
 from imgclf.finetune import finetune
 from imgclf.heads import head_config, head_from_config
 from imgclf.metrics import classification_metrics
+from imgclf.names import DEFAULT_BACKBONE
 from imgclf.recipes import DEFAULT_RECIPE, default_unfreeze, resolve_recipe
 from imgclf.thresholds import apply_threshold, choose_threshold, parse_policy
 from imgclf.training import TrainConfig, fit_head
@@ -193,17 +193,16 @@ class ImageClassifier:
         skipped = [(str(samples[i].path), msg) for i, msg in errors.items()]
         return x, y, ok, skipped
 
-    def _view_features(self, paths, ok: list[int], views: int, desc: str) -> np.ndarray:
-        """(views, n_ok, D): the plain view plus ``views - 1`` augmented ones (cached)."""
-        x0, ok0, _ = self.features(paths, desc=desc)
-        stacks = [x0]
-        for v in range(1, views):
-            xv, okv, _ = self.features(paths, desc=f"{desc} view {v + 1}/{views}", transform=AugmentedView(self.augment_config, v, self.seed))
-            pos = {i: k for k, i in enumerate(okv)}
-            if any(i not in pos for i in ok0):
-                log.warning("an augmented view failed to decode; using the plain view for those images")
-            stacks.append(np.stack([xv[pos[i]] if i in pos else x0[k] for k, i in enumerate(ok0)]))
-        return np.stack(stacks)
+    def _aligned_view(self, paths, ok: list[int], plain: np.ndarray, transform, desc: str) -> np.ndarray:
+        """Features of one view, row-aligned with ``plain`` (the rows ``ok`` of ``paths``).
+
+        An image whose view fails to decode falls back to its plain-view row.
+        """
+        xv, okv, _ = self.features(paths, desc=desc, transform=transform)
+        pos = {i: k for k, i in enumerate(okv)}
+        if any(i not in pos for i in ok):
+            log.warning("%s: some views failed to decode; using the plain view for those images", desc)
+        return np.stack([xv[pos[i]] if i in pos else plain[k] for k, i in enumerate(ok)]) if ok else plain
 
     # ------------------------------------------------------------------ fit
 
@@ -239,8 +238,12 @@ class ImageClassifier:
         if missing:
             raise ValueError(f"no readable training images for class(es): {', '.join(missing)}")
         views = st["feature_views"] if self.augment_config.active else 1
-        if views > 1:
-            xt = self._view_features([train[i].path for i in ok_t], list(range(len(ok_t))), views, "train features")
+        if views > 1:  # (views, n, D): the plain view plus views - 1 cached augmented ones
+            train_paths = [s.path for s in train]
+            xt = np.stack([xt] + [
+                self._aligned_view(train_paths, ok_t, xt, AugmentedView(self.augment_config, v, self.seed), f"train features view {v + 1}/{views}")
+                for v in range(1, views)
+            ])
         t_feat = time.perf_counter() - t0
         head, history, summary = fit_head(xt, yt, xv, yv, n_classes, self.train_config, on_epoch=on_epoch)
         summaries = [summary]
@@ -267,9 +270,10 @@ class ImageClassifier:
         self.head_ = head.eval()
         self.history_ = history
 
-        self.threshold_ = None
         if n_classes == 2:
-            self.threshold_ = self._choose_threshold(val)
+            if self._tuned is not None:  # the backbone changed: validation features too
+                xv, yv, _, _ = self._split_features(val, "validation features")
+            self.threshold_ = self._choose_threshold(xv, yv)
         self.fit_summary_ = {
             "stages": summaries,
             "best_epoch": summaries[-1]["best_epoch"],
@@ -282,11 +286,11 @@ class ImageClassifier:
         self.meta_ = self._make_meta(runner, unfreeze if self._tuned is not None else 0)
         return self
 
-    def _choose_threshold(self, val_samples) -> float:
+    def _choose_threshold(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Binary decision threshold from validation features ``x`` and labels ``y``."""
         policy = self.settings["threshold_policy"]
         if parse_policy(policy)[0] == "fixed":
             return choose_threshold([], [], policy)
-        x, y, _, _ = self._split_features(val_samples, "validation features")
         if len(set(y.tolist())) < 2:
             log.warning("validation split lacks a class: threshold policy %s not applicable, using 0.5", policy)
             return 0.5
@@ -332,15 +336,10 @@ class ImageClassifier:
         """Probabilities of readable images, averaged over the test-time views."""
         tta = self.tta if tta is None else tta
         x, ok, errors = self.features(paths, desc=desc)
-        plain = self._proba_from_features(x)
-        total = plain.copy()
+        total = self._proba_from_features(x)
         views = tta_views(tta)[1:]
         for view in views:
-            xv, okv, _ = self.features(paths, desc=f"{desc} ({view.name})", transform=view)
-            pos = {i: k for k, i in enumerate(okv)}
-            pv = self._proba_from_features(xv)
-            # a view that failed to decode counts as the plain view for that image
-            total += np.stack([pv[pos[i]] if i in pos else plain[k] for k, i in enumerate(ok)]) if ok else 0.0
+            total += self._proba_from_features(self._aligned_view(paths, ok, x, view, f"{desc} ({view.name})"))
         return total / (1 + len(views)), ok, errors
 
     def predict_proba(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> np.ndarray:

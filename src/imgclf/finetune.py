@@ -29,7 +29,7 @@ from imgclf.backbones import backbone_blocks
 from imgclf.features import content_hash
 from imgclf.preprocess import decode_array as _decode
 from imgclf.preprocess import decoded_batches
-from imgclf.training import TrainConfig, fit_loop, seed_everything
+from imgclf.training import TrainConfig, fit_loop, seed_everything, view_batches
 
 log = logging.getLogger("imgclf")
 
@@ -140,16 +140,17 @@ def finetune(
         probe = nn.Sequential(*prefix)(fx.normalize(torch.zeros(1, 3, s, s))) if prefix else torch.zeros(1, 3, s, s)
     per_item = probe[0].numel() * 2  # bf16 bytes
     budget = PREFIX_CACHE_MB * 2**20
+    slots = budget // per_item  # activations that fit in the budget
     n_items = len(train_paths) * views + len(val_paths)
-    if n_items * per_item > budget:
-        fit_views = max(1, (budget // per_item - len(val_paths)) // max(1, len(train_paths)))
-        if fit_views < 1 or (budget // per_item) < len(train_paths) + len(val_paths):
-            raise ValueError(
-                f"fine-tuning {len(train_paths)} images with --unfreeze {unfreeze} needs {n_items * per_item / 2**20:.0f} MB of "
-                f"cached activations (limit IMGCLF_PREFIX_CACHE_MB={PREFIX_CACHE_MB}); use a smaller --unfreeze or --recipe fast"
-            )
+    if slots < len(train_paths) + len(val_paths):
+        raise ValueError(
+            f"fine-tuning {len(train_paths)} images with --unfreeze {unfreeze} needs {n_items * per_item / 2**20:.0f} MB of "
+            f"cached activations (limit IMGCLF_PREFIX_CACHE_MB={PREFIX_CACHE_MB}); use a smaller --unfreeze or --recipe fast"
+        )
+    if n_items > slots:
+        fit_views = int((slots - len(val_paths)) // len(train_paths))
         log.warning("reducing --finetune-views from %d to %d to fit the activation cache", views, fit_views)
-        views = int(fit_views)
+        views = fit_views
 
     t0 = time.perf_counter()
     prefix_name = prefix_named[-1][0] if prefix_named else "input"
@@ -198,17 +199,9 @@ def finetune(
         groups.append({"params": [p for p in m.parameters()], "lr": cfg.lr * layer_decay**depth})
     base_lrs = [g["lr"] for g in groups]
 
-    def batches(gen):
-        n = len(yt)
-        order = torch.randperm(n, generator=gen) if cfg.sampler == "shuffle" else torch.multinomial(1.0 / torch.bincount(yt).float()[yt], n, replacement=True, generator=gen)
-        view = torch.randint(0, xt.shape[0], (n,), generator=gen)
-        for k in range(0, n, cfg.batch_size):
-            idx = order[k:k + cfg.batch_size]
-            yield xt[view[idx], idx], yt[idx]
-
     t1 = time.perf_counter()
     steps = math.ceil(len(yt) / cfg.batch_size)
-    history, summary = fit_loop(model, batches, steps, xv, yv, np.asarray(y_train)[keep], n_classes, cfg, param_groups=groups,
+    history, summary = fit_loop(model, lambda g: view_batches(xt, yt, cfg, g), steps, xv, yv, np.asarray(y_train)[keep], n_classes, cfg, param_groups=groups,
                                 on_epoch=on_epoch, stage="finetune", keep_start_if_best=True)
     train_s = time.perf_counter() - t1
     imgs = len(yt) * summary["epochs_run"]

@@ -196,15 +196,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tup
     return loss, acc, torch.softmax(logits.float(), 1).numpy()
 
 
-def _feature_batches(xt: torch.Tensor, yt: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
-    """Batches of cached features; with views (V, n, D) each sample gets a random view."""
+def view_batches(xt: torch.Tensor, yt: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
+    """Batches from ``xt`` of shape (views, n, ...): each sample gets a random view per epoch."""
     order = epoch_order(yt, cfg, gen)
-    if xt.dim() == 3:
-        view = torch.randint(0, xt.shape[0], (len(yt),), generator=gen)
+    view = torch.randint(0, xt.shape[0], (len(yt),), generator=gen) if xt.shape[0] > 1 else torch.zeros(len(yt), dtype=torch.long)
     for k in range(0, len(order), cfg.batch_size):
         idx = order[k:k + cfg.batch_size]
-        xb = xt[view[idx], idx] if xt.dim() == 3 else xt[idx]
-        yield xb, yt[idx]
+        yield xt[view[idx], idx], yt[idx]
 
 
 def fit_loop(
@@ -289,11 +287,13 @@ def fit_head(
     cfg.validate()
     seed_everything(cfg.seed)
     xt = torch.from_numpy(np.asarray(x_train, np.float32))
+    if xt.dim() == 2:
+        xt = xt[None]  # a single (plain) view
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
     xv = torch.from_numpy(np.asarray(x_val, np.float32))
     yv = torch.from_numpy(np.asarray(y_val, np.int64))
     head = build_head(cfg.head, xt.shape[-1], n_classes)
     head.norm.fit(xt.reshape(-1, xt.shape[-1]))
     steps = math.ceil(len(yt) / cfg.batch_size)
-    history, summary = fit_loop(head, lambda g: _feature_batches(xt, yt, cfg, g), steps, xv, yv, np.asarray(y_train), n_classes, cfg, on_epoch=on_epoch, stage="head")
+    history, summary = fit_loop(head, lambda g: view_batches(xt, yt, cfg, g), steps, xv, yv, np.asarray(y_train), n_classes, cfg, on_epoch=on_epoch, stage="head")
     return head, history, summary
