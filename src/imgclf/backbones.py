@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from imgclf.fileio import file_sha256
+
 
 class WeightsUnavailableError(ValueError):
     """Pretrained weights cannot be had offline; the message says where we looked."""
@@ -131,7 +133,7 @@ _TORCHVISION = {
     "convnext_tiny": (768, "avg+layernorm", "stage 4 → global average pooling → LayerNorm"),
 }
 
-from imgclf.names import BACKBONE_NAMES, DEFAULT_BACKBONE, LITE_NAMES, TORCHVISION_NAMES  # noqa: E402
+from imgclf.names import BACKBONE_NAMES, LITE_NAMES, TORCHVISION_NAMES  # noqa: E402
 
 assert tuple(_LITE) == LITE_NAMES and tuple(_TORCHVISION) == TORCHVISION_NAMES
 
@@ -239,14 +241,6 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 # --------------------------------------------------------------------------- weights
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hub_checkpoints_dir() -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from imgclf.features import atomic_write_bytes
+from imgclf.fileio import atomic_write_bytes
 
 BUNDLE_FORMAT = "imgclf-bundle/1"
 REQUIRED_KEYS = ("format", "backbone", "weights", "preprocessing", "class_names", "head")

@@ -336,7 +336,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from imgclf.data import collect_image_paths
     from imgclf.export import predictor_for
-    from imgclf.features import atomic_write_bytes
+    from imgclf.fileio import atomic_write_bytes
     from imgclf.runs import csv_text
 
     paths, problems = collect_image_paths(args.paths)

@@ -51,6 +51,7 @@ _port = _bounded(int, "a port number", lambda v: 0 <= v <= 65535, "0..65535 (0 =
 def register(subparsers, commands) -> None:
     """Add ``export`` and ``serve``."""
     from imgclf.serving import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB
+    from imgclf.export import CALIBRATION_IMAGES, QUANTIZE_CHOICES
 
     p = subparsers.add_parser(
         "export", help="export a model to one ONNX graph (parity-checked)",
@@ -60,10 +61,10 @@ def register(subparsers, commands) -> None:
     p.add_argument("model", help="run folder or model.json")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
     p.add_argument("--out", default=None, help="output .onnx file or folder (default: MODEL/model.onnx)")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="also write a static int8 model calibrated on training images, with the test accuracy change")
+    p.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES), help="also write a static int8 model calibrated on training images, with the test accuracy change")
     p.add_argument("--images", default=None, help="folder of images for the parity check (default: the run's split.csv images)")
     p.add_argument("--calibration", default=None, help="folder of images to calibrate int8 on (default: the run's training images)")
-    p.add_argument("--calibration-size", type=_positive_int, default=64, help="images used for int8 calibration (default: 64)")
+    p.add_argument("--calibration-size", type=_positive_int, default=CALIBRATION_IMAGES, help=f"images used for int8 calibration (default: {CALIBRATION_IMAGES})")
     p.add_argument("--test-data", default=None, help="labelled folder (DATA/test/<class> or DATA/<class>) for the int8 accuracy change (default: the run's test split)")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
     p.add_argument("--cache-dir", default=None, help="imgclf cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)")

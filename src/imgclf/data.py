@@ -28,9 +28,9 @@ Nothing here ever writes into the dataset folder.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -388,26 +388,15 @@ def write_split_csv(dataset: Dataset, path: str | os.PathLike) -> None:
     path = Path(path)
     if _is_within(path, dataset.root):
         raise DatasetError(f"{path}: refusing to write inside the dataset folder {dataset.root}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(_CSV_COLUMNS)
-            for split in SPLIT_NAMES:
-                for s in dataset.samples.get(split, []):
-                    writer.writerow(
-                        [split, dataset.class_names[s.label], str(Path(os.path.abspath(s.path)))]
-                    )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
+    from imgclf.fileio import atomic_write_bytes
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(_CSV_COLUMNS)
+    for split in SPLIT_NAMES:
+        for s in dataset.samples.get(split, []):
+            writer.writerow([split, dataset.class_names[s.label], str(Path(os.path.abspath(s.path)))])
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def read_split_csv(

@@ -133,7 +133,7 @@ def explain_files(clf, paths: Sequence[str | os.PathLike], out_dir: str | os.Pat
 
     Unreadable files are logged and skipped; a ValueError if none could be explained.
     """
-    from imgclf.features import atomic_write_bytes
+    from imgclf.fileio import atomic_write_bytes
     from imgclf.imaging import ImageDecodeError, load_rgb
 
     _check_fitted(clf)

@@ -51,6 +51,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from imgclf import __version__
+from imgclf.fileio import atomic_write_bytes, file_sha256
+from imgclf.runs import write_json
 
 # Heavier imgclf modules (bundle, features, api: they import torch) are imported inside the
 # functions that need them, so that loading and running an exported graph stays light.
@@ -90,12 +92,6 @@ def resolve_bundle_dir(path):
     return resolve(path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    from imgclf.features import atomic_write_bytes as write
-
-    write(path, data)
-
-
 def _bundle_error(message: str) -> Exception:
     from imgclf.bundle import BundleError
 
@@ -121,18 +117,10 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def bundle_hashes(model_dir: str | os.PathLike) -> dict:
     """sha256 of model.json and model.safetensors, and the model id made from both."""
     d = resolve_bundle_dir(model_dir)
-    js, st = _file_sha256(d / "model.json"), _file_sha256(d / "model.safetensors")
+    js, st = file_sha256(d / "model.json"), file_sha256(d / "model.safetensors")
     return {"model_json_sha256": js, "model_safetensors_sha256": st, "bundle_id": sha256_bytes(f"{js}:{st}".encode())[:16]}
 
 
@@ -601,7 +589,7 @@ def export_onnx(
     digest = sha256_bytes(data)
     sidecar = _sidecar_dict(meta, prep, decision, props, digest, len(data), hashes, parity, quantization=None)
     atomic_write_bytes(target, data)
-    atomic_write_bytes(sidecar_path(target), (json.dumps(sidecar, indent=2) + "\n").encode())
+    write_json(sidecar_path(target), sidecar)
     log.info("wrote %s and %s", target, sidecar_path(target).name)
     result = ExportResult(target, sidecar_path(target), digest, len(data), props[f"{_PREFIX}model_id"], parity, 0.0)
     if quantize == "int8":
@@ -619,10 +607,12 @@ def check_parity(onnx_bytes: bytes, graph, arrays: np.ndarray, *, source: str = 
     ref = _reference_proba(graph, arrays)
     got = _run_session(session, arrays)
     single = _run_session(session, arrays[:2], batch_size=1)  # dynamic batch: batch 1 too
+    n = len(arrays)
+    if got.shape != ref.shape or single.shape != ref[:2].shape:
+        raise ParityError(f"parity check failed: ONNX Runtime output shape {got.shape} differs from PyTorch {ref.shape}; nothing was written")
     diff = float(max(np.abs(got - ref).max(), np.abs(single - ref[:2]).max()))
     agree = int((got.argmax(1) == ref.argmax(1)).sum())
-    n = len(arrays)
-    if got.shape != ref.shape or not diff <= atol or agree != n:
+    if not diff <= atol or agree != n:
         raise ParityError(
             f"parity check failed: ONNX Runtime and PyTorch disagree on {n} real images ({source}): "
             f"max |ΔP| {diff:.3g} (tolerance {atol:g}), top-1 identical {agree}/{n}; nothing was written"
@@ -731,7 +721,7 @@ def _quantize_int8(fp32_bytes, d, target, meta, prep, decision, hashes, parity_a
     digest = sha256_bytes(qbytes)
     sidecar = _sidecar_dict(meta, prep, decision, props, digest, len(qbytes), hashes, parity, quantization=quant)
     atomic_write_bytes(qpath, qbytes)
-    atomic_write_bytes(sidecar_path(qpath), (json.dumps(sidecar, indent=2) + "\n").encode())
+    write_json(sidecar_path(qpath), sidecar)
     if acc32 is not None and acc8 < acc32 - 0.01:
         log.warning("int8 loses %.2f points of test accuracy (%.4f → %.4f); keep the fp32 model unless speed matters more", 100 * (acc32 - acc8), acc32, acc8)
     return QuantizationResult(qpath, sidecar_path(qpath), len(cal), cal_source, acc32, acc8, len(xt), agree, maxdiff, len(qbytes))
@@ -797,13 +787,6 @@ def load_verified(path: str | os.PathLike) -> tuple[Path, bytes, dict, dict[str,
             "refusing it; re-export with `imgclf export MODEL`"
         )
     return p, data, side, props
-
-
-@dataclass
-class _Loaded:
-    path: Path
-    sidecar: dict
-    props: dict
 
 
 class OnnxClassifier:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.backbones import BackboneSpec, WeightsRef, build_feature_extractor, weights_fingerprint
+from imgclf.fileio import atomic_write_bytes
 from imgclf.preprocess import decode_array as _decode
 from imgclf.preprocess import decoded_batches
 
@@ -53,22 +54,6 @@ def content_hash(path: str | os.PathLike) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class FeatureCache:

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from imgclf.features import atomic_write_bytes
+from imgclf.fileio import atomic_write_bytes
 
 log = logging.getLogger("imgclf")
 

@@ -24,7 +24,6 @@ thread; requests that arrive within ``batch_wait_ms`` of each other are run as o
 
 
 import asyncio
-import collections
 import hmac
 import io
 import ipaddress
@@ -308,7 +307,6 @@ class MicroBatcher:
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         self.loop = None
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # recent batch sizes, for tests
         self.requests = 0  # counters for /v1/model's stats
         self.batches = 0
         self.images = 0
@@ -352,7 +350,6 @@ class MicroBatcher:
             self.requests += len(live)
             self.batches += 1
             self.images += len(batch)
-            self.batch_sizes.append(len(batch))
             try:
                 out = await loop.run_in_executor(self.executor, self.fn, batch)
             except Exception as e:  # noqa: BLE001 - handed to every waiter
@@ -405,11 +402,11 @@ def load_serving_model(model: str | os.PathLike, engine: str = "auto", *, weight
     from imgclf.bundle import resolve_bundle_dir
 
     d = resolve_bundle_dir(model)
-    if engine == "onnx":
-        return predictor_for(d, "onnx", weights=weights, cache_dir=cache_dir), d
     try:
         return predictor_for(d, "onnx", weights=weights, cache_dir=cache_dir), d
     except ExportError as e:
+        if engine == "onnx":
+            raise
         log.warning("ONNX Runtime unavailable for this model (%s); serving the PyTorch graph", e)
         return TorchClassifier(d, weights=weights, cache_dir=cache_dir), d
 
@@ -538,7 +535,6 @@ def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os
     )
     app.add_middleware(_SecurityHeaders)
     app.state.batcher = batcher
-    app.state.model = model
     app.state.explain = explain is not None
 
     def error_json(status: int, code: str, message: str, headers=None):
@@ -591,10 +587,11 @@ def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os
         return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {**props, **(extra or {})}, "required": ["file"]}}}}}
 
     async def _decode_all(uploads: list[Upload], keep_image: bool = False) -> list[DecodedUpload]:
-        out = []
-        for up in uploads:
-            out.append(await anyio.to_thread.run_sync(decode_upload, up.data, up.filename, prep, config.max_pixels, keep_image, limiter=decode_limiter))
-        return out
+        """Decode a request's files in parallel (up to the decode limiter's threads), in order."""
+        return list(await asyncio.gather(*(
+            anyio.to_thread.run_sync(decode_upload, up.data, up.filename, prep, config.max_pixels, keep_image, limiter=decode_limiter)
+            for up in uploads
+        )))
 
     def _files(parts: list[Upload]) -> list[Upload]:
         files = [p for p in parts if p.field == "file"]
