@@ -129,13 +129,19 @@ def test_report_flags_near_copies_and_shows_mistakes(leaky_run):
 
 
 def test_report_command_regenerates(leaky_run, capsys, tmp_path):
-    run, html_path = leaky_run
+    import shutil
+
+    run = tmp_path / "copy"  # regenerate a copy: the shared run's report stays as other tests expect
+    shutil.copytree(leaky_run[0], run)
+    html_path = run / "report.html"
     html_path.unlink()
     rc = main(["-q", "report", str(run), "--gradcam-images", "0"])
     assert rc == 0 and html_path.is_file()
     assert capsys.readouterr().out.strip() == str(html_path)
     assert "Grad-CAM gallery switched off" in html_path.read_text(encoding="utf-8")
-    rc = main(["report", str(tmp_path)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = main(["report", str(empty)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "not a finished run folder" in err
     rc = main(["report", str(tmp_path / "missing")])

@@ -301,8 +301,7 @@ def _near_duplicates(sigs: list[tuple], items: list[tuple]) -> dict:
     """Cross-split pairs within the hash distance whose thumbnails also correlate (module docstring).
 
     ``sigs``: (item index, split, phash, thumbnail, pixel sha) per comparable image.
-    Hamming distances are computed in blocks (XOR + popcount), so 10k x 10k images cost
-    about a second and bounded memory.
+    Hamming distances are computed in blocks (XOR + popcount), so memory stays bounded.
     """
     pairs: list[dict] = []
     n_pairs = 0

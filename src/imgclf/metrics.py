@@ -59,6 +59,8 @@ import math
 import numpy as np
 from sklearn import metrics as skm
 
+from imgclf.thresholds import apply_threshold
+
 ECE_BINS = 15
 CI_LEVEL = 0.95
 
@@ -87,7 +89,7 @@ def classification_metrics(y_true, probs, class_names: list[str], *, threshold: 
         raise ValueError(f"probabilities have shape {probs.shape}; expected ({len(y_true)}, {n_classes})")
     if y_true.min() < 0 or y_true.max() >= n_classes:
         raise ValueError(f"labels must be in 0..{n_classes - 1}")
-    y_pred = predicted_labels(probs, threshold)
+    y_pred = apply_threshold(probs, threshold)
     # float32 softmax sums to 1 only within ~1e-7; sklearn's log loss and Brier warn about that
     sums = probs.sum(1, keepdims=True)
     exact = np.divide(probs, sums, out=probs.copy(), where=sums > 0)
@@ -144,14 +146,6 @@ def classification_metrics(y_true, probs, class_names: list[str], *, threshold: 
     return out
 
 
-def predicted_labels(probs, threshold: float | None = None) -> np.ndarray:
-    """The model's decisions: binary with a threshold p(positive) >= threshold, else argmax."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if threshold is not None and probs.shape[1] == 2:
-        return (probs[:, 1] >= threshold).astype(np.int64)
-    return probs.argmax(1)
-
-
 def operating_point(y_true, p_positive, threshold: float) -> dict:
     """Sensitivity, specificity, PPV, NPV when "positive" means p_positive >= threshold."""
     y = np.asarray(y_true) == 1
@@ -199,8 +193,8 @@ def bootstrap_ci(y_true, probs, n_resamples: int = 1000, seed: int = 0, level: f
     """Percentile-bootstrap intervals for accuracy, balanced accuracy and ROC-AUC.
 
     A resample is a vector of multiplicities (how often each image was drawn), so all
-    resamples are scored at once with matrix products instead of 1000 scikit-learn calls
-    (~3 ms each here): the weighted statistics are exactly sklearn's on the resampled
+    resamples are scored at once with matrix products instead of 1000 scikit-learn calls:
+    the weighted statistics are exactly sklearn's on the resampled
     data (tested against it). ``y_pred``: the decisions accuracy is counted on (default argmax).
     """
     y = np.asarray(y_true, dtype=np.int64)

@@ -21,7 +21,8 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn import metrics as skm
 
-from imgclf.features import atomic_write_bytes
+from imgclf.fileio import atomic_write_bytes
+from imgclf.metrics import operating_point
 
 __all__ = [
     "training_curves", "confusion_matrices", "roc_curves", "pr_curves", "reliability_diagram",
@@ -121,8 +122,19 @@ def confusion_matrices(counts, labels: Sequence[str], path: str | os.PathLike) -
     return save_figure(fig, path)
 
 
-def _operating_points(threshold: float) -> list[float]:
-    return [threshold] if abs(threshold - 0.5) < 1e-12 else [threshold, 0.5]
+def _operating_points(y: np.ndarray, probs: np.ndarray, threshold: float) -> list[dict]:
+    """The model's operating point and, if different, the one at 0.5 (binary)."""
+    ts = [threshold] if abs(threshold - 0.5) < 1e-12 else [threshold, 0.5]
+    return [operating_point(y, probs[:, 1], t) for t in ts]
+
+
+def _drawable_classes(y: np.ndarray, class_names: Sequence[str]):
+    """(class index, is-positive mask) per curve: the positive class if binary, else each
+    class one-vs-rest; classes absent from (or making up all of) the test set are skipped."""
+    for c in ([1] if len(class_names) == 2 else range(len(class_names))):
+        pos = y == c
+        if 0 < pos.sum() < len(y):
+            yield c, pos
 
 
 def roc_curves(y_true, probs, class_names: Sequence[str], path: str | os.PathLike, *, threshold: float = 0.5) -> Path:
@@ -135,22 +147,16 @@ def roc_curves(y_true, probs, class_names: Sequence[str], path: str | os.PathLik
     ax.plot([0, 1], [0, 1], color="#999999", lw=1, ls="--", label="chance")
     classes = [1] if len(class_names) == 2 else range(len(class_names))
     drawn = 0
-    for c in classes:
-        pos = y == c
-        if not (0 < pos.sum() < len(y)):
-            continue
+    for c, pos in _drawable_classes(y, class_names):
         fpr, tpr, _ = skm.roc_curve(pos, probs[:, c])
         auc = skm.auc(fpr, tpr)
         ax.plot(fpr, tpr, lw=2 if len(classes) == 1 else 1.4, alpha=1 if len(classes) <= _LEGEND_MAX else 0.5,
                 label=f"{class_names[c]} (AUC {auc:.3f})" if len(classes) <= _LEGEND_MAX else None)
         drawn += 1
         if len(class_names) == 2:
-            for t, marker in zip(_operating_points(threshold), ("o", "s")):
-                pred = probs[:, 1] >= t
-                tp, fn = (pred & pos).sum(), (~pred & pos).sum()
-                fp, tn = (pred & ~pos).sum(), (~pred & ~pos).sum()
-                ax.plot(fp / (fp + tn), tp / (tp + fn), marker, ms=9, mfc="none", mew=2, color=_MARK,
-                        label=f"threshold {t:.3g}: sens {tp / (tp + fn):.2f}, spec {tn / (fp + tn):.2f}")
+            for op, marker in zip(_operating_points(y, probs, threshold), ("o", "s")):
+                ax.plot(1 - op["specificity"], op["sensitivity"], marker, ms=9, mfc="none", mew=2, color=_MARK,
+                        label=f"threshold {op['threshold']:.3g}: sens {op['sensitivity']:.2f}, spec {op['specificity']:.2f}")
     if not drawn:
         ax.text(0.5, 0.5, "ROC undefined: a class is absent from the test set", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("false positive rate (1 - specificity)")
@@ -173,10 +179,7 @@ def pr_curves(y_true, probs, class_names: Sequence[str], path: str | os.PathLike
     ax = fig.subplots()
     classes = [1] if len(class_names) == 2 else range(len(class_names))
     drawn = 0
-    for c in classes:
-        pos = y == c
-        if not (0 < pos.sum() < len(y)):
-            continue
+    for c, pos in _drawable_classes(y, class_names):
         prec, rec, _ = skm.precision_recall_curve(pos, probs[:, c])
         ap = skm.average_precision_score(pos, probs[:, c])
         line = ax.step(rec, prec, where="post", lw=2 if len(classes) == 1 else 1.4,
@@ -184,12 +187,10 @@ def pr_curves(y_true, probs, class_names: Sequence[str], path: str | os.PathLike
         drawn += 1
         if len(class_names) == 2:
             ax.axhline(pos.mean(), color="#999999", ls="--", lw=1, label=f"prevalence {pos.mean():.2f}")
-            for t, marker in zip(_operating_points(threshold), ("o", "s")):
-                pred = probs[:, 1] >= t
-                tp, fn, fp = (pred & pos).sum(), (~pred & pos).sum(), (pred & ~pos).sum()
-                precision = tp / (tp + fp) if tp + fp else 1.0
-                ax.plot(tp / (tp + fn), precision, marker, ms=9, mfc="none", mew=2, color=_MARK,
-                        label=f"threshold {t:.3g}: recall {tp / (tp + fn):.2f}, precision {precision:.2f}")
+            for op, marker in zip(_operating_points(y, probs, threshold), ("o", "s")):
+                precision = 1.0 if op["ppv"] is None else op["ppv"]
+                ax.plot(op["sensitivity"], precision, marker, ms=9, mfc="none", mew=2, color=_MARK,
+                        label=f"threshold {op['threshold']:.3g}: recall {op['sensitivity']:.2f}, precision {precision:.2f}")
         elif len(classes) > _LEGEND_MAX:
             line[0].set_alpha(0.5)
     if not drawn:

@@ -211,10 +211,13 @@ def _predictions(rows: list[dict] | None, class_names: list[str]):
     return paths, np.array(y, np.int64), np.array(probs, np.float64).reshape(-1, len(class_names))
 
 
-def _run_split_map(split_rows: list[dict] | None) -> dict[str, str] | None:
-    if not split_rows:
+def _run_split_map(split_csv: Path) -> dict[str, str] | None:
+    """path → split of the run's own split.csv (None when the run has none)."""
+    from imgclf.data import read_split_csv
+
+    if not split_csv.is_file():
         return None
-    return {r["path"]: r["split"] for r in split_rows if r.get("path") and r.get("split")}
+    return {str(p): split for split, rows in read_split_csv(split_csv).items() for p, _ in rows}
 
 
 # --------------------------------------------------------------------------- sections
@@ -526,7 +529,8 @@ def _make_plots(ctx: dict, plots_dir: Path) -> dict[str, Path]:
         attempt("per_class_f1", plots.per_class_f1, m["per_class"], plots_dir / "per_class_f1.png")
     y, probs = ctx["y_true"], ctx["probs"]
     if len(y):
-        t = float(m.get("threshold", 0.5) or 0.5) if len(names) == 2 else 0.5
+        t = m.get("threshold")
+        t = 0.5 if t is None or len(names) != 2 else float(t)
         attempt("roc", plots.roc_curves, y, probs, names, plots_dir / "roc.png", threshold=t)
         attempt("pr", plots.pr_curves, y, probs, names, plots_dir / "pr.png", threshold=t)
         attempt("reliability", plots.reliability_diagram, y, probs, plots_dir / "reliability.png")
@@ -534,14 +538,14 @@ def _make_plots(ctx: dict, plots_dir: Path) -> dict[str, Path]:
 
 
 def _worst(ctx: dict, n: int) -> list[dict]:
-    from imgclf.metrics import predicted_labels
+    from imgclf.thresholds import apply_threshold
 
     names = ctx["class_names"]
     y, probs = ctx["y_true"], ctx["probs"]
     if not len(y):
         return []
     threshold = ctx["metrics"].get("threshold") if len(names) == 2 else None
-    pred = predicted_labels(probs, threshold)
+    pred = apply_threshold(probs, threshold)
     p_true = probs[np.arange(len(y)), y]
     loss = -np.log(np.clip(p_true, 1e-12, 1.0))
     wrong = np.flatnonzero(pred != y)
@@ -612,7 +616,7 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
     ``clf``: the trained classifier when the caller has it (saves loading it again for
     Grad-CAM); ``gradcam_images``: how many of the worst mistakes to show (0: none).
     """
-    from imgclf.features import atomic_write_bytes
+    from imgclf.fileio import atomic_write_bytes
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -627,7 +631,6 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
     if not class_names:
         raise ValueError(f"{run_dir}: no class names in model.json, config.json or test_metrics.json")
     paths, y_true, probs = _predictions(_read_csv(run_dir / "test_predictions.csv"), class_names)
-    split_rows = _read_csv(run_dir / "split.csv")
     ctx = {
         "config": config, "metrics": metrics, "model": model, "class_names": class_names,
         "history": _read_csv(run_dir / "metrics.csv") or [],
@@ -642,7 +645,7 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
         from imgclf.inspection import inspect_dataset
 
         try:
-            ctx["inspection"] = inspect_dataset(root, split_of=_run_split_map(split_rows))
+            ctx["inspection"] = inspect_dataset(root, split_of=_run_split_map(run_dir / "split.csv"))
         except Exception as e:  # noqa: BLE001 - report the rest
             ctx["inspection_note"] = f"dataset check failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     else:
@@ -675,14 +678,13 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
 
     plots_dir = run_dir / "plots"
     ctx["plots"] = _make_plots(ctx, plots_dir)
-    ctx["worst"] = _worst(ctx, gradcam_images)
+    ctx["worst"] = _worst(ctx, gradcam_images or 8)  # the table lists 8 even without the gallery
     ctx["gradcam_note"] = ""
     if gradcam_images > 0:
         png, ctx["gradcam_note"] = _gradcam_grid(ctx, run_dir, clf, plots_dir)
         if png:
             ctx["plots"]["worst_mistakes"] = png
     else:
-        ctx["worst"] = _worst(ctx, 8)
         ctx["gradcam_note"] = "Grad-CAM gallery switched off (--gradcam-images 0)."
     ctx["generated"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     ctx["report_seconds"] = f"{time.perf_counter() - t0:.1f}"
