@@ -1,10 +1,13 @@
-"""Compare training recipes (seed, fast, finetune) on one dataset with one backbone and seed.
+"""Compare training recipes (seed, fast, finetune) on one dataset with one backbone, per seed.
 
 Each recipe runs as a fresh ``imgclf train`` process with an empty feature cache, so wall
-time includes extraction; peak memory is that process's max RSS. Prints a Markdown table
-(and JSON with --out). Usage:
+time includes extraction; peak memory is that process's max RSS. The seed also sets the
+validation carve and the training order, so several seeds (``--seeds 0 1 2``) show how
+much of a difference between recipes is noise; a mean row per recipe follows. Column
+``stage2`` says whether fine-tuning replaced the frozen model (``kept frozen`` when it did
+not beat it on validation). Prints a Markdown table (and JSON with --out). Usage:
 
-    .venv/bin/python benchmarks/bench_recipes.py [--data ../shared/data/flowers12] [--backbone efficientnet_lite0]
+    .venv/bin/python benchmarks/bench_recipes.py [--data ../shared/data/flowers12] [--backbone efficientnet_lite0] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_recipe(data: Path, recipe: str, backbone: str, seed: int, extra: list[str], workdir: Path) -> dict:
-    cache = workdir / f"cache-{recipe}"
-    project = workdir / "runs"
+    cache = workdir / f"cache-{recipe}-{seed}"
+    project = workdir / f"runs-{seed}"
     cmd = [sys.executable, "-m", "imgclf", "-q", "train", str(data), "--recipe", recipe, "--backbone", backbone,
            "--seed", str(seed), "--project", str(project), "--name", recipe, "--cache-dir", str(cache), "--no-progress", *extra]
     t = time.perf_counter()
@@ -36,7 +39,13 @@ def run_recipe(data: Path, recipe: str, backbone: str, seed: int, extra: list[st
     if rc != 0:
         row["error"] = (err.strip().splitlines() or ["?"])[-1]
         return row
+    row["seed"] = seed
     m = json.loads((project / recipe / "test_metrics.json").read_text())
+    stages = json.loads((project / recipe / "config.json").read_text()).get("fit_summary", {}).get("stages", [])
+    if len(stages) > 1:
+        s2 = stages[1]
+        row["stage2"] = "kept frozen" if s2.get("kept_start") else f"tuned (epoch {s2.get('best_epoch')})"
+        row["stage2_img_s"] = s2.get("images_per_second")
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
         row[key] = m.get(key)
     if m.get("at_threshold"):  # binary
@@ -49,25 +58,40 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flowers12"))
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--recipes", nargs="+", default=["seed", "fast", "finetune"])
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="imgclf-bench-recipes-") as tmp:
+        for seed in args.seeds:
+            for r in args.recipes:
+                rows.append(run_recipe(Path(args.data), r, args.backbone, seed, [], Path(tmp)))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    metrics = ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "sensitivity", "specificity", "wall_s", "peak_rss_mb"]
+    if len(args.seeds) > 1:
         for r in args.recipes:
-            rows.append(run_recipe(Path(args.data), r, args.backbone, args.seed, [], Path(tmp)))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    cols = ["recipe", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "sensitivity", "specificity", "wall_s", "peak_rss_mb"]
+            ok = [x for x in rows if x["recipe"] == r and x["rc"] == 0]
+            if ok:
+                mean = {"recipe": r, "seed": "mean", "rc": 0}
+                for c in metrics:
+                    vals = [x[c] for x in ok if isinstance(x.get(c), int | float)]
+                    if vals:
+                        mean[c] = round(sum(vals) / len(vals), 4 if c not in ("wall_s", "peak_rss_mb") else 1)
+                tuned = [x for x in ok if "stage2" in x]
+                if tuned:
+                    mean["stage2"] = f"tuned in {sum(x['stage2'].startswith('tuned') for x in tuned)}/{len(tuned)}"
+                rows.append(mean)
+    cols = ["recipe", "seed", *metrics[:6], "stage2", "stage2_img_s", "wall_s", "peak_rss_mb"]
     cols = [c for c in cols if any(c in r for r in rows)]
-    print(f"dataset: {args.data}  backbone: {args.backbone}  seed: {args.seed}\n")
+    print(f"dataset: {args.data}  backbone: {args.backbone}  seeds: {' '.join(map(str, args.seeds))}\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append(f"{v:.4f}" if isinstance(v, float) and c not in ("wall_s",) else ("" if v is None else str(v)))
+            cells.append(f"{v:.4f}" if isinstance(v, float) and c not in ("wall_s", "peak_rss_mb", "stage2_img_s") else ("" if v is None else str(v)))
         print("| " + " | ".join(cells) + " |" + (f"  error: {r['error']}" if "error" in r else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

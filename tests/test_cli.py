@@ -26,10 +26,13 @@ def test_train_reaches_high_accuracy_and_writes_the_run_folder(trained_run, shap
     assert set(m["per_class"]) == {"circle", "square", "triangle"}
     assert {"balanced_accuracy", "confusion_matrix", "macro_f1"} <= set(m)
     cfg = json.loads((trained_run / "config.json").read_text())
-    assert cfg["settings"]["lr"] == 1e-3 and cfg["settings"]["recipe"] == "fast" and cfg["args"]["seed"] == 0 and cfg["dataset"]["split_seed"] == 0
+    assert cfg["settings"]["lr"] == 1e-3 and cfg["settings"]["recipe"] == "finetune" and cfg["args"]["seed"] == 0 and cfg["dataset"]["split_seed"] == 0
     assert cfg["environment"]["torch"] and cfg["backbone_engine"]["engine"] in {"openvino", "onnxruntime", "torch", "cache"}
     rows = list(csv.DictReader(io.StringIO((trained_run / "metrics.csv").read_text())))
-    assert rows and set(rows[0]) == {"stage", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "best", "lr"}
+    assert rows and set(rows[0]) == {"stage", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_calibrated_loss", "best", "lr"}
+    assert {r["stage"] for r in rows} == {"head", "finetune"}  # the default recipe runs both stages
+    stages = cfg["fit_summary"]["stages"]
+    assert stages[1]["monitor"] == "val_calibrated_loss" and stages[1]["tail_bn"] == "frozen" and stages[1]["images_per_second"] > 0
     assert (trained_run / "report.html").is_file() and m["ci"]["accuracy"][0] <= m["accuracy"] <= m["ci"]["accuracy"][1]
     meta = json.loads((trained_run / "model.json").read_text())
     assert meta["class_names"] == ["circle", "square", "triangle"]

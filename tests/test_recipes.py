@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from imgclf.api import ImageClassifier
 from imgclf.augment import AugmentedView, build_augment, tta_views
@@ -29,6 +30,7 @@ def test_seed_recipe_keeps_the_x255_bug_and_says_so(shapes_root, tmp_path, caplo
     prep = clf.meta_["preprocessing"]
     assert tuple(prep["mean"]) == (0.0, 0.0, 0.0) and tuple(prep["std"]) == (255.0, 255.0, 255.0) and prep["policy"] == "squash"
     assert any("x/255" in r.getMessage() for r in caplog.records)
+    assert any("sigmoid" in r.getMessage() for r in caplog.records) and clf.meta_["head"]["kind"] == "tutorial"
     assert len(clf.history_) == 5  # fixed 5 epochs, no early stopping
     clf.save(tmp_path / "m")
     again = ImageClassifier.load(tmp_path / "m")
@@ -66,7 +68,9 @@ def test_finetune_changes_exactly_the_unfrozen_blocks_and_keeps_frozen_bn(shapes
     for k in base:
         if "running_" in k and k not in tuned_keys:
             assert torch.equal(fx.state_dict()[k], base[k]), k
-    assert any("running_mean" in k for k in changed)  # the tail's BN did train
+    # --finetune-bn frozen (default): the tail's BN statistics are kept, its scale/shift train
+    assert not any("running_" in k for k in changed)
+    assert any(k.endswith("_bn1.weight") or k.endswith("_bn1.bias") for k in changed)
     assert clf.meta_["backbone_tuned"]["unfreeze"] == 2
     # the bundle carries the tuned tensors and reproduces predictions
     clf.save(tmp_path / "m")
@@ -162,6 +166,38 @@ def test_tta_fallback_keeps_rows_normalised(trained_run, shapes_root, tmp_path, 
     monkeypatch.setattr(aug.FixedView, "__call__", flaky)
     p = clf.predict_proba(paths, tta="flips")
     assert np.allclose(p.sum(1), 1.0)
+
+
+def test_tail_batchnorm_statistics_frozen_or_following_batches():
+    from imgclf.finetune import TailModel
+
+    def run(mode):
+        torch.manual_seed(0)
+        tail = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())]
+        model = TailModel(tail, nn.AdaptiveAvgPool2d(1), nn.Linear(4, 2), autocast_bf16=False, tail_bn=mode)
+        model.train()
+        bn = model.tail[0][1]
+        before = bn.running_mean.clone()
+        model(torch.randn(8, 3, 6, 6) + 3.0).sum().backward()
+        return bn, before, model
+
+    bn, before, model = run("frozen")
+    assert not bn.training and torch.equal(bn.running_mean, before) and bn.weight.grad is not None
+    assert model.head.training  # only BatchNorm stays in eval mode
+    bn, before, _ = run("train")
+    assert bn.training and not torch.equal(bn.running_mean, before)
+    with pytest.raises(ValueError, match="--finetune-bn"):
+        TailModel([], nn.Identity(), nn.Identity(), False, "nope")
+
+
+def test_default_recipe_is_finetune_and_cli_agrees():
+    from imgclf.cli import build_parser
+    from imgclf.recipes import DEFAULT_RECIPE
+
+    assert DEFAULT_RECIPE == "finetune"
+    args = build_parser().parse_args(["train", "DATA"])
+    assert args.recipe == "finetune"
+    assert RECIPES["seed"]["head"] == "tutorial" and RECIPES["finetune"]["finetune_bn"] == "frozen"
 
 
 def test_finetune_that_does_not_help_keeps_the_frozen_model(shapes_root, tmp_path):

@@ -33,6 +33,52 @@ def test_recipe_head_is_the_recipe_without_its_sigmoid():
         build_head("mlp", 4, 2)
 
 
+def test_tutorial_head_reproduces_sigmoid_with_keras_categorical_crossentropy():
+    torch.manual_seed(0)
+    head = build_head("tutorial", 8, 3).eval()
+    assert not hasattr(head, "norm") and [type(m) for m in head.children()][-1] is nn.LogSigmoid
+    x, y = torch.randn(5, 8), torch.tensor([0, 1, 2, 1, 0])
+    z = head.fc2(head.relu(head.fc1(x)))  # the Dense N outputs before the sigmoid
+    s = torch.sigmoid(z)
+    keras_p = s / s.sum(1, keepdim=True)  # what categorical_crossentropy does with non-softmax outputs
+    torch.testing.assert_close(torch.softmax(head(x), 1), keras_p)
+    torch.testing.assert_close(nn.functional.cross_entropy(head(x), y), -keras_p[torch.arange(5), y].log().mean())
+
+
+def test_monitor_val_accuracy_ranks_accuracy_then_loss():
+    from imgclf.training import better
+
+    assert better((0.30, 1.0), (0.01, 0.99), "val_accuracy")  # more accurate wins despite a higher loss
+    assert not better((0.30, 1.0), (0.01, 0.99), "val_loss")
+    assert better((0.05, 1.0), (0.10, 1.0), "val_accuracy") and not better((0.10, 1.0), (0.05, 1.0), "val_accuracy")
+    assert better((0.05, float("nan")), (0.10, float("nan")), "val_accuracy")  # no accuracy: loss decides
+    with pytest.raises(ValueError, match="monitor"):
+        TrainConfig(monitor="f1").validate()
+
+
+def test_calibrated_loss_ignores_confidence_scale_but_not_ranking():
+    from imgclf.training import calibrated_nll
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, size=(200, 4))
+    y = np.where(rng.random(200) < 0.8, z.argmax(1), rng.integers(0, 4, 200))  # mostly right, some noise
+
+    def probs(logits):
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    plain = -np.log(probs(z)[np.arange(200), y]).mean()
+    cal, t = calibrated_nll(probs(z), y)
+    assert cal <= plain + 1e-9 and 0.03 <= t <= 30
+    # an over-confident copy (x3) and an under-confident one (/3) of the same ranking score the same
+    for k in (3.0, 1 / 3):
+        cal_k, t_k = calibrated_nll(probs(k * z), y)
+        assert abs(cal_k - cal) < 1e-4 and abs(t_k / k - t) / t < 1e-2
+    shuffled = calibrated_nll(probs(rng.permutation(z)), y)[0]  # worse ranking: worse score
+    assert shuffled > cal + 0.2
+    assert np.isnan(calibrated_nll(np.zeros((0, 4)), np.zeros(0, int))[0])
+
+
 def test_binary_uses_softmax_cross_entropy_and_learns():
     x, y = _blobs(n_classes=2)
     head, hist, summary = fit_head(x, y, x[::3], y[::3], 2, TrainConfig(epochs=15, patience=0))

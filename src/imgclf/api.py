@@ -33,13 +33,13 @@ from imgclf.bundle import BundleError, load_bundle, save_bundle
 from imgclf.data import Dataset, load_dataset
 from imgclf.augment import AugmentedView, build_augment, tta_views
 from imgclf.features import BackboneRunner, default_cache_dir, extract_features
-from imgclf.finetune import finetune
+from imgclf.finetune import TAIL_BN_MODES, finetune
 from imgclf.heads import head_config, head_from_config
 from imgclf.metrics import classification_metrics
 from imgclf.names import DEFAULT_BACKBONE
 from imgclf.recipes import DEFAULT_RECIPE, default_unfreeze, resolve_recipe
 from imgclf.thresholds import apply_threshold, choose_threshold, parse_policy
-from imgclf.training import TrainConfig, fit_head
+from imgclf.training import MONITORS, TrainConfig, fit_head
 
 log = logging.getLogger("imgclf")
 
@@ -89,6 +89,8 @@ class ImageClassifier:
         finetune_patience: int | None = None,
         finetune_views: int | None = None,
         finetune_label_smoothing: float | None = None,
+        finetune_bn: str | None = None,
+        finetune_monitor: str | None = None,
         threshold_policy: str | None = None,
         tta: str | None = None,
         seed: int = 0,
@@ -107,7 +109,7 @@ class ImageClassifier:
             loss=loss, sampler=sampler, label_smoothing=label_smoothing, mixup=mixup, augment=augment,
             feature_views=feature_views, unfreeze=unfreeze, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
             finetune_patience=finetune_patience, finetune_views=finetune_views,
-            finetune_label_smoothing=finetune_label_smoothing, threshold_policy=threshold_policy, tta=tta,
+            finetune_label_smoothing=finetune_label_smoothing, finetune_bn=finetune_bn, finetune_monitor=finetune_monitor, threshold_policy=threshold_policy, tta=tta,
         ))
         st = self.settings
         self.augment_config = build_augment(st["augment"], hflip=hflip, vflip=vflip, rot90=rot90, crop_scale=crop_scale, color_jitter=color_jitter)
@@ -127,6 +129,10 @@ class ImageClassifier:
             raise ValueError("--finetune-views must be >= 1")
         if st["finetune_epochs"] and not (st["finetune_lr"] > 0):
             raise ValueError("--finetune-lr must be a positive number")
+        if st["finetune_bn"] not in TAIL_BN_MODES:
+            raise ValueError(f"--finetune-bn must be one of {', '.join(TAIL_BN_MODES)}")
+        if st["finetune_monitor"] not in MONITORS:
+            raise ValueError(f"--finetune-monitor must be one of {', '.join(MONITORS)}")
         self.recipe = recipe
         self.tta = st["tta"]
         self.threshold_ = None
@@ -157,6 +163,8 @@ class ImageClassifier:
                         "the preprocessing %s was trained with; for comparison only", spec.name)
                     s = spec.preprocessing.input_size
                     spec = dataclasses.replace(spec, preprocessing=Preprocessing(s, s, "nearest", (0.0, 0.0, 0.0), (255.0, 255.0, 255.0), "squash"))
+                if self.settings["head"] == "tutorial":
+                    log.warning("--head tutorial keeps the tutorial's other bug: a sigmoid in front of a softmax-style loss; for comparison only")
                 self._spec = spec
             if self._weights_ref is None:
                 self._weights_ref = resolve_weights(self._spec, self.weights, seed=self.seed)
@@ -255,11 +263,11 @@ class ImageClassifier:
             cfg2 = dataclasses.replace(
                 self.train_config, epochs=st["finetune_epochs"], lr=st["finetune_lr"], patience=st["finetune_patience"],
                 optimizer="adamw", weight_decay=0.01, warmup_epochs=1.0, schedule="cosine", checkpoint="best",
-                label_smoothing=st["finetune_label_smoothing"],
+                label_smoothing=st["finetune_label_smoothing"], monitor=st["finetune_monitor"],
             )
             tuned, hist2, sum2 = finetune(
                 runner, head, [str(train[i].path) for i in ok_t], yt, [str(val[i].path) for i in ok_v], yv, n_classes, cfg2,
-                unfreeze=unfreeze, augment=self.augment_config, views=st["finetune_views"], on_epoch=on_epoch,
+                unfreeze=unfreeze, augment=self.augment_config, views=st["finetune_views"], tail_bn=st["finetune_bn"], on_epoch=on_epoch,
             )
             if tuned:
                 runner.apply_tuned(tuned)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from imgclf import __version__
+from imgclf.recipes import DEFAULT_RECIPE, RECIPE_NAMES
 
 log = logging.getLogger("imgclf")
 
@@ -38,10 +39,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from imgclf.names import BACKBONE_NAMES, DEFAULT_BACKBONE
 
     g = p.add_argument_group("model")
-    g.add_argument("--recipe", default="fast", choices=["seed", "fast", "finetune"], help="named defaults (any flag below overrides): seed = the tutorial as written (x/255 bug kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head (default: fast)")
+    g.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPE_NAMES), help=f"named defaults (any flag below overrides): seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head, kept only if more accurate on validation (default: {DEFAULT_RECIPE})")
     g.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registry name: {', '.join(BACKBONE_NAMES)} (default: {DEFAULT_BACKBONE})")
     g.add_argument("--weights", default="imagenet", help="imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.bin/.safetensors state-dict path")
-    g.add_argument("--head", default=None, choices=["recipe", "linear"], help="recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear (default: recipe)")
+    g.add_argument("--head", default=None, choices=["recipe", "linear", "tutorial"], help="recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear; tutorial: the recipe head without feature standardisation and with the tutorial's sigmoid before the loss (seed only) (default: recipe; seed: tutorial)")
     g = p.add_argument_group("training (defaults: the recipe's)")
     g.add_argument("--epochs", type=int, default=None, help="maximum head epochs (seed 5, else 30)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate of the head (1e-3)")
@@ -59,6 +60,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-patience", type=int, default=None, help="finetune: stage-2 early stopping patience (4)")
     g.add_argument("--finetune-views", type=int, default=None, help="finetune: augmented views per image whose frozen-prefix activations are computed once and held in memory (4)")
     g.add_argument("--finetune-label-smoothing", type=float, default=None, help="finetune: stage-2 label smoothing (0.1)")
+    g.add_argument("--finetune-monitor", default=None, choices=["val_calibrated_loss", "val_accuracy", "val_loss"], help="finetune: what picks the best stage-2 epoch and decides whether it replaces the frozen model: validation cross-entropy after temperature scaling, accuracy (ties: loss), or plain cross-entropy (val_calibrated_loss)")
+    g.add_argument("--finetune-bn", default=None, choices=["frozen", "train"], help="finetune: BatchNorm statistics of the unfrozen blocks: frozen = kept (their scale and shift still train), train = follow the batches (frozen)")
     g = p.add_argument_group("augmentation (training)")
     g.add_argument("--augment", default=None, choices=["none", "light", "strong"], help="preset: light = flips, 90-degree rotations, crop >= 80%% area, jitter 0.1; strong = crop >= 50%%, jitter 0.25 (finetune light, else none)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
@@ -159,7 +162,7 @@ def _classifier_from_args(args):
         augment=args.augment, hflip=args.hflip, vflip=args.vflip, rot90=args.rot90, crop_scale=args.crop_scale,
         color_jitter=args.color_jitter, feature_views=args.feature_views, unfreeze=args.unfreeze,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_patience=args.finetune_patience,
-        finetune_views=args.finetune_views, finetune_label_smoothing=args.finetune_label_smoothing, threshold_policy=args.threshold_policy, tta=args.tta, seed=args.seed,
+        finetune_views=args.finetune_views, finetune_label_smoothing=args.finetune_label_smoothing, finetune_bn=args.finetune_bn, finetune_monitor=args.finetune_monitor, threshold_policy=args.threshold_policy, tta=args.tta, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, engine=args.engine,
         precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress,
     )
@@ -225,7 +228,7 @@ def run_train(args) -> dict:
         ex = clf.last_extraction_
         for st in clf.fit_summary_["stages"]:
             log.info("%s: best epoch %d of %d (%s)", st["stage"], st["best_epoch"], st["epochs_run"], st["monitor"])
-        write_csv(run_dir / "metrics.csv", clf.history_, ["stage", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "best", "lr"])
+        write_csv(run_dir / "metrics.csv", clf.history_, ["stage", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_calibrated_loss", "best", "lr"])
         clf.save(run_dir)
         metrics = clf.evaluate(bootstrap=args.bootstrap)
         metrics["run"] = str(run_dir)

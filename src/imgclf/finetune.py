@@ -7,7 +7,13 @@ where the CPU has native bf16 (measured here: contiguous layout trained the Lite
 slightly faster than channels-last, 93 vs 86 img/s). The frozen prefix itself runs on
 the same fast engine as feature extraction (exported to ONNX once, OpenVINO bf16).
 BatchNorm layers of frozen blocks stay in
-eval mode (their statistics never move); the tail's BatchNorms train.
+eval mode (their statistics never move). By default (``--finetune-bn frozen``) so do the
+tail's: their scale and shift train but their running statistics are kept, as Keras
+advises for fine-tuning. Measured on flowers12 with Lite0 (3 blocks): with batch
+statistics (``train``) the first stage-2 epoch's training loss jumped from the head's
+0.001 to 0.7–1.2 (the pretrained features shift under batch-of-32 statistics) and no
+epoch beat the frozen model on validation; with frozen statistics it started at 0.02
+and reached a validation accuracy of 1.0 (from 0.993).
 """
 
 from __future__ import annotations
@@ -33,18 +39,30 @@ from imgclf.training import TrainConfig, fit_loop, seed_everything, view_batches
 
 log = logging.getLogger("imgclf")
 
+TAIL_BN_MODES = ("frozen", "train")
 PREFIX_CACHE_MB = int(os.environ.get("IMGCLF_PREFIX_CACHE_MB", "4096"))
 
 
 class TailModel(nn.Module):
     """Trainable tail blocks → the entry's pooling → head."""
 
-    def __init__(self, tail: list[nn.Module], pool: nn.Module, head: nn.Module, autocast_bf16: bool):
+    def __init__(self, tail: list[nn.Module], pool: nn.Module, head: nn.Module, autocast_bf16: bool, tail_bn: str = "frozen"):
         super().__init__()
+        if tail_bn not in TAIL_BN_MODES:
+            raise ValueError(f"--finetune-bn must be one of {', '.join(TAIL_BN_MODES)}")
+        self.tail_bn = tail_bn
         self.tail = nn.Sequential(*tail)
         self.pool = pool
         self.head = head
         self.autocast_bf16 = autocast_bf16
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.tail_bn == "frozen":  # statistics stay; scale and shift still train
+            for m in self.tail.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, h):
         h = h.to(torch.float32)
@@ -113,18 +131,20 @@ def finetune(
     unfreeze: int,
     augment: AugmentConfig,
     views: int,
+    tail_bn: str = "frozen",
     layer_decay: float = 0.5,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Fine-tune the last ``unfreeze`` blocks + ``head`` in place.
 
+    ``tail_bn``: ``frozen`` keeps the tail's BatchNorm statistics (scale/shift train),
+    ``train`` lets them follow the batches.
     Returns (tuned backbone tensors keyed as in ``fx.state_dict()``, history, summary);
     the tensors are empty when no fine-tuned epoch beat the starting (frozen) model on
-    validation loss, in which case that model is kept. The runner's torch module is
+    validation (``cfg.monitor``), in which case that model is kept. The runner's torch module is
     updated in place (its tail blocks are shared).
     """
     cfg.validate()
-    seed_everything(cfg.seed)
     spec = runner.spec
     fx = runner.torch_module()
     prefix_named, tail_named = split_blocks(fx, spec, unfreeze)
@@ -184,13 +204,16 @@ def finetune(
     xv = hv if hv is not None else torch.zeros((0, *xt.shape[2:]), dtype=torch.bfloat16)
     yv = torch.from_numpy(np.asarray(y_val, np.int64)[ok_v])
 
+    # seeded here, after everything that may draw random numbers on a cold cache (building
+    # the torch module initialises layers before loading weights), so runs repeat exactly
+    seed_everything(cfg.seed)
     # trainable: tail + head; frozen prefix stays in eval mode (BN statistics frozen)
     for p in fx.parameters():
         p.requires_grad_(False)
     for m in tail:
         for p in m.parameters():
             p.requires_grad_(True)
-    model = TailModel(tail, fx.pool, head, bf16)
+    model = TailModel(tail, fx.pool, head, bf16, tail_bn)
     for p in model.head.parameters():
         p.requires_grad_(True)
 
@@ -214,6 +237,7 @@ def finetune(
         "images_per_second": round(imgs / max(train_s, 1e-9), 1),
         "precision": "bf16" if bf16 else "fp32",
         "group_lrs": base_lrs,
+        "tail_bn": tail_bn,
     })
     log.info("fine-tune: %d epochs over the tail at %.1f img/s (%s autocast)", summary["epochs_run"], summary["images_per_second"], summary["precision"])
     for p in fx.parameters():
@@ -221,7 +245,7 @@ def finetune(
     fx.eval()
     head.eval()
     if summary["kept_start"]:
-        log.warning("fine-tuning did not lower the validation loss of the frozen model; keeping the frozen model")
+        log.warning("fine-tuning did not beat the frozen model on validation (%s); keeping the frozen model", cfg.monitor)
         return {}, history, summary
     keys = tail_state_keys(fx, tail_named)
     sd = fx.state_dict()

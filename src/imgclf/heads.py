@@ -6,6 +6,14 @@ included), not a sigmoid feeding a softmax-style loss. Global max pooling, which
 recipe put in the head, is the backbone entry's pooling step (vgg16: max), done once
 before caching. Both heads start with a fixed standardisation of the features (train
 mean/std) so one learning rate suits every backbone's feature scale.
+
+``tutorial`` is the tutorial's head as written, for ``--recipe seed`` only: no feature
+standardisation and a sigmoid on the Dense N outputs feeding categorical cross-entropy.
+Keras' ``categorical_crossentropy`` on non-softmax outputs divides them by their sum,
+so the loss is −log(σ(z_y) / Σσ(z_j)). Ending the module in ``LogSigmoid`` reproduces
+that exactly with the shared softmax cross-entropy: softmax(log σ(z)) = σ(z) / Σσ(z);
+and the probabilities predict/export compute (softmax of the output) are the same
+normalised sigmoids.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-HEAD_KINDS = ("recipe", "linear")
+HEAD_KINDS = ("recipe", "linear", "tutorial")
 
 
 class FeatureStandardize(nn.Module):
@@ -53,6 +61,14 @@ def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dro
             ("relu", nn.ReLU()),
             ("dropout", nn.Dropout(dropout)),
             ("fc2", nn.Linear(hidden, n_classes)),
+        ]
+    elif kind == "tutorial":
+        layers = [
+            ("fc1", nn.Linear(in_dim, hidden)),
+            ("relu", nn.ReLU()),
+            ("dropout", nn.Dropout(dropout)),
+            ("fc2", nn.Linear(hidden, n_classes)),
+            ("sigmoid", nn.LogSigmoid()),
         ]
     elif kind == "linear":
         layers = [("norm", FeatureStandardize(in_dim)), ("dropout", nn.Dropout(dropout)), ("fc", nn.Linear(in_dim, n_classes))]

@@ -2,31 +2,36 @@
 
 * ``seed``     — the tutorial as written, for comparison only: x/255 input scaling (its
                  preprocessing bug, kept on purpose and warned about), squash resize with
-                 nearest-neighbour sampling (Keras ``flow_from_directory``), recipe head,
-                 Adam 1e-3, batch 32, 5 epochs, last-epoch weights, frozen backbone, no
-                 augmentation, no class weights.
-* ``fast``     — (default) frozen backbone, cached features, head only, early stopping.
-* ``finetune`` — stage 1 as ``fast``; stage 2 unfreezes the last K blocks
+                 nearest-neighbour sampling (Keras ``flow_from_directory``), the tutorial's
+                 head with its sigmoid in front of categorical cross-entropy (``--head
+                 tutorial``, also warned about), Adam 1e-3, batch 32, 5 epochs, last-epoch
+                 weights, frozen backbone, no augmentation, no class weights.
+* ``fast``     — frozen backbone, cached features, head only, early stopping.
+* ``finetune`` — (default) stage 1 as ``fast``; stage 2 unfreezes the last K blocks
                  (``--unfreeze``) and trains them with the head: AdamW, discriminative
                  learning rates (halved per block going down), 1 warmup epoch + cosine,
                  label smoothing 0.1, light augmentation through K cached views of the
-                 frozen prefix, early stopping on validation loss, best checkpoint.
+                 frozen prefix, BatchNorm statistics kept (``--finetune-bn frozen``), early
+                 stopping and best checkpoint on validation accuracy (ties: lower loss).
+                 The fine-tuned model replaces the frozen one only if it is more accurate
+                 on validation, or as accurate with a lower loss.
 """
 
 from __future__ import annotations
 
 RECIPE_NAMES = ("seed", "fast", "finetune")
-DEFAULT_RECIPE = "fast"
+DEFAULT_RECIPE = "finetune"
 
 _COMMON = dict(
     head="recipe", epochs=30, lr=1e-3, batch_size=32, patience=5, class_weight="auto", checkpoint="best",
     augment="none", feature_views=1, unfreeze=0, loss="ce", sampler="shuffle", label_smoothing=0.0, mixup=0.0,
     input_scaling="entry", threshold_policy="youden", tta="none",
     finetune_epochs=0, finetune_lr=0.0, finetune_patience=0, finetune_views=1, finetune_label_smoothing=0.0,
+    finetune_bn="frozen", finetune_monitor="val_calibrated_loss",
 )
 
 RECIPES: dict[str, dict] = {
-    "seed": {**_COMMON, "epochs": 5, "patience": 0, "checkpoint": "last", "class_weight": "none", "input_scaling": "x/255", "threshold_policy": "fixed:0.5"},
+    "seed": {**_COMMON, "head": "tutorial", "epochs": 5, "patience": 0, "checkpoint": "last", "class_weight": "none", "input_scaling": "x/255", "threshold_policy": "fixed:0.5"},
     "fast": dict(_COMMON),
     "finetune": {
         **_COMMON,

@@ -23,6 +23,59 @@ from imgclf.heads import HEAD_KINDS, build_head
 
 LOSSES = ("ce", "focal")
 SAMPLERS = ("shuffle", "balanced")
+MONITORS = ("val_loss", "val_accuracy", "val_calibrated_loss")
+
+
+def calibrated_nll(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Validation cross-entropy after temperature scaling: (loss, temperature).
+
+    softmax(log p / T) with the one T that minimises the loss (Guo et al. 2017). It
+    compares models by how well they rank the classes, not by how confident their
+    training made them: label smoothing raises plain cross-entropy at equal ranking
+    quality, and a head trained to zero loss is over-confident; one temperature undoes
+    either. A log-spaced grid over T in [0.03, 30] then a golden-section refinement.
+    """
+    if len(y) == 0:
+        return float("nan"), 1.0
+    logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-300, None))
+    idx = np.arange(len(y))
+
+    def nll(t: float) -> float:
+        z = logp / t
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[idx, y]))
+
+    grid = np.exp(np.linspace(np.log(0.03), np.log(30.0), 61))
+    losses = [nll(t) for t in grid]
+    k = int(np.argmin(losses))
+    lo, hi = np.log(grid[max(k - 1, 0)]), np.log(grid[min(k + 1, len(grid) - 1)])
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    for _ in range(40):
+        if nll(math.exp(a)) < nll(math.exp(b)):
+            hi, b = b, a
+            a = hi - g * (hi - lo)
+        else:
+            lo, a = a, b
+            b = lo + g * (hi - lo)
+    t = math.exp((lo + hi) / 2)
+    best_t, best = min([(t, nll(t)), (float(grid[k]), losses[k])], key=lambda p: p[1])
+    return best, best_t
+
+
+def better(score: tuple[float, float], best: tuple[float, float], monitor: str) -> bool:
+    """Is ``score`` = (loss, accuracy) better than ``best``?
+
+    ``val_accuracy`` ranks by accuracy first and loss second: a stage trained with label
+    smoothing has a higher cross-entropy at the same accuracy, so loss alone would
+    unfairly favour a model trained without it.
+    """
+    loss, acc = score
+    best_loss, best_acc = best
+    if monitor == "val_accuracy" and not (math.isnan(acc) or math.isnan(best_acc)):
+        if acc != best_acc:
+            return acc > best_acc
+    return loss < best_loss - 1e-6
 
 
 @dataclass
@@ -43,7 +96,8 @@ class TrainConfig:
     focal_gamma: float = 2.0
     sampler: str = "shuffle"  # shuffle | balanced
     mixup: float = 0.0  # Beta(a, a) mixing of the trainable part's inputs; 0 = off
-    checkpoint: str = "best"  # best (lowest validation loss) | last
+    checkpoint: str = "best"  # best (by ``monitor``) | last
+    monitor: str = "val_loss"  # val_loss | val_accuracy (ties broken by the lower validation loss)
 
     def validate(self) -> None:
         if self.head not in HEAD_KINDS:
@@ -72,6 +126,8 @@ class TrainConfig:
             raise ValueError("--mixup must be >= 0")
         if self.checkpoint not in ("best", "last"):
             raise ValueError("checkpoint must be best or last")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {', '.join(MONITORS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -233,25 +289,34 @@ def fit_loop(
     gen = torch.Generator().manual_seed(cfg.seed)
     has_val = len(yv) > 0
     history: list[dict] = []
-    best_state, best_epoch, best_loss, stale = None, 0, math.inf, 0
+    monitor_kind = cfg.monitor if has_val else "val_loss"  # without validation: training loss
+    best_state, best_epoch, best, stale = None, 0, (math.inf, -math.inf), 0
+    calibrated = cfg.monitor == "val_calibrated_loss" and has_val
+
+    def val_score():
+        loss, acc, probs = evaluate(model, xv, yv, eval_loss_fn)
+        cal = calibrated_nll(probs, yv.numpy())[0] if calibrated else float("nan")
+        return loss, acc, cal
+
     if keep_start_if_best and has_val and cfg.checkpoint == "best":
-        best_loss = evaluate(model, xv, yv, eval_loss_fn)[0]
+        loss, acc, cal = val_score()
+        best = (cal if calibrated else loss, acc)
         best_state = copy.deepcopy(model.state_dict())
     for epoch in range(1, cfg.epochs + 1):
         tr_loss, tr_acc = train_one_epoch(model, make_batches(gen), optimizer, loss_fn, cfg, gen, scheduler)
         if has_val:
-            va_loss, va_acc, _ = evaluate(model, xv, yv, eval_loss_fn)
+            va_loss, va_acc, va_cal = val_score()
         else:
-            va_loss, va_acc = float("nan"), float("nan")
-        monitor = va_loss if has_val else tr_loss
-        improved = monitor < best_loss - 1e-6
+            va_loss, va_acc, va_cal = float("nan"), float("nan"), float("nan")
+        score = ((va_cal if calibrated else va_loss), va_acc) if has_val else (tr_loss, tr_acc)
+        improved = better(score, best, monitor_kind)
         if improved:
-            best_loss, best_epoch, stale = monitor, epoch, 0
+            best, best_epoch, stale = score, epoch, 0
             if cfg.checkpoint == "best":
                 best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-        row = {"stage": stage, "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "best": improved, "lr": optimizer.param_groups[-1]["lr"]}
+        row = {"stage": stage, "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "val_calibrated_loss": va_cal if calibrated else None, "best": improved, "lr": optimizer.param_groups[-1]["lr"]}
         history.append(row)
         if on_epoch:
             on_epoch(row)
@@ -265,8 +330,9 @@ def fit_loop(
         "best_epoch": best_epoch if cfg.checkpoint == "best" else len(history),
         "kept_start": keep_start_if_best and best_epoch == 0 and best_state is not None,
         "epochs_run": len(history),
-        "monitor": "val_loss" if has_val else "train_loss",
-        "best_monitor": best_loss,
+        "monitor": cfg.monitor if has_val else "train_loss",
+        "best_monitor": best[0],
+        "best_accuracy": best[1],
         "checkpoint": cfg.checkpoint,
         "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
         "stopped_early": len(history) < cfg.epochs,
@@ -293,7 +359,8 @@ def fit_head(
     xv = torch.from_numpy(np.asarray(x_val, np.float32))
     yv = torch.from_numpy(np.asarray(y_val, np.int64))
     head = build_head(cfg.head, xt.shape[-1], n_classes)
-    head.norm.fit(xt.reshape(-1, xt.shape[-1]))
+    if hasattr(head, "norm"):
+        head.norm.fit(xt.reshape(-1, xt.shape[-1]))
     steps = math.ceil(len(yt) / cfg.batch_size)
     history, summary = fit_loop(head, lambda g: view_batches(xt, yt, cfg, g), steps, xv, yv, np.asarray(y_train), n_classes, cfg, on_epoch=on_epoch, stage="head")
     return head, history, summary
