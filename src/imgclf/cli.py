@@ -39,10 +39,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from imgclf.names import BACKBONE_NAMES, DEFAULT_BACKBONE
 
     g = p.add_argument_group("model")
-    g.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPE_NAMES), help=f"named defaults (any flag below overrides): seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head, kept only if more accurate on validation (default: {DEFAULT_RECIPE})")
+    g.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPE_NAMES), help=f"named defaults (any flag below overrides): seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head, kept only if they beat the frozen model on validation (--finetune-monitor) (default: {DEFAULT_RECIPE})")
     g.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"registry name: {', '.join(BACKBONE_NAMES)} (default: {DEFAULT_BACKBONE})")
     g.add_argument("--weights", default="imagenet", help="imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.bin/.safetensors state-dict path")
-    g.add_argument("--head", default=None, choices=["recipe", "linear", "tutorial"], help="recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear; tutorial: the recipe head without feature standardisation and with the tutorial's sigmoid before the loss (seed only) (default: recipe; seed: tutorial)")
+    g.add_argument("--head", default=None, choices=["recipe", "linear", "tutorial"], help="recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear; tutorial: the recipe head without feature standardisation and with the tutorial's sigmoid before the loss, for comparison (default: recipe; seed: tutorial)")
     g = p.add_argument_group("training (defaults: the recipe's)")
     g.add_argument("--epochs", type=int, default=None, help="maximum head epochs (seed 5, else 30)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate of the head (1e-3)")

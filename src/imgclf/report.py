@@ -395,9 +395,15 @@ def _training(ctx: dict) -> str:
     fs = (ctx["config"].get("fit_summary") or {})
     stages = fs.get("stages") or ([fs] if fs.get("epochs_run") else [])
     if stages:
+        def outcome(s):
+            if s.get("stage") != "finetune":
+                return ""
+            kept = "frozen model kept: no fine-tuned epoch beat it" if s.get("kept_start") else "fine-tuned blocks kept: " + ", ".join(s.get("trainable_blocks") or [])
+            return f"{kept} ({_fmt(s.get('images_per_second'), 1)} img/s in stage 2)"
+
         rows = [[_e(s.get("stage", "head")), s.get("epochs_run", ""), s.get("best_epoch", ""), _e(s.get("monitor", "")),
-                 _fmt(s.get("best_monitor")), _fmt(s.get("stopped_early"))] for s in stages]
-        out.append(_table(["stage", "epochs run", "best epoch", "monitor", "best value", "stopped early"], rows, {1, 2, 4}))
+                 _fmt(s.get("best_monitor")), _fmt(s.get("stopped_early")), _e(outcome(s))] for s in stages]
+        out.append(_table(["stage", "epochs run", "best epoch", "monitor", "best value", "stopped early", "outcome"], rows, {1, 2, 4}))
     if not ctx["history"]:
         out.append('<p class="note">metrics.csv is missing or empty.</p>')
     out.append("</section>")
