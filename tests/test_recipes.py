@@ -205,3 +205,14 @@ def test_finetune_that_does_not_help_keeps_the_frozen_model(shapes_root, tmp_pat
     clf.fit(shapes_root)  # a huge stage-2 learning rate can only hurt
     stage2 = clf.fit_summary_["stages"][1]
     assert stage2["kept_start"] and clf._tuned is None and clf.meta_["frozen_backbone"] is True
+
+
+def test_finetune_with_cutmix_and_mixup_runs_end_to_end(shapes_root, tmp_path):
+    assert resolve_recipe("fast", {"finetune_cutmix": 1.0})["finetune_epochs"] > 0  # a --finetune-* flag turns stage 2 on
+    clf = ImageClassifier(recipe="finetune", unfreeze=1, finetune_epochs=2, finetune_views=1, finetune_cutmix=1.0, mixup=0.2, cache_dir=tmp_path / "c")
+    clf.fit(shapes_root)
+    rows = [r for r in clf.history_ if r["stage"] == "finetune"]
+    assert len(rows) == 2 and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert clf.finetune_config_["cutmix"] == 1.0 and clf.train_config.cutmix == 0.0  # stage 1 (pooled vectors) has no boxes
+    with pytest.raises(ValueError, match="cutmix"):
+        ImageClassifier(finetune_cutmix=-0.5)

@@ -144,3 +144,43 @@ def test_metrics_against_hand_computed_case():
     # ROC-AUC: positive scores {0.9,0.3} vs negative {0.1,0.4,0.8}: pairs won 3+1=4 of 6
     assert m["roc_auc"] == pytest.approx(4 / 6)
     assert m["positive_class"] == "malignant"
+
+
+def test_cutmix_pastes_one_box_and_mixes_labels_by_its_area():
+    from imgclf.training import cutmix_batch
+
+    x = torch.arange(4, dtype=torch.float32)[:, None, None, None].expand(4, 2, 10, 10).contiguous()  # image i is all i
+    perm = torch.tensor([1, 2, 3, 0])
+    out, lam = cutmix_batch(x, perm, 0.64, np.random.default_rng(3))
+    for i in range(4):
+        pasted = out[i] == x[perm[i]]
+        kept = out[i] == x[i]
+        assert (pasted | kept).all() and pasted.any() and kept.any()
+        assert abs(pasted[0].float().mean().item() - (1 - lam)) < 1e-6  # lam = share of the original left
+    assert 0 < lam < 1 and torch.equal(out, cutmix_batch(x, perm, 0.64, np.random.default_rng(3))[0])
+    same, lam1 = cutmix_batch(x, perm, 1.0, np.random.default_rng(0))  # lam 1: nothing pasted
+    assert lam1 == 1.0 and torch.equal(same, x)
+
+
+def test_cutmix_trains_spatial_inputs_and_leaves_vectors_alone():
+    from imgclf.training import make_optimizer, train_one_epoch
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(cutmix=1.0, batch_size=8)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    x, y = torch.randn(16, 2, 6, 6), torch.arange(16) % 2
+    gen = torch.Generator().manual_seed(0)
+    before = [p.clone() for p in model.parameters()]
+    loss, acc = train_one_epoch(model, [(x[:8], y[:8]), (x[8:], y[8:])], make_optimizer([{"params": list(model.parameters())}], cfg), nn.CrossEntropyLoss(), cfg, gen)
+    assert np.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # 2-D features (stage 1): CutMix does not apply, so the epoch equals one without it
+    lin = lambda: (torch.manual_seed(1), nn.Linear(4, 2))[1]  # noqa: E731
+    xv, yv = torch.randn(8, 4), torch.arange(8) % 2
+    runs = []
+    for c in (TrainConfig(cutmix=1.0), TrainConfig()):
+        m = lin()
+        train_one_epoch(m, [(xv, yv)], make_optimizer([{"params": list(m.parameters())}], c), nn.CrossEntropyLoss(), c, torch.Generator().manual_seed(0))
+        runs.append(m.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    with pytest.raises(ValueError, match="cutmix"):
+        TrainConfig(cutmix=-1).validate()

@@ -91,6 +91,7 @@ class ImageClassifier:
         finetune_label_smoothing: float | None = None,
         finetune_bn: str | None = None,
         finetune_monitor: str | None = None,
+        finetune_cutmix: float | None = None,
         threshold_policy: str | None = None,
         tta: str | None = None,
         seed: int = 0,
@@ -109,7 +110,7 @@ class ImageClassifier:
             loss=loss, sampler=sampler, label_smoothing=label_smoothing, mixup=mixup, augment=augment,
             feature_views=feature_views, unfreeze=unfreeze, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
             finetune_patience=finetune_patience, finetune_views=finetune_views,
-            finetune_label_smoothing=finetune_label_smoothing, finetune_bn=finetune_bn, finetune_monitor=finetune_monitor, threshold_policy=threshold_policy, tta=tta,
+            finetune_label_smoothing=finetune_label_smoothing, finetune_bn=finetune_bn, finetune_monitor=finetune_monitor, finetune_cutmix=finetune_cutmix, threshold_policy=threshold_policy, tta=tta,
         ))
         st = self.settings
         self.augment_config = build_augment(st["augment"], hflip=hflip, vflip=vflip, rot90=rot90, crop_scale=crop_scale, color_jitter=color_jitter)
@@ -129,6 +130,8 @@ class ImageClassifier:
             raise ValueError("--finetune-views must be >= 1")
         if st["finetune_epochs"] and not (st["finetune_lr"] > 0):
             raise ValueError("--finetune-lr must be a positive number")
+        if not st["finetune_cutmix"] >= 0:
+            raise ValueError("--finetune-cutmix must be >= 0")
         if st["finetune_bn"] not in TAIL_BN_MODES:
             raise ValueError(f"--finetune-bn must be one of {', '.join(TAIL_BN_MODES)}")
         if st["finetune_monitor"] not in MONITORS:
@@ -263,7 +266,7 @@ class ImageClassifier:
             cfg2 = dataclasses.replace(
                 self.train_config, epochs=st["finetune_epochs"], lr=st["finetune_lr"], patience=st["finetune_patience"],
                 optimizer="adamw", weight_decay=0.01, warmup_epochs=1.0, schedule="cosine", checkpoint="best",
-                label_smoothing=st["finetune_label_smoothing"], monitor=st["finetune_monitor"],
+                label_smoothing=st["finetune_label_smoothing"], monitor=st["finetune_monitor"], cutmix=st["finetune_cutmix"],
             )
             tuned, hist2, sum2 = finetune(
                 runner, head, [str(train[i].path) for i in ok_t], yt, [str(val[i].path) for i in ok_v], yv, n_classes, cfg2,

@@ -61,6 +61,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-views", type=int, default=None, help="finetune: augmented views per image whose frozen-prefix activations are computed once and held in memory (4)")
     g.add_argument("--finetune-label-smoothing", type=float, default=None, help="finetune: stage-2 label smoothing (0.1)")
     g.add_argument("--finetune-monitor", default=None, choices=["val_calibrated_loss", "val_accuracy", "val_loss"], help="finetune: what picks the best stage-2 epoch and decides whether it replaces the frozen model: validation cross-entropy after temperature scaling, accuracy (ties: loss), or plain cross-entropy (val_calibrated_loss)")
+    g.add_argument("--finetune-cutmix", type=float, default=None, help="finetune: CutMix alpha on the frozen-prefix activation maps in stage 2 (boxes pasted between images, labels mixed by area); with --mixup, one or the other per batch; 0 = off (0)")
     g.add_argument("--finetune-bn", default=None, choices=["frozen", "train"], help="finetune: BatchNorm statistics of the unfrozen blocks: frozen = kept (their scale and shift still train), train = follow the batches (frozen)")
     g = p.add_argument_group("augmentation (training)")
     g.add_argument("--augment", default=None, choices=["none", "light", "strong"], help="preset: light = flips, 90-degree rotations, crop >= 80%% area, jitter 0.1; strong = crop >= 50%%, jitter 0.25 (finetune light, else none)")
@@ -162,7 +163,7 @@ def _classifier_from_args(args):
         augment=args.augment, hflip=args.hflip, vflip=args.vflip, rot90=args.rot90, crop_scale=args.crop_scale,
         color_jitter=args.color_jitter, feature_views=args.feature_views, unfreeze=args.unfreeze,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, finetune_patience=args.finetune_patience,
-        finetune_views=args.finetune_views, finetune_label_smoothing=args.finetune_label_smoothing, finetune_bn=args.finetune_bn, finetune_monitor=args.finetune_monitor, threshold_policy=args.threshold_policy, tta=args.tta, seed=args.seed,
+        finetune_views=args.finetune_views, finetune_label_smoothing=args.finetune_label_smoothing, finetune_bn=args.finetune_bn, finetune_monitor=args.finetune_monitor, finetune_cutmix=args.finetune_cutmix, threshold_policy=args.threshold_policy, tta=args.tta, seed=args.seed,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, engine=args.engine,
         precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress,
     )

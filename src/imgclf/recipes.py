@@ -27,7 +27,7 @@ _COMMON = dict(
     augment="none", feature_views=1, unfreeze=0, loss="ce", sampler="shuffle", label_smoothing=0.0, mixup=0.0,
     input_scaling="entry", threshold_policy="youden", tta="none",
     finetune_epochs=0, finetune_lr=0.0, finetune_patience=0, finetune_views=1, finetune_label_smoothing=0.0,
-    finetune_bn="frozen", finetune_monitor="val_calibrated_loss",
+    finetune_bn="frozen", finetune_monitor="val_calibrated_loss", finetune_cutmix=0.0,
 )
 
 RECIPES: dict[str, dict] = {

@@ -96,6 +96,7 @@ class TrainConfig:
     focal_gamma: float = 2.0
     sampler: str = "shuffle"  # shuffle | balanced
     mixup: float = 0.0  # Beta(a, a) mixing of the trainable part's inputs; 0 = off
+    cutmix: float = 0.0  # Beta(a, a) box mixing of spatial inputs (stage 2's prefix activations); 0 = off
     checkpoint: str = "best"  # best (by ``monitor``) | last
     monitor: str = "val_loss"  # val_loss | val_accuracy (ties broken by the lower validation loss)
 
@@ -124,6 +125,8 @@ class TrainConfig:
             raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}")
         if self.mixup < 0:
             raise ValueError("--mixup must be >= 0")
+        if self.cutmix < 0:
+            raise ValueError("--finetune-cutmix must be >= 0")
         if self.checkpoint not in ("best", "last"):
             raise ValueError("checkpoint must be best or last")
         if self.monitor not in MONITORS:
@@ -210,6 +213,21 @@ def epoch_order(y: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -
     return torch.randperm(n, generator=generator)
 
 
+def cutmix_batch(x: torch.Tensor, perm: torch.Tensor, lam: float, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+    """CutMix (Yun et al. 2019) on (N, C, H, W) inputs: a box of area ≈ (1 − lam) from the
+    permuted batch is pasted in; returns the mixed batch and lam recomputed from the box
+    actually pasted (it is clipped at the borders)."""
+    h, w = x.shape[-2:]
+    r = math.sqrt(max(0.0, 1.0 - lam))
+    ch, cw = int(round(h * r)), int(round(w * r))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y1, y2 = max(cy - ch // 2, 0), min(cy + ch - ch // 2, h)
+    x1, x2 = max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+    out = x.clone()
+    out[..., y1:y2, x1:x2] = x[perm][..., y1:y2, x1:x2]
+    return out, 1.0 - (y2 - y1) * (x2 - x1) / (h * w)
+
+
 def train_one_epoch(
     model: nn.Module,
     batches,
@@ -223,10 +241,16 @@ def train_one_epoch(
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for xb, yb in batches:
-        if cfg.mixup > 0:
-            lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator))).beta(cfg.mixup, cfg.mixup))
+        cut = cfg.cutmix > 0 and xb.dim() == 4
+        if cfg.mixup > 0 or cut:
+            rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator)))
             perm = torch.randperm(len(yb), generator=generator)
-            logits = model(lam * xb + (1 - lam) * xb[perm])
+            if cut and (cfg.mixup <= 0 or rng.random() < 0.5):  # both on: one or the other per batch
+                mixed, lam = cutmix_batch(xb, perm, float(rng.beta(cfg.cutmix, cfg.cutmix)), rng)
+            else:
+                lam = float(rng.beta(cfg.mixup, cfg.mixup))
+                mixed = lam * xb + (1 - lam) * xb[perm]
+            logits = model(mixed)
             loss = lam * loss_fn(logits, yb) + (1 - lam) * loss_fn(logits, yb[perm])
         else:
             logits = model(xb)
