@@ -64,7 +64,8 @@ def calibrated_nll(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def better(score: tuple[float, float], best: tuple[float, float], monitor: str) -> bool:
-    """Is ``score`` = (loss, accuracy) better than ``best``?
+    """Is ``score`` = (loss, accuracy) better than ``best``? ``loss`` is the monitored
+    loss (plain or temperature-calibrated cross-entropy).
 
     ``val_accuracy`` ranks by accuracy first and loss second: a stage trained with label
     smoothing has a higher cross-entropy at the same accuracy, so loss alone would
@@ -98,7 +99,7 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(a, a) mixing of the trainable part's inputs; 0 = off
     cutmix: float = 0.0  # Beta(a, a) box mixing of spatial inputs (stage 2's prefix activations); 0 = off
     checkpoint: str = "best"  # best (by ``monitor``) | last
-    monitor: str = "val_loss"  # val_loss | val_accuracy (ties broken by the lower validation loss)
+    monitor: str = "val_loss"  # val_loss | val_accuracy (ties: lower loss) | val_calibrated_loss (see calibrated_nll)
 
     def validate(self) -> None:
         if self.head not in HEAD_KINDS:
