@@ -216,3 +216,12 @@ def test_finetune_with_cutmix_and_mixup_runs_end_to_end(shapes_root, tmp_path):
     assert clf.finetune_config_["cutmix"] == 1.0 and clf.train_config.cutmix == 0.0  # stage 1 (pooled vectors) has no boxes
     with pytest.raises(ValueError, match="cutmix"):
         ImageClassifier(finetune_cutmix=-0.5)
+
+
+def test_default_recipe_on_a_timm_backbone_skips_stage_two_with_a_warning(shapes_root, tmp_path, caplog):
+    clf = ImageClassifier(backbone="timm:test_resnet", weights="none", epochs=2, cache_dir=tmp_path / "c")
+    clf.fit(shapes_root)  # the default recipe is finetune; timm blocks are not mapped
+    assert [s["stage"] for s in clf.fit_summary_["stages"]] == ["head"]
+    assert any("stage 2 skipped" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="not supported"):
+        ImageClassifier(backbone="timm:test_resnet", weights="none", unfreeze=1, cache_dir=tmp_path / "c").fit(shapes_root)

@@ -26,6 +26,7 @@ from imgclf.backbones import (
     BackboneSpec,
     Preprocessing,
     WeightsRef,
+    finetune_unsupported,
     get_backbone_spec,
     resolve_weights,
 )
@@ -239,6 +240,9 @@ class ImageClassifier:
         self.class_names_ = list(ds.class_names)
         n_classes = len(self.class_names_)
         runner = self.backbone_runner()
+        skip_stage2 = finetune_unsupported(runner.spec) if (st["unfreeze"] is None or st["unfreeze"] > 0) and st["finetune_epochs"] else None
+        if skip_stage2 and st["unfreeze"] is not None:  # asked for explicitly: say so before any work
+            raise ValueError(f"{skip_stage2}; drop --unfreeze or use --recipe fast")
         train, val = ds.samples["train"], ds.samples["validation"]
         xt, yt, ok_t, sk_tr = self._split_features(train, "train features")
         xv, yv, ok_v, sk_va = self._split_features(val, "validation features")
@@ -262,6 +266,9 @@ class ImageClassifier:
         unfreeze = st["unfreeze"]
         if unfreeze is None:
             unfreeze = default_unfreeze(runner.spec)
+        if skip_stage2:
+            log.warning("%s: stage 2 skipped, the frozen backbone's head is the model", skip_stage2)
+            unfreeze = 0
         if unfreeze and st["finetune_epochs"]:
             cfg2 = dataclasses.replace(
                 self.train_config, epochs=st["finetune_epochs"], lr=st["finetune_lr"], patience=st["finetune_patience"],

@@ -563,6 +563,13 @@ class _LiteStage(nn.Module):
 
 
 
+def finetune_unsupported(spec: BackboneSpec) -> str | None:
+    """Why ``spec`` cannot be fine-tuned block-wise (None when it can); no model is built."""
+    if spec.family == "timm":
+        return f"{spec.name}: fine-tuning timm models is not supported yet (their blocks are not mapped)"
+    return None
+
+
 def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str, nn.Module]]:
     """The body as named blocks in order; applied in sequence they equal ``fx.body``.
 
@@ -595,13 +602,7 @@ def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str,
             children = list(body.children())
             return [("stem", nn.Sequential(*children[:4]))] + [(f"layer{i}", children[3 + i]) for i in range(1, 5)]
         return [(f"features.{i}", m) for i, m in enumerate(body)]
-    if spec.family == "timm":
-        net = body.net
-        for attr in ("stages", "blocks", "layers"):
-            seq = getattr(net, attr, None)
-            if isinstance(seq, (nn.Sequential, nn.ModuleList)) and len(seq) > 1:
-                break
-        else:
-            raise ValueError(f"{spec.name}: block structure unknown; fine-tuning (--unfreeze) is not supported, use --recipe fast")
-        raise ValueError(f"{spec.name}: fine-tuning timm models is not supported yet; use --recipe fast")
+    reason = finetune_unsupported(spec)
+    if reason:
+        raise ValueError(f"{reason}; use --recipe fast")
     raise AssertionError(spec.family)
