@@ -391,7 +391,7 @@ def _configuration(ctx: dict) -> str:
 
 def _training(ctx: dict) -> str:
     out = ['<section id="training"><h2>Training curves</h2>']
-    out.append(_figure(ctx["plots"].get("training_curves"), "training curves", "Loss and accuracy per epoch, train vs validation; the dashed line marks the checkpoint kept."))
+    out.append(_figure(ctx["plots"].get("training_curves"), "training curves", "Loss and accuracy per epoch, train vs validation; the dashed line marks the checkpoint kept. Each stage picks its epoch by its monitor (table below), which for stage 2 is by default the temperature-calibrated validation loss, not the plotted one."))
     fs = (ctx["config"].get("fit_summary") or {})
     stages = fs.get("stages") or ([fs] if fs.get("epochs_run") else [])
     if stages:
@@ -402,7 +402,8 @@ def _training(ctx: dict) -> str:
             return f"{kept} ({_fmt(s.get('images_per_second'), 1)} img/s in stage 2)"
 
         rows = [[_e(s.get("stage", "head")), s.get("epochs_run", ""), s.get("best_epoch", ""), _e(s.get("monitor", "")),
-                 _fmt(s.get("best_monitor")), _fmt(s.get("stopped_early")), _e(outcome(s))] for s in stages]
+                 _e(f"{s['best_monitor']:.4g}") if isinstance(s.get("best_monitor"), float) else _fmt(s.get("best_monitor")),
+                 _fmt(s.get("stopped_early")), _e(outcome(s))] for s in stages]
         out.append(_table(["stage", "epochs run", "best epoch", "monitor", "best value", "stopped early", "outcome"], rows, {1, 2, 4}))
     if not ctx["history"]:
         out.append('<p class="note">metrics.csv is missing or empty.</p>')

@@ -34,6 +34,9 @@ def calibrated_nll(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     training made them: label smoothing raises plain cross-entropy at equal ranking
     quality, and a head trained to zero loss is over-confident; one temperature undoes
     either. A log-spaced grid over T in [0.03, 30] then a golden-section refinement.
+    On a validation split the model separates perfectly the loss falls towards 0 as T
+    shrinks; at the floor T = 0.03 it then measures the margins (such a model beats any
+    that makes a mistake, and among such models the wider margins win).
     """
     if len(y) == 0:
         return float("nan"), 1.0
