@@ -218,10 +218,44 @@ def test_finetune_with_cutmix_and_mixup_runs_end_to_end(shapes_root, tmp_path):
         ImageClassifier(finetune_cutmix=-0.5)
 
 
-def test_default_recipe_on_a_timm_backbone_skips_stage_two_with_a_warning(shapes_root, tmp_path, caplog):
+def test_timm_blocks_are_mapped_and_checked():
+    from imgclf.backbones import BlocksUnknownError, _check_blocks_compose
+
+    for name, last in (("timm:test_efficientnet", "head"), ("timm:test_resnet", "layer4"), ("timm:test_nfnet", "stages.3+final"), ("timm:test_convnext", "stages.3+final")):
+        spec = get_backbone_spec(name)
+        fx = build_feature_extractor(spec, resolve_weights(spec, "none"))
+        blocks = backbone_blocks(fx, spec)  # raises unless they compose to forward_features
+        assert blocks[-1][0] == last and len(blocks) >= 3
+    import copy
+
+    changed = copy.deepcopy(blocks[-1][1])
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    with pytest.raises(BlocksUnknownError, match="do not reproduce"):
+        _check_blocks_compose(fx, blocks[:-1] + [("changed", changed)], spec)  # not the body's own last block
+    with pytest.raises(BlocksUnknownError, match="do not run in sequence"):
+        _check_blocks_compose(fx, blocks[1:], spec)  # the stem left out: shapes no longer fit
+
+
+def test_timm_backbone_fine_tunes_its_last_block(shapes_root, tmp_path):
+    clf = ImageClassifier(backbone="timm:test_efficientnet", weights="none", epochs=2, finetune_epochs=2, finetune_views=1, cache_dir=tmp_path / "c")
+    clf.fit(shapes_root)  # the default recipe: stage 2 on the last block (conv_head + bn2)
+    stage2 = clf.fit_summary_["stages"][1]
+    assert stage2["stage"] == "finetune" and stage2["trainable_blocks"] == ["head"]
+    if clf._tuned is not None:
+        assert all(k.startswith(("body.net.conv_head", "body.net.bn2")) for k in clf._tuned), sorted(clf._tuned)
+
+
+def test_unmapped_timm_backbone_skips_stage_two_or_refuses_unfreeze(shapes_root, tmp_path, caplog, monkeypatch):
+    import imgclf.backbones as bb
+
+    def unknown(net, name):  # as for a timm layout that _timm_blocks does not know
+        raise bb.BlocksUnknownError(f"{name}: its block structure is not mapped, so it cannot be fine-tuned")
+
+    monkeypatch.setattr(bb, "_timm_blocks", unknown)
     clf = ImageClassifier(backbone="timm:test_resnet", weights="none", epochs=2, cache_dir=tmp_path / "c")
-    clf.fit(shapes_root)  # the default recipe is finetune; timm blocks are not mapped
+    clf.fit(shapes_root)  # the default recipe is finetune
     assert [s["stage"] for s in clf.fit_summary_["stages"]] == ["head"]
     assert any("stage 2 skipped" in r.getMessage() for r in caplog.records)
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match="not mapped"):
         ImageClassifier(backbone="timm:test_resnet", weights="none", unfreeze=1, cache_dir=tmp_path / "c").fit(shapes_root)

@@ -25,8 +25,9 @@ from imgclf import __version__
 from imgclf.backbones import (
     BackboneSpec,
     Preprocessing,
+    BlocksUnknownError,
     WeightsRef,
-    finetune_unsupported,
+    backbone_blocks,
     get_backbone_spec,
     resolve_weights,
 )
@@ -240,9 +241,14 @@ class ImageClassifier:
         self.class_names_ = list(ds.class_names)
         n_classes = len(self.class_names_)
         runner = self.backbone_runner()
-        skip_stage2 = finetune_unsupported(runner.spec) if (st["unfreeze"] is None or st["unfreeze"] > 0) and st["finetune_epochs"] else None
-        if skip_stage2 and st["unfreeze"] is not None:  # asked for explicitly: say so before any work
-            raise ValueError(f"{skip_stage2}; drop --unfreeze or use --recipe fast")
+        skip_stage2 = None
+        if (st["unfreeze"] is None or st["unfreeze"] > 0) and st["finetune_epochs"]:
+            try:  # before any work: can this backbone be split into blocks?
+                backbone_blocks(runner.torch_module(), runner.spec)
+            except BlocksUnknownError as e:
+                if st["unfreeze"] is not None:  # asked for explicitly
+                    raise ValueError(f"{e}; drop --unfreeze or use --recipe fast") from None
+                skip_stage2 = str(e)
         train, val = ds.samples["train"], ds.samples["validation"]
         xt, yt, ok_t, sk_tr = self._split_features(train, "train features")
         xv, yv, ok_v, sk_va = self._split_features(val, "validation features")

@@ -563,11 +563,49 @@ class _LiteStage(nn.Module):
 
 
 
-def finetune_unsupported(spec: BackboneSpec) -> str | None:
-    """Why ``spec`` cannot be fine-tuned block-wise (None when it can); no model is built."""
-    if spec.family == "timm":
-        return f"{spec.name}: fine-tuning timm models is not supported yet (their blocks are not mapped)"
-    return None
+class BlocksUnknownError(ValueError):
+    """The backbone's body cannot be split into blocks, so it cannot be fine-tuned block-wise."""
+
+
+def _timm_blocks(net: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """Blocks of the common timm layouts, in ``forward_features`` order."""
+
+    def seq(*names):
+        return nn.Sequential(*[getattr(net, n) for n in names if isinstance(getattr(net, n, None), nn.Module)])
+
+    if isinstance(getattr(net, "conv_stem", None), nn.Module) and isinstance(getattr(net, "blocks", None), nn.Sequential):
+        # EfficientNet / MobileNet family: conv_stem, bn1, blocks, conv_head, bn2
+        return [("stem", seq("conv_stem", "bn1"))] + [(f"blocks.{i}", b) for i, b in enumerate(net.blocks)] + [("head", seq("conv_head", "bn2"))]
+    if all(isinstance(getattr(net, f"layer{i}", None), nn.Module) for i in range(1, 5)) and hasattr(net, "conv1"):
+        # ResNet family: conv1, bn1, act1, maxpool, layer1..4
+        return [("stem", seq("conv1", "bn1", "act1", "maxpool"))] + [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
+    if isinstance(getattr(net, "stem", None), nn.Module) and isinstance(getattr(net, "stages", None), nn.Sequential):
+        # ConvNeXt, ByobNet, NFNet, RegNet, ...: stem, stages, then an optional final norm / conv,
+        # which goes with the last stage (alone it is often an Identity: nothing to train)
+        stages = [(f"stages.{i}", b) for i, b in enumerate(net.stages)]
+        stages[-1] = (f"stages.{len(stages) - 1}+final", nn.Sequential(stages[-1][1], seq("norm_pre", "final_conv", "final_act")))
+        return [("stem", net.stem)] + stages
+    raise BlocksUnknownError(f"{name}: its block structure is not mapped, so it cannot be fine-tuned")
+
+
+def _check_blocks_compose(fx: FeatureExtractor, blocks: list[tuple[str, nn.Module]], spec: BackboneSpec) -> None:
+    """Refuse a mapping whose blocks, applied in order, do not reproduce ``fx.body``."""
+    s = spec.preprocessing.input_size
+    x = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(0))
+    training = fx.training
+    fx.eval()
+    try:
+        with torch.no_grad():
+            want = fx.body(x)
+            got = x
+            for _, b in blocks:
+                got = b(got)
+    except Exception as e:  # a block that cannot run on its own
+        raise BlocksUnknownError(f"{spec.name}: its mapped blocks do not run in sequence ({type(e).__name__}), so it cannot be fine-tuned") from e
+    finally:
+        fx.train(training)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        raise BlocksUnknownError(f"{spec.name}: its mapped blocks do not reproduce forward_features, so it cannot be fine-tuned")
 
 
 def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str, nn.Module]]:
@@ -602,7 +640,8 @@ def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str,
             children = list(body.children())
             return [("stem", nn.Sequential(*children[:4]))] + [(f"layer{i}", children[3 + i]) for i in range(1, 5)]
         return [(f"features.{i}", m) for i, m in enumerate(body)]
-    reason = finetune_unsupported(spec)
-    if reason:
-        raise ValueError(f"{reason}; use --recipe fast")
+    if spec.family == "timm":
+        blocks = _timm_blocks(body.net, spec.name)
+        _check_blocks_compose(fx, blocks, spec)
+        return blocks
     raise AssertionError(spec.family)

@@ -79,9 +79,18 @@ def split_blocks(fx, spec, unfreeze: int) -> tuple[list[tuple[str, nn.Module]], 
 
 
 def tail_state_keys(fx: nn.Module, tail: list[tuple[str, nn.Module]]) -> list[str]:
-    """Names (in ``fx.state_dict()``) of every tensor that belongs to the tail blocks."""
+    """Names (in ``fx.state_dict()``) of every tensor that belongs to the tail blocks.
+
+    A module registered twice (a timm net is both the body and the pooling step) lists
+    its tensors under two names; each tensor is named once, by its first name.
+    """
     ids = {id(t) for _, m in tail for t in list(m.parameters()) + list(m.buffers())}
-    return [k for k, v in fx.state_dict(keep_vars=True).items() if id(v) in ids]
+    keys, seen = [], set()
+    for k, v in fx.state_dict(keep_vars=True).items():
+        if id(v) in ids and id(v) not in seen:
+            seen.add(id(v))
+            keys.append(k)
+    return keys
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
