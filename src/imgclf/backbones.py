@@ -19,6 +19,7 @@ Weight sources, in priority order (``--weights``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -69,10 +70,6 @@ class Preprocessing:
         d["mean"] = tuple(float(v) for v in d["mean"])
         d["std"] = tuple(float(v) for v in d["std"])
         return cls(**d)
-
-
-IMAGENET_PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @dataclass(frozen=True)
@@ -416,31 +413,16 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-class _LiteBody(nn.Module):
-    def __init__(self, net):
+class _NetCall(nn.Module):
+    """``net.<method>(x, **kwargs)`` as a module; ``net`` stays the submodule ``net``."""
+
+    def __init__(self, net, method: str, **kwargs):
         super().__init__()
         self.net = net
+        self.method, self.kwargs = method, kwargs
 
     def forward(self, x):
-        return self.net.extract_features(x)
-
-
-class _TimmBody(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net.forward_features(x)
-
-
-class _TimmPool(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net.forward_head(x, pre_logits=True)
+        return getattr(self.net, self.method)(x, **self.kwargs)
 
 
 class _ConvNextPool(nn.Module):
@@ -465,7 +447,7 @@ def build_feature_extractor(spec: BackboneSpec, ref: WeightsRef, *, seed: int = 
         if ref.path:
             _load_into(net, read_state_dict(ref.path), ignore_prefixes=("_fc.",), source=ref.description)
         net._fc = nn.Identity()
-        fx = FeatureExtractor(_LiteBody(net), GlobalAvgPool(), prep)
+        fx = FeatureExtractor(_NetCall(net, "extract_features"), GlobalAvgPool(), prep)
 
     elif spec.family == "torchvision":
         import torchvision
@@ -494,15 +476,16 @@ def build_feature_extractor(spec: BackboneSpec, ref: WeightsRef, *, seed: int = 
     elif spec.family == "timm":
         import timm
 
-        net = timm.create_model(spec.arch, pretrained=False, num_classes=0)
-        if ref.kind == "hub":
-            try:
-                net = timm.create_model(spec.arch, pretrained=True, num_classes=0)
-            except Exception as e:
-                raise WeightsUnavailableError(f"{spec.name}: download failed ({str(e).splitlines()[0]}); pass --weights PATH") from None
-        elif ref.path:
+        try:
+            net = timm.create_model(spec.arch, pretrained=ref.kind == "hub", num_classes=0)
+        except Exception as e:
+            if ref.kind != "hub":
+                raise
+            raise WeightsUnavailableError(f"{spec.name}: download failed ({str(e).splitlines()[0]}); pass --weights PATH") from None
+        if ref.path:
             _load_into(net, read_state_dict(ref.path), ignore_prefixes=_timm_head_prefixes(net), source=ref.description)
-        fx = FeatureExtractor(_TimmBody(net), _TimmPool(net), prep)
+        # the pool is a plain callable so ``net`` is registered once (under ``body``)
+        fx = FeatureExtractor(_NetCall(net, "forward_features"), functools.partial(net.forward_head, pre_logits=True), prep)
     else:
         raise AssertionError(spec.family)
 
@@ -538,29 +521,6 @@ def weights_fingerprint(spec: BackboneSpec, ref: WeightsRef) -> str:
 
 
 # --------------------------------------------------------------------------- blocks
-
-
-class _ConvBnAct(nn.Module):
-    """EfficientNet-Lite's stem or conv head, regrouped as one block (shared modules)."""
-
-    def __init__(self, conv, bn, act):
-        super().__init__()
-        self.conv, self.bn, self.act = conv, bn, act
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
-
-
-class _LiteStage(nn.Module):
-    def __init__(self, blocks):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return x
-
 
 
 class BlocksUnknownError(ValueError):
@@ -625,8 +585,8 @@ def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str,
                 current = []
             current.append(blk)
         stages.append(current)
-        stem, head = _ConvBnAct(net._conv_stem, net._bn0, net._swish), _ConvBnAct(net._conv_head, net._bn1, net._swish)
-        return [("stem", stem)] + [(f"stage{i + 1}", _LiteStage(s)) for i, s in enumerate(stages)] + [("head", head)]
+        stem, head = nn.Sequential(net._conv_stem, net._bn0, net._swish), nn.Sequential(net._conv_head, net._bn1, net._swish)
+        return [("stem", stem)] + [(f"stage{i + 1}", nn.Sequential(*s)) for i, s in enumerate(stages)] + [("head", head)]
     if spec.family == "torchvision":
         if spec.arch == "vgg16":
             blocks, current, k = [], [], 1

@@ -195,7 +195,7 @@ def decode_to_array(path: str | os.PathLike, prep) -> np.ndarray:
     """File → uint8 (3, S, S), exactly as the feature path decodes for predict."""
     from imgclf.preprocess import decode_array
 
-    arr, err = decode_array(str(path), prep, 2 * prep.resize_size)
+    arr, err = decode_array(str(path), prep)
     if err:
         from imgclf.imaging import ImageDecodeError
 
@@ -207,9 +207,8 @@ def _batched_decode(paths: Sequence[str], prep, batch_size: int, threads: int):
     """Yield (indices, uint8 batch or None, {index: error}) with decoding ahead of inference."""
     from imgclf.preprocess import decode_array, decoded_batches
 
-    draft = 2 * prep.resize_size
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        yield from decoded_batches(list(range(len(paths))), lambda i: decode_array(str(paths[i]), prep, draft), batch_size, pool)
+        yield from decoded_batches(list(range(len(paths))), lambda i: decode_array(str(paths[i]), prep), batch_size, pool)
 
 
 def rows_from_proba(paths: Sequence, proba: np.ndarray, errors: dict[str, str], decision: Decision) -> list[dict]:
@@ -437,7 +436,7 @@ def _load_arrays(items: Sequence[tuple[Path, str]], prep, threads: int = 2) -> t
     from imgclf.preprocess import decode_array
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        res = list(pool.map(lambda it: decode_array(str(it[0]), prep, 2 * prep.resize_size), items))
+        res = list(pool.map(lambda it: decode_array(str(it[0]), prep), items))
     kept = [(it, arr) for it, (arr, err) in zip(items, res) if arr is not None]
     if not kept:
         return np.zeros((0, 3, prep.input_size, prep.input_size), np.uint8), []

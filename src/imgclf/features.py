@@ -386,10 +386,8 @@ def extract_features(
         if todo:
             engine = runner.get()
             engine_name, precision = engine.name, engine.precision
-            # JPEG draft decoding only for the plain view: a random crop may zoom in
-            draft = 2 * prep.resize_size if transform is None else None
             t0 = time.perf_counter()
-            decode = lambda i: _decode(str(paths[i]), prep, draft, transform, hashes[i])  # noqa: E731
+            decode = lambda i: _decode(str(paths[i]), prep, transform, hashes[i])  # noqa: E731
             for idx, batch, errs in decoded_batches(todo, decode, batch_size, pool):
                 errors.update(errs)
                 if batch is not None:

@@ -79,18 +79,9 @@ def split_blocks(fx, spec, unfreeze: int) -> tuple[list[tuple[str, nn.Module]], 
 
 
 def tail_state_keys(fx: nn.Module, tail: list[tuple[str, nn.Module]]) -> list[str]:
-    """Names (in ``fx.state_dict()``) of every tensor that belongs to the tail blocks.
-
-    A module registered twice (a timm net is both the body and the pooling step) lists
-    its tensors under two names; each tensor is named once, by its first name.
-    """
+    """Names (in ``fx.state_dict()``) of every tensor that belongs to the tail blocks."""
     ids = {id(t) for _, m in tail for t in list(m.parameters()) + list(m.buffers())}
-    keys, seen = [], set()
-    for k, v in fx.state_dict(keep_vars=True).items():
-        if id(v) in ids and id(v) not in seen:
-            seen.add(id(v))
-            keys.append(k)
-    return keys
+    return [k for k, v in fx.state_dict(keep_vars=True).items() if id(v) in ids]
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -113,18 +104,27 @@ class PrefixModule(nn.Module):
         return self.prefix(self.fx.normalize(x))
 
 
-def compute_prefix(engine, paths: list[str], prep, transform, batch_size: int = 32) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
-    """Frozen-prefix activations (bf16 in memory) for one view of ``paths``; decoding runs ahead."""
+def compute_prefix(engine, paths: list[str], prep, transform, hashes: list[str] | None = None, batch_size: int = 32) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
+    """Frozen-prefix activations (bf16 in memory) for one view of ``paths``; decoding runs ahead.
+
+    An augmented view needs the files' content ``hashes`` (its seed).
+    """
     outs, ok, errors = [], [], {}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        hashes = list(pool.map(content_hash, paths))
-        decode = lambda i: _decode(paths[i], prep, None, transform, hashes[i])  # noqa: E731
+        decode = lambda i: _decode(paths[i], prep, transform, hashes[i] if hashes else "")  # noqa: E731
         for idx, batch, errs in decoded_batches(list(range(len(paths))), decode, batch_size, pool):
             errors.update(errs)
             if batch is not None:
                 outs.append(torch.from_numpy(np.asarray(engine(batch))).to(torch.bfloat16))
                 ok.extend(idx)
     return (torch.cat(outs) if outs else None), ok, errors
+
+
+def _safe_hash(path: str) -> str:
+    try:
+        return content_hash(path)
+    except OSError:  # unreadable: its decode fails and reports it
+        return ""
 
 
 def finetune(
@@ -163,21 +163,18 @@ def finetune(
     prep = spec.preprocessing
     views = max(1, views if augment.active else 1)
 
-    # memory budget for the cached prefix activations
+    # memory budget for the cached prefix activations (an empty prefix is the identity)
     with torch.inference_mode():
         s = prep.input_size
-        probe = nn.Sequential(*prefix)(fx.normalize(torch.zeros(1, 3, s, s))) if prefix else torch.zeros(1, 3, s, s)
-    per_item = probe[0].numel() * 2  # bf16 bytes
-    budget = PREFIX_CACHE_MB * 2**20
-    slots = budget // per_item  # activations that fit in the budget
-    n_items = len(train_paths) * views + len(val_paths)
-    if slots < len(train_paths) + len(val_paths):
+        per_item = PrefixModule(fx, prefix)(torch.zeros(1, 3, s, s, dtype=torch.uint8))[0].numel() * 2  # bf16 bytes
+    slots = PREFIX_CACHE_MB * 2**20 // per_item  # activations that fit in the budget
+    fit_views = (slots - len(val_paths)) // max(1, len(train_paths))
+    if fit_views < 1:
         raise ValueError(
-            f"fine-tuning {len(train_paths)} images with --unfreeze {unfreeze} needs {n_items * per_item / 2**20:.0f} MB of "
-            f"cached activations (limit IMGCLF_PREFIX_CACHE_MB={PREFIX_CACHE_MB}); use a smaller --unfreeze or --recipe fast"
+            f"fine-tuning {len(train_paths)} images with --unfreeze {unfreeze} needs {(len(train_paths) + len(val_paths)) * per_item / 2**20:.0f} MB "
+            f"of cached activations (limit IMGCLF_PREFIX_CACHE_MB={PREFIX_CACHE_MB}); use a smaller --unfreeze or --recipe fast"
         )
-    if n_items > slots:
-        fit_views = int((slots - len(val_paths)) // len(train_paths))
+    if fit_views < views:
         log.warning("reducing --finetune-views from %d to %d to fit the activation cache", views, fit_views)
         views = fit_views
 
@@ -188,25 +185,23 @@ def finetune(
         runner.cache_root / "backbones" / f"{spec.name.replace(':', '_')}-{runner.fingerprint}-prefix-{prefix_name}.onnx",
         f"frozen prefix (up to {prefix_name})",
     )
-    train_views = []
-    keep = None
-    for v in range(views):
-        transform = None if v == 0 else AugmentedView(augment, v, cfg.seed)
-        h, ok, errors = compute_prefix(engine, train_paths, prep, transform)
-        if keep is None:
-            keep = ok
-        elif ok != keep:  # a file decoded in one view but not another: keep the common ones
-            common = sorted(set(ok) & set(keep))
-            h = h[[ok.index(i) for i in common]]
-            train_views = [tv[[keep.index(i) for i in common]] for tv in train_views]
-            keep = common
+    plain, keep, _ = compute_prefix(engine, train_paths, prep, None)
+    train_views = [plain]
+    if views > 1:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            hashes = list(pool.map(_safe_hash, train_paths))
+        pos_plain = {i: k for k, i in enumerate(keep)}
+    for v in range(1, views):
+        h, ok, _ = compute_prefix(engine, train_paths, prep, AugmentedView(augment, v, cfg.seed), hashes)
+        if ok != keep:  # a view that failed to decode falls back to the image's plain view
+            pos = {i: k for k, i in enumerate(ok)}
+            h = torch.stack([h[pos[i]] if i in pos else plain[pos_plain[i]] for i in keep])
         train_views.append(h)
     hv, ok_v, _ = compute_prefix(engine, val_paths, prep, None)
     prefix_s = time.perf_counter() - t0
-    n_prefix = len(train_paths) * views + len(val_paths)
+    n_prefix = len(keep) * views + len(ok_v)
     log.info("fine-tune: frozen prefix (up to %s) computed once on %s (%s) for %d image views in %.1f s (%.1f img/s), %.0f MB cached",
-             prefix_name, engine.name, engine.precision, n_prefix, prefix_s, n_prefix / max(prefix_s, 1e-9),
-             (sum(t.numel() for t in train_views) + (hv.numel() if hv is not None else 0)) * 2 / 2**20)
+             prefix_name, engine.name, engine.precision, n_prefix, prefix_s, n_prefix / max(prefix_s, 1e-9), n_prefix * per_item / 2**20)
 
     xt = torch.stack(train_views)  # (V, n, C, H, W) bf16
     yt = torch.from_numpy(np.asarray(y_train, np.int64)[keep])

@@ -78,14 +78,22 @@ def decoded_batches(items: Sequence, decode: Callable, batch_size: int, pool: Th
         yield idx, (np.stack(arrays) if arrays else None), errors
 
 
-def decode_array(path: str, prep, draft: int | None = None, transform=None, content_hash: str = "") -> tuple[np.ndarray | None, str | None]:
+def draft_size(prep) -> int:
+    """JPEG draft size for ``prep``: libjpeg may decode a large JPEG at a reduced scale
+    no smaller than this, twice the resize target, so resizing still has pixels to spare.
+    Every path that decodes for the model (features, fine-tuning, predict, export, serve)
+    uses it, so one file gives the same pixels everywhere."""
+    return 2 * prep.resize_size
+
+
+def decode_array(path: str, prep, transform=None, content_hash: str = "") -> tuple[np.ndarray | None, str | None]:
     """File → (uint8 (3, S, S), None) or (None, one-line error): bad files never raise.
 
-    ``draft`` lets libjpeg decode large JPEGs at a reduced scale; ``transform`` (an
-    augmented or test-time view) is applied to the decoded image before preprocessing.
+    ``transform`` (an augmented or test-time view) is applied to the decoded image before
+    preprocessing; only the plain view uses JPEG draft decoding (a random crop may zoom in).
     """
     try:
-        img = load_rgb(path, draft_size=draft)
+        img = load_rgb(path, draft_size=draft_size(prep) if transform is None else None)
         if transform is not None:
             img = transform(img, content_hash)
         return image_to_array(img, prep), None

@@ -260,7 +260,7 @@ def decode_upload(data: bytes, filename: str, prep, max_pixels: int, keep_image:
     from PIL import Image, UnidentifiedImageError
 
     from imgclf.imaging import ImageDecodeError, decode_image_bytes
-    from imgclf.preprocess import image_to_array
+    from imgclf.preprocess import draft_size, image_to_array
 
     if not data:
         raise ApiError(400, "empty-file", f"upload {filename!r} is empty (0 bytes)")
@@ -279,7 +279,7 @@ def decode_upload(data: bytes, filename: str, prep, max_pixels: int, keep_image:
     if w * h > max_pixels:
         raise ApiError(413, "too-many-pixels", f"upload {filename!r} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
     try:
-        decoded = decode_image_bytes(data, filename, draft_size=2 * prep.resize_size)
+        decoded = decode_image_bytes(data, filename, draft_size=draft_size(prep))
     except ImageDecodeError as e:
         status, code = _KIND_STATUS.get(e.kind, (422, "unreadable-image"))
         raise ApiError(status, code, f"upload {e}") from None
