@@ -27,7 +27,6 @@ from imgclf.backbones import (
     Preprocessing,
     BlocksUnknownError,
     WeightsRef,
-    backbone_blocks,
     get_backbone_spec,
     resolve_weights,
 )
@@ -35,7 +34,7 @@ from imgclf.bundle import BundleError, load_bundle, save_bundle
 from imgclf.data import Dataset, load_dataset
 from imgclf.augment import AugmentedView, build_augment, tta_views
 from imgclf.features import BackboneRunner, default_cache_dir, extract_features
-from imgclf.finetune import TAIL_BN_MODES, finetune
+from imgclf.finetune import TAIL_BN_MODES, finetune, split_blocks, tensors_digest
 from imgclf.heads import head_config, head_from_config
 from imgclf.metrics import classification_metrics
 from imgclf.names import DEFAULT_BACKBONE
@@ -241,14 +240,15 @@ class ImageClassifier:
         self.class_names_ = list(ds.class_names)
         n_classes = len(self.class_names_)
         runner = self.backbone_runner()
-        skip_stage2 = None
-        if (st["unfreeze"] is None or st["unfreeze"] > 0) and st["finetune_epochs"]:
-            try:  # before any work: can this backbone be split into blocks?
-                backbone_blocks(runner.torch_module(), runner.spec)
+        unfreeze = (default_unfreeze(runner.spec) if st["unfreeze"] is None else st["unfreeze"]) if st["finetune_epochs"] else 0
+        if unfreeze:
+            try:  # before any work: can this backbone be split into enough blocks?
+                split_blocks(runner.torch_module(), runner.spec, unfreeze)
             except BlocksUnknownError as e:
                 if st["unfreeze"] is not None:  # asked for explicitly
                     raise ValueError(f"{e}; drop --unfreeze or use --recipe fast") from None
-                skip_stage2 = str(e)
+                log.warning("%s: stage 2 skipped, the frozen backbone's head is the model", e)
+                unfreeze = 0
         train, val = ds.samples["train"], ds.samples["validation"]
         xt, yt, ok_t, sk_tr = self._split_features(train, "train features")
         xv, yv, ok_v, sk_va = self._split_features(val, "validation features")
@@ -269,13 +269,7 @@ class ImageClassifier:
         head, history, summary = fit_head(xt, yt, xv, yv, n_classes, self.train_config, on_epoch=on_epoch)
         summaries = [summary]
 
-        unfreeze = st["unfreeze"]
-        if unfreeze is None:
-            unfreeze = default_unfreeze(runner.spec)
-        if skip_stage2:
-            log.warning("%s: stage 2 skipped, the frozen backbone's head is the model", skip_stage2)
-            unfreeze = 0
-        if unfreeze and st["finetune_epochs"]:
+        if unfreeze:
             cfg2 = dataclasses.replace(
                 self.train_config, epochs=st["finetune_epochs"], lr=st["finetune_lr"], patience=st["finetune_patience"],
                 optimizer="adamw", weight_decay=0.01, warmup_epochs=1.0, schedule="cosine", checkpoint="best",
@@ -295,7 +289,8 @@ class ImageClassifier:
         self.history_ = history
 
         if n_classes == 2:
-            if self._tuned is not None:  # the backbone changed: validation features too
+            if self._tuned is not None and parse_policy(st["threshold_policy"])[0] != "fixed":
+                # the backbone changed: validation features too
                 xv, yv, _, _ = self._split_features(val, "validation features")
             self.threshold_ = self._choose_threshold(xv, yv)
         self.fit_summary_ = {
@@ -483,8 +478,6 @@ class ImageClassifier:
         clf._weights_ref = ref
         tuned_meta = meta.get("backbone_tuned")
         if tuned_meta:
-            from imgclf.finetune import tensors_digest
-
             if not backbone_tensors or tensors_digest(backbone_tensors) != tuned_meta.get("digest"):
                 raise BundleError(f"{path}: fine-tuned backbone tensors are missing or do not match model.json")
             clf._tuned = backbone_tensors

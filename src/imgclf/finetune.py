@@ -40,6 +40,7 @@ from imgclf.training import TrainConfig, fit_loop, seed_everything, view_batches
 log = logging.getLogger("imgclf")
 
 TAIL_BN_MODES = ("frozen", "train")
+LAYER_DECAY = 0.5  # discriminative learning rates: each block down gets this times the one above
 PREFIX_CACHE_MB = int(os.environ.get("IMGCLF_PREFIX_CACHE_MB", "4096"))
 
 
@@ -141,7 +142,6 @@ def finetune(
     augment: AugmentConfig,
     views: int,
     tail_bn: str = "frozen",
-    layer_decay: float = 0.5,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Fine-tune the last ``unfreeze`` blocks + ``head`` in place.
@@ -223,7 +223,7 @@ def finetune(
 
     groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
     for depth, m in enumerate(reversed(tail), start=1):
-        groups.append({"params": [p for p in m.parameters()], "lr": cfg.lr * layer_decay**depth})
+        groups.append({"params": [p for p in m.parameters()], "lr": cfg.lr * LAYER_DECAY**depth})
     base_lrs = [g["lr"] for g in groups]
 
     t1 = time.perf_counter()

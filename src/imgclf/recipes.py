@@ -12,9 +12,9 @@
                  learning rates (halved per block going down), 1 warmup epoch + cosine,
                  label smoothing 0.1, light augmentation through K cached views of the
                  frozen prefix, BatchNorm statistics kept (``--finetune-bn frozen``), early
-                 stopping and best checkpoint on validation accuracy (ties: lower loss).
-                 The fine-tuned model replaces the frozen one only if it is more accurate
-                 on validation, or as accurate with a lower loss.
+                 stopping and best checkpoint by ``--finetune-monitor`` (default: the
+                 temperature-calibrated validation loss). The fine-tuned model replaces the
+                 frozen one only if it beats it on that monitor.
 """
 
 from __future__ import annotations

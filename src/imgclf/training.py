@@ -33,37 +33,24 @@ def calibrated_nll(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     compares models by how well they rank the classes, not by how confident their
     training made them: label smoothing raises plain cross-entropy at equal ranking
     quality, and a head trained to zero loss is over-confident; one temperature undoes
-    either. A log-spaced grid over T in [0.03, 30] then a golden-section refinement.
+    either. T is searched in [0.03, 30] (bounded Brent search over log T).
     On a validation split the model separates perfectly the loss falls towards 0 as T
     shrinks; at the floor T = 0.03 it then measures the margins (such a model beats any
     that makes a mistake, and among such models the wider margins win).
     """
     if len(y) == 0:
         return float("nan"), 1.0
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
     logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-300, None))
     idx = np.arange(len(y))
 
-    def nll(t: float) -> float:
-        z = logp / t
-        z = z - z.max(1, keepdims=True)
-        return float(np.mean(np.log(np.exp(z).sum(1)) - z[idx, y]))
+    def nll(log_t: float) -> float:  # convex in 1/T, so one minimum over log T
+        return float(-log_softmax(logp / math.exp(log_t), axis=1)[idx, y].mean())
 
-    grid = np.exp(np.linspace(np.log(0.03), np.log(30.0), 61))
-    losses = [nll(t) for t in grid]
-    k = int(np.argmin(losses))
-    lo, hi = np.log(grid[max(k - 1, 0)]), np.log(grid[min(k + 1, len(grid) - 1)])
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    for _ in range(40):
-        if nll(math.exp(a)) < nll(math.exp(b)):
-            hi, b = b, a
-            a = hi - g * (hi - lo)
-        else:
-            lo, a = a, b
-            b = lo + g * (hi - lo)
-    t = math.exp((lo + hi) / 2)
-    best_t, best = min([(t, nll(t)), (float(grid[k]), losses[k])], key=lambda p: p[1])
-    return best, best_t
+    res = minimize_scalar(nll, bounds=(math.log(0.03), math.log(30.0)), method="bounded", options={"xatol": 1e-6})
+    return float(res.fun), math.exp(res.x)
 
 
 def better(score: tuple[float, float], best: tuple[float, float], monitor: str) -> bool:
