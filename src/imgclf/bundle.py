@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from imgclf.fileio import atomic_write_bytes
 
 BUNDLE_FORMAT = "imgclf-bundle/1"
+if TYPE_CHECKING:  # torch is imported where tensors are handled, so resolving a bundle stays light
+    import torch
+
 REQUIRED_KEYS = ("format", "backbone", "weights", "preprocessing", "class_names", "head")
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from imgclf import __version__
+from imgclf.fileio import is_within
 from imgclf.recipes import DEFAULT_RECIPE, RECIPE_NAMES
 
 log = logging.getLogger("imgclf")
@@ -145,14 +146,6 @@ def _load_extension(name: str):
 # --------------------------------------------------------------------------- commands
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _classifier_from_args(args):
     from imgclf.api import ImageClassifier
 
@@ -194,9 +187,9 @@ def run_train(args) -> dict:
     ds = load_dataset(root, val_fraction=0.0 if args.validation else args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     if args.validation:  # the validation folder replaces carving: train keeps all its images
         ds = with_validation_folder(ds, args.validation)
-    if _inside(Path(args.project), root):
+    if is_within(Path(args.project), root):
         raise ValueError(f"--project {args.project} is inside the dataset {root}; imgclf never writes into the dataset folder")
-    if _inside(clf.cache_dir, root):
+    if is_within(clf.cache_dir, root):
         raise ValueError(f"--cache-dir {clf.cache_dir} is inside the dataset {root}; imgclf never writes into the dataset folder")
     clf.backbone_runner()  # resolve backbone + weights now: fail before a run folder exists
     run_dir = new_run_dir(args.project, args.name)
@@ -317,7 +310,7 @@ def cmd_evaluate(args) -> int:
     from imgclf.runs import write_json
 
     clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress, tta=args.tta)
-    if args.out and _inside(Path(args.out), Path(args.data)):
+    if args.out and is_within(Path(args.out), Path(args.data)):
         raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
     samples = _run_test_split(args.model, args.data, clf.class_names_)
     if samples is not None:
@@ -346,7 +339,7 @@ def cmd_predict(args) -> int:
     paths, problems = collect_image_paths(args.paths)
     if not paths:
         raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(args.paths)))
-    inside = [p for p in args.paths if args.out and Path(p).is_dir() and _inside(Path(args.out), Path(p))]
+    inside = [p for p in args.paths if args.out and Path(p).is_dir() and is_within(Path(args.out), Path(p))]
     if inside:
         raise ValueError(f"--out {args.out} is inside the image folder {inside[0]}; imgclf never writes into input folders")
     for p in problems:

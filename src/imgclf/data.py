@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .imaging import IMAGE_EXTENSIONS as _EXTS
+from .fileio import is_within
 from .imaging import is_image_file
 
 __all__ = [
@@ -371,14 +372,6 @@ def load_dataset(
 # --------------------------------------------------------------------------- split CSV
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def write_split_csv(dataset: Dataset, path: str | os.PathLike) -> None:
     """Write ``split,class,path`` rows (absolute paths) atomically, to reproduce the split later.
 
@@ -386,7 +379,7 @@ def write_split_csv(dataset: Dataset, path: str | os.PathLike) -> None:
     never leaves a half-written CSV. Refuses to write inside the dataset folder.
     """
     path = Path(path)
-    if _is_within(path, dataset.root):
+    if is_within(path, dataset.root):
         raise DatasetError(f"{path}: refusing to write inside the dataset folder {dataset.root}")
     from imgclf.fileio import atomic_write_bytes
 

@@ -51,10 +51,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from imgclf import __version__
-from imgclf.fileio import atomic_write_bytes, file_sha256
+from imgclf.bundle import BundleError, resolve_bundle_dir
+from imgclf.fileio import atomic_write_bytes, default_cache_dir, file_sha256
 from imgclf.runs import write_json
 
-# Heavier imgclf modules (bundle, features, api: they import torch) are imported inside the
+# Heavier imgclf modules (features, api: they import torch) are imported inside the
 # functions that need them, so that loading and running an exported graph stays light.
 
 log = logging.getLogger("imgclf")
@@ -79,23 +80,15 @@ class ExportError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+class StaleExportError(ExportError):
+    """The export was made from another version of the bundle (it was re-saved since)."""
+
+
 class ParityError(ExportError):
     """ONNX Runtime and PyTorch disagree beyond the tolerance: the export is refused."""
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def resolve_bundle_dir(path):
-    from imgclf.bundle import resolve_bundle_dir as resolve
-
-    return resolve(path)
-
-
-def _bundle_error(message: str) -> Exception:
-    from imgclf.bundle import BundleError
-
-    return BundleError(message)
 
 
 class PixelPolicy(SimpleNamespace):
@@ -164,9 +157,9 @@ class Decision:
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise _bundle_error(f"model.json threshold {raw!r} is not a number") from None
+            raise BundleError(f"model.json threshold {raw!r} is not a number") from None
         if not 0.0 <= value <= 1.0 or positive not in names:
-            raise _bundle_error(f"model.json threshold {raw!r}: needs a value in 0..1 and a positive class among {', '.join(names)}")
+            raise BundleError(f"model.json threshold {raw!r}: needs a value in 0..1 and a positive class among {', '.join(names)}")
         return cls(names, value, names.index(positive))
 
     def to_dict(self) -> dict | None:
@@ -799,7 +792,7 @@ class OnnxClassifier:
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, decode_threads: int = 2, batch_size: int = 32, expected_bundle_id: str | None = None):
         p, data, side, props = load_verified(path)
         if expected_bundle_id is not None and side.get("source", {}).get("bundle_id") != expected_bundle_id:
-            raise ExportError(f"{p}: exported from another version of the model (the bundle changed since); re-export with `imgclf export MODEL`")
+            raise StaleExportError(f"{p}: exported from another version of the model (the bundle changed since); re-export with `imgclf export MODEL`")
         self.path = p
         self.sidecar = side
         self.metadata = props
@@ -919,13 +912,10 @@ def _model_tta(d: Path) -> str:
         return "none"
 
 
-def _export_locations(d: Path, cache_dir, tta: str | None = None) -> list[Path]:
-    """Where exports of the bundle live: the model folder, then the cache (the cache only,
-    for test-time views other than the model's own)."""
-    from imgclf.features import default_cache_dir
-
+def _export_locations(d: Path, bid: str, cache_dir, tta: str | None = None) -> list[Path]:
+    """Where exports of the bundle ``bid`` live: the model folder, then the cache (the
+    cache only, for test-time views other than the model's own)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    bid = bundle_hashes(d)["bundle_id"]
     if tta is not None and tta != _model_tta(d):
         return [root / "exports" / f"{bid}-tta-{tta}" / ONNX_NAME]
     return [d / ONNX_NAME, root / "exports" / bid / ONNX_NAME]
@@ -938,25 +928,26 @@ def _export_tta(clf: "OnnxClassifier") -> str:
         return "none"
 
 
-def find_export(model_dir: str | os.PathLike, cache_dir=None, *, strict: bool = False, tta: str | None = None) -> OnnxClassifier | None:
+def find_export(model_dir: str | os.PathLike, cache_dir=None, *, strict: bool = False, tta: str | None = None, bundle_id: str | None = None) -> OnnxClassifier | None:
     """A valid, up-to-date export of the bundle (model dir first, then the cache), or None.
 
     A file that fails its integrity check is skipped with a warning, or raises if ``strict``.
     A stale export (the bundle was re-saved since) is skipped, and so is one whose
-    test-time views differ from ``tta`` (default: the model's own).
+    test-time views differ from ``tta`` (default: the model's own). ``bundle_id`` saves
+    hashing the bundle again when the caller has it.
     """
     d = resolve_bundle_dir(model_dir)
-    bid = bundle_hashes(d)["bundle_id"]
+    bid = bundle_id or bundle_hashes(d)["bundle_id"]
     wanted = tta if tta is not None else _model_tta(d)
-    for p in _export_locations(d, cache_dir, tta):
+    for p in _export_locations(d, bid, cache_dir, tta):
         if not p.is_file():
             continue
         try:
             found = OnnxClassifier(p, expected_bundle_id=bid)
+        except StaleExportError as e:
+            log.info("%s is stale: %s", p, e)
+            continue
         except ExportError as e:
-            if "another version of the model" in str(e):
-                log.info("%s is stale: %s", p, e)
-                continue
             if strict:
                 raise
             log.warning("ignoring %s", e)
@@ -968,8 +959,8 @@ def find_export(model_dir: str | os.PathLike, cache_dir=None, *, strict: bool = 
     return None
 
 
-def _writable_target(d: Path, cache_dir, tta: str | None = None) -> Path:
-    locations = _export_locations(d, cache_dir, tta)
+def _writable_target(d: Path, bid: str, cache_dir, tta: str | None = None) -> Path:
+    locations = _export_locations(d, bid, cache_dir, tta)
     if len(locations) == 1:
         return locations[0]
     first, fallback = locations
@@ -1010,8 +1001,6 @@ def predictor_for(
     into the graph, so another setting uses (or, for ``onnx``, makes) a matching export in
     the cache. ``model`` may also be an ``.onnx`` file (engine auto or onnx; its views).
     """
-    from imgclf.api import ImageClassifier
-
     if engine not in PREDICT_ENGINES:
         raise ValueError(f"--engine must be one of {', '.join(PREDICT_ENGINES)}")
     p = Path(model)
@@ -1025,16 +1014,23 @@ def predictor_for(
     load = dict(weights=weights, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     if tta is not None:
         load["tta"] = tta
+
+    def feature_path(engine_name: str):  # imports torch: only when this path is taken
+        from imgclf.api import ImageClassifier
+
+        return ImageClassifier.load(model, engine=engine_name, **load)
+
     if engine in ("torch", "openvino", "onnxruntime"):
-        return ImageClassifier.load(model, engine=engine, **load)
+        return feature_path(engine)
     d = resolve_bundle_dir(model)
-    found = find_export(d, cache_dir, strict=(engine == "onnx"), tta=tta)
+    bid = bundle_hashes(d)["bundle_id"]
+    found = find_export(d, cache_dir, strict=(engine == "onnx"), tta=tta, bundle_id=bid)
     if found is not None:
         log.info("engine: ONNX Runtime on %s", found.path)
         return found
     if engine == "auto":
-        return ImageClassifier.load(model, engine="auto", **load)
-    target = _writable_target(d, cache_dir, tta)
+        return feature_path("auto")
+    target = _writable_target(d, bid, cache_dir, tta)
     log.info("no up-to-date ONNX export of %s; exporting now to %s", d, target)
     try:
         find_parity_images(d)  # real images from split.csv?
@@ -1046,4 +1042,4 @@ def predictor_for(
     res = export_onnx(d, target, images=images, weights=weights, cache_dir=cache_dir, tta=tta)
     for line in res.summary_lines():
         log.info("%s", line)
-    return OnnxClassifier(res.path, expected_bundle_id=bundle_hashes(d)["bundle_id"])
+    return OnnxClassifier(res.path, expected_bundle_id=bid)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.backbones import BackboneSpec, WeightsRef, build_feature_extractor, weights_fingerprint
-from imgclf.fileio import atomic_write_bytes
+from imgclf.fileio import atomic_write_bytes, content_hash, default_cache_dir  # noqa: F401 (re-exported)
 from imgclf.preprocess import decode_array as _decode
 from imgclf.preprocess import decoded_batches
 
@@ -37,23 +37,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 _MAGIC = b"IMGCLF-F1"
 _HEADER = struct.Struct("<9sI16s")  # magic, dim, blake2b-16 digest of the payload
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("IMGCLF_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "imgclf"
-
-
-def content_hash(path: str | os.PathLike) -> str:
-    """Hash of the file's bytes: the same picture under another name shares its features."""
-    h = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 class FeatureCache:

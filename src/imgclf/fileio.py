@@ -1,4 +1,4 @@
-"""Atomic writes and file hashes: shared by every module that writes or fingerprints files.
+"""Atomic writes, file hashes and shared paths: shared by every module that writes or fingerprints files.
 
 Torch-free on purpose, so ONNX-only clients (export, serving) can use it cheaply.
 """
@@ -28,9 +28,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def _digest(path: str | os.PathLike, h) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return _digest(path, hashlib.sha256())
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """Hash of the file's bytes: the same picture under another name shares its features."""
+    return _digest(path, hashlib.blake2b(digest_size=20))
+
+
+def default_cache_dir() -> Path:
+    """Feature cache, backbone and export cache: $IMGCLF_CACHE_DIR, else the XDG cache."""
+    env = os.environ.get("IMGCLF_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imgclf"
+
+
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Is ``path`` ``folder`` or below it (both resolved)?"""
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False

@@ -57,7 +57,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn import metrics as skm
 
 from imgclf.thresholds import apply_threshold
 
@@ -72,6 +71,8 @@ def classification_metrics(y_true, probs, class_names: list[str], *, threshold: 
     (None: argmax, reported as 0.5); ignored for multi-class. ``bootstrap``: resamples for
     the confidence intervals (0: none); ``seed`` makes them reproducible.
     """
+    from sklearn import metrics as skm  # imported here: predict and serve do not need it
+
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = len(class_names)
@@ -99,10 +100,11 @@ def classification_metrics(y_true, probs, class_names: list[str], *, threshold: 
     row_sums = counts.sum(1, keepdims=True)
     out = {
         "n": int(len(y_true)),
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(skm.recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "macro_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "weighted_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        # all from the per-class table above (sklearn's definitions)
+        "accuracy": float(np.trace(counts) / len(y_true)),
+        "balanced_accuracy": float(r[present].mean()),
+        "macro_f1": float(f.mean()),
+        "weighted_f1": float(np.average(f, weights=s)),
         "per_class": {
             name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, name in enumerate(class_names)
