@@ -30,7 +30,6 @@ import ipaddress
 import logging
 import os
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -462,7 +461,7 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os.PathLike | None = None, explain=None):
+def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os.PathLike | None = None, explain=None, weights=None, cache_dir=None):
     """The FastAPI app around ``model`` (an :class:`~imgclf.export.OnnxClassifier` or
     :class:`~imgclf.export.TorchClassifier`). ``explain``: the Grad-CAM module to use
     (default: :func:`explain_module`, only when ``bundle_dir`` is given); ``False`` = off."""
@@ -665,24 +664,24 @@ def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os
 
     explain_state: dict = {}
     if explain is not None:
-        explain_lock = threading.Lock()
+        # one worker: Grad-CAM runs one at a time, on its own model copy (hooks and
+        # gradients must not meet the predict path's concurrent forwards)
         explain_state["executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgclf-explain")
 
         def _explainer():
             if "clf" not in explain_state:
                 from imgclf.api import ImageClassifier
 
-                explain_state["clf"] = ImageClassifier.load(bundle_dir, engine="torch", precision="fp32", use_cache=False)
+                explain_state["clf"] = ImageClassifier.load(bundle_dir, weights=weights, cache_dir=cache_dir, engine="torch", precision="fp32", use_cache=False)
             return explain_state["clf"]
 
         def _explain(image, class_name):
-            with explain_lock:
-                clf = _explainer()
-                heat, k, prob = explain.gradcam(clf, image, class_name)
-                crop = explain.model_input_image(clf, image) if hasattr(explain, "model_input_image") else image
-                buf = io.BytesIO()
-                explain.overlay(crop, heat).save(buf, format="PNG")
-                return buf.getvalue(), clf.class_names_[int(k)], float(prob)
+            clf = _explainer()
+            heat, k, prob = explain.gradcam(clf, image, class_name)
+            crop = explain.model_input_image(clf, image) if hasattr(explain, "model_input_image") else image
+            buf = io.BytesIO()
+            explain.overlay(crop, heat).save(buf, format="PNG")
+            return buf.getvalue(), clf.class_names_[int(k)], float(prob)
 
         @app.post(
             "/v1/explain", dependencies=[Depends(check_key)], responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay on the model's input crop"}, **errors_doc},
@@ -747,7 +746,7 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConf
     sock = bind_socket(host, port)  # fail fast on a taken port, before loading anything
     try:
         clf, bundle = load_serving_model(model, engine, weights=weights, cache_dir=cache_dir)
-        app = create_app(clf, config, bundle_dir=bundle, explain=None if explain else False)
+        app = create_app(clf, config, bundle_dir=bundle, explain=None if explain else False, weights=weights, cache_dir=cache_dir)
         actual = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         announce(
