@@ -459,16 +459,13 @@ def collect_image_paths(
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found: list[Path] = []
             if recursive:
-                for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                    dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-                    found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
+                found = _collect_class_images(p, [])
             else:
                 found = [p / e.name for e in _safe_scandir(p) if e.is_file() and is_image_file(e.name)]
             if not found:
                 problems.append(f"{p}: folder contains no images ({', '.join(sorted(_EXTS))})")
-            for f in sorted(found, key=lambda q: q.as_posix()):
+            for f in found:
                 add(f)
         elif p.is_file():
             if is_image_file(p):
@@ -484,8 +481,7 @@ def collect_image_paths(
 
 def _safe_scandir(folder: Path) -> list[os.DirEntry]:
     try:
-        with os.scandir(folder) as it:
-            return sorted(it, key=lambda e: e.name)
-    except OSError:
+        return _sorted_entries(folder)
+    except DatasetError:  # unlistable: reported as "no images"
         return []
 
