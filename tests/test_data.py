@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import tree_snapshot
+
 from imgclf.data import (
     SPLIT_ALIASES,
     SPLIT_NAMES,
@@ -36,12 +38,6 @@ def _make_classes(folder: Path, spec: dict[str, int], ext=".png"):
             _img(folder / cls / f"{cls}_{i:03d}{ext}", (i % 256, len(cls), 0))
 
 
-def _snapshot(root: Path):
-    return sorted(
-        (str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*")
-    )
-
-
 def test_constants():
     assert SPLIT_NAMES == ("train", "validation", "test")
     assert SPLIT_ALIASES["validation"] == ("validation", "val", "valid")
@@ -51,7 +47,7 @@ def test_full_splits_layout(tmp_path):
     _make_classes(tmp_path / "train", {"cat": 5, "dog": 4})
     _make_classes(tmp_path / "validation", {"cat": 2, "dog": 1})
     _make_classes(tmp_path / "test", {"cat": 1, "dog": 3})
-    before = _snapshot(tmp_path)
+    before = tree_snapshot(tmp_path)
     ds = load_dataset(tmp_path)
     assert ds.layout == "splits"
     assert ds.class_names == ["cat", "dog"]
@@ -71,7 +67,7 @@ def test_full_splits_layout(tmp_path):
     assert s.path == tmp_path / "test" / "cat" / "cat_000.png"
     assert all(ds.class_names[x.label] == x.path.parent.name for x in ds.all_samples())
     assert ds.warnings == [] and ds.ignored == []
-    assert _snapshot(tmp_path) == before  # nothing written into the dataset
+    assert tree_snapshot(tmp_path) == before  # nothing written into the dataset
 
 
 @pytest.mark.parametrize("alias", ["val", "valid", "Validation"])

@@ -141,8 +141,8 @@ def test_other_conv_backbones_work():
         clf = _untrained(name)
         heat, k, prob = gradcam(clf, img)
         size = clf.backbone_runner().spec.preprocessing.input_size
-        assert heat.shape == (size, size) and 0 <= heat.min() and heat.max() <= 1
-        assert k in (0, 1) and 0 < prob < 1
+        assert heat.shape == (size, size) and 0 <= heat.min() and heat.max() == pytest.approx(1.0) and heat.std() > 0
+        assert 0 < prob < 1
 
 
 def test_non_convolutional_backbone_is_refused():

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tree_snapshot
+
 from imgclf.data import DatasetError
 from imgclf.inspection import format_report, inspect_dataset
 
@@ -22,10 +24,6 @@ def _save(img: Image.Image, path: Path, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, **kw)
     return path
-
-
-def _snapshot(root: Path):
-    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*"))
 
 
 @pytest.fixture
@@ -158,10 +156,10 @@ def test_report_is_json_and_text(dataset):
 
 
 def test_dataset_unchanged_after_inspect(dataset):
-    before = _snapshot(dataset)
+    before = tree_snapshot(dataset)
     r = inspect_dataset(dataset, progress=True, workers=3)
     format_report(r)
-    assert _snapshot(dataset) == before
+    assert tree_snapshot(dataset) == before
 
 
 def test_flat_layout_inspect(tmp_path):
