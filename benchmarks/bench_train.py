@@ -24,7 +24,7 @@ extraction throughput per engine/precision.
    images at batch 32 for each engine/precision (model build, ONNX export and engine
    compile are excluded and reported separately; one warm-up batch first; best of
    ``--repeats`` interleaved passes; slow cells such as VGG16 use fewer images), plus
-   end-to-end ``imgclf.features.extract_features`` img/s (hashing + decoding + inference)
+   end-to-end ``imgclf.features.extract_features`` img/s (decoding + inference; uncached, so no hashing)
    with imgclf's default engine choice.
 
 Nothing is written to the repository, the dataset or the user's feature cache: every cache
@@ -590,7 +590,7 @@ def extraction_markdown(res: dict) -> str:
         f"Backbone-only img/s at batch {res['batch']} on {n_all} pre-decoded flowers12 train images "
         f"(fewer, shown as n=..., where one pass would exceed ~{res['cell_seconds']:g} s); one warm-up batch first; "
         f"best of {res['repeats']} interleaved passes; model build / ONNX export / compile excluded (next table). "
-        "End-to-end = `extract_features(paths, runner, use_cache=False)` wall time: file hashing, JPEG decoding in its "
+        "End-to-end = `extract_features(paths, runner, use_cache=False)` wall time: JPEG decoding in its "
         f"2 threads and inference, engine chosen by imgclf (`auto`). † = other processes used > {100 * CONTENDED:.0f}% "
         "of the machine during that (best) pass.",
         "",
