@@ -134,7 +134,7 @@ def train_and_export(images: Path, work: Path, env) -> tuple[Path, dict]:
 
 def worker(engine: str, model: Path, images: Path, repeat: int, out_csv: Path) -> dict:
     from imgclf.data import collect_image_paths
-    from imgclf.features import atomic_write_bytes
+    from imgclf.fileio import atomic_write_bytes
     from imgclf.runs import csv_text
 
     t0 = time.perf_counter()

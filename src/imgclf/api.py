@@ -33,7 +33,8 @@ from imgclf.backbones import (
 from imgclf.bundle import BundleError, load_bundle, save_bundle
 from imgclf.data import Dataset, load_dataset
 from imgclf.augment import AugmentedView, build_augment, tta_views
-from imgclf.features import BackboneRunner, default_cache_dir, extract_features
+from imgclf.features import BackboneRunner, extract_features
+from imgclf.fileio import default_cache_dir
 from imgclf.finetune import TAIL_BN_MODES, finetune, split_blocks, tensors_digest
 from imgclf.heads import head_config, head_from_config
 from imgclf.metrics import classification_metrics

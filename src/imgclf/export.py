@@ -320,7 +320,9 @@ def _reference_proba(graph, arrays: np.ndarray, batch_size: int = 16) -> np.ndar
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def _export_graph_bytes(graph, size: int) -> bytes:
+def _export_graph_bytes(graph, size: int, output_name: str = OUTPUT_NAME) -> bytes:
+    """uint8 (N, 3, size, size) → ``output_name``, dynamic batch, legacy exporter (one call
+    for full models and frozen backbones alike)."""
     import warnings
 
     import torch
@@ -335,8 +337,8 @@ def _export_graph_bytes(graph, size: int) -> bytes:
             buf,
             dynamo=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=[output_name],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
             opset_version=OPSET,
         )
     return buf.getvalue()

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.backbones import BackboneSpec, WeightsRef, build_feature_extractor, weights_fingerprint
-from imgclf.fileio import atomic_write_bytes, content_hash, default_cache_dir  # noqa: F401 (re-exported)
+from imgclf.fileio import atomic_write_bytes, content_hash
 from imgclf.preprocess import decode_array as _decode
 from imgclf.preprocess import decoded_batches
 
@@ -145,12 +144,9 @@ class TorchEngine(Engine):
 
 class OnnxRuntimeEngine(Engine):
     def __init__(self, onnx_path: Path, threads: int | None = None):
-        import onnxruntime as ort
+        from imgclf.export import _session  # the one ONNX Runtime session setup
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        self.session = _session(str(onnx_path), threads)
         self.input_name = self.session.get_inputs()[0].name
         self.name = "onnxruntime"
         self.precision = "fp32"
@@ -176,32 +172,10 @@ class OpenVinoEngine(Engine):
 
 
 def export_backbone_onnx(module, input_size: int, path: Path) -> Path:
-    """Export the frozen feature extractor (uint8 in, features out, dynamic batch)."""
-    import torch
+    """Export the frozen feature extractor (uint8 in, features out, dynamic batch), atomically."""
+    from imgclf.export import _export_graph_bytes
 
-    example = torch.zeros((2, 3, input_size, input_size), dtype=torch.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".backbone.", suffix=".onnx")
-    os.close(fd)
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module.eval(),
-                (example,),
-                tmp,
-                dynamo=False,
-                input_names=["image"],
-                output_names=["features"],
-                dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
-                opset_version=17,
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, _export_graph_bytes(module.eval(), input_size, output_name="features"))
     return path
 
 
@@ -270,9 +244,12 @@ class BackboneRunner:
 
     def engine_for(self, module_fn: Callable[[], object], onnx_path: Path, what: str) -> Engine:
         """Fastest engine for a frozen module taking uint8 images (exported to ONNX once)."""
-        order = {"auto": ["openvino", "onnxruntime", "torch"]}.get(self.engine, [self.engine])
-        if self.precision == "fp32" and self.engine == "auto":
+        if self.engine != "auto":
+            order = [self.engine]
+        elif self.precision == "fp32":
             order = ["onnxruntime", "openvino", "torch"]  # ORT fp32 was fastest fp32 here
+        else:  # bf16: ORT has no bf16 CPU kernels, and torch bf16 beats ORT fp32
+            order = ["openvino", "torch"]
         errors = []
         for name in order:
             try:
@@ -284,8 +261,6 @@ class BackboneRunner:
                     log.info("exported %s %s to ONNX in %.1f s: %s", self.spec.name, what, time.perf_counter() - t, onnx_path)
                 if name == "openvino":
                     return OpenVinoEngine(onnx_path, self.precision)
-                if self.precision == "bf16" and self.engine == "auto":
-                    continue  # ORT has no bf16 CPU kernels; torch bf16 beats ORT fp32
                 return OnnxRuntimeEngine(onnx_path)
             except Exception as e:  # an engine missing or failing must not stop the run
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]

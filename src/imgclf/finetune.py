@@ -32,7 +32,7 @@ from torch import nn
 
 from imgclf.augment import AugmentConfig, AugmentedView
 from imgclf.backbones import backbone_blocks
-from imgclf.features import content_hash
+from imgclf.fileio import content_hash
 from imgclf.preprocess import decode_array as _decode
 from imgclf.preprocess import decoded_batches
 from imgclf.training import TrainConfig, fit_loop, seed_everything, view_batches

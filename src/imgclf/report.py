@@ -226,7 +226,7 @@ def _run_split_map(split_csv: Path) -> dict[str, str] | None:
 def _summary(ctx: dict) -> str:
     m, cfg = ctx["metrics"], ctx["config"]
     classes = ctx["class_names"]
-    out = [f'<section id="summary"><h2>Summary</h2>']
+    out = ['<section id="summary"><h2>Summary</h2>']
     backbone = (ctx["model"] or {}).get("backbone", {}).get("name") or (cfg.get("args") or {}).get("backbone", "?")
     out.append(
         f'<p class="big">{len(classes)} classes ({_e(", ".join(classes))}), backbone <b>{_e(backbone)}</b>, '
