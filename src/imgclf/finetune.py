@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from imgclf.backbones import backbone_blocks
 from imgclf.fileio import content_hash
 from imgclf.preprocess import decode_array as _decode
 from imgclf.preprocess import decoded_batches
-from imgclf.training import TrainConfig, fit_loop, seed_everything, view_batches
+from imgclf.training import TrainConfig, fit_loop, seed_everything
 
 log = logging.getLogger("imgclf")
 
@@ -227,9 +226,7 @@ def finetune(
     base_lrs = [g["lr"] for g in groups]
 
     t1 = time.perf_counter()
-    steps = math.ceil(len(yt) / cfg.batch_size)
-    history, summary = fit_loop(model, lambda g: view_batches(xt, yt, cfg, g), steps, xv, yv, np.asarray(y_train)[keep], n_classes, cfg, param_groups=groups,
-                                on_epoch=on_epoch, stage="finetune", keep_start_if_best=True)
+    history, summary = fit_loop(model, xt, yt, xv, yv, n_classes, cfg, param_groups=groups, on_epoch=on_epoch, stage="finetune", keep_start_if_best=True)
     train_s = time.perf_counter() - t1
     imgs = len(yt) * summary["epochs_run"]
     summary.update({

@@ -278,11 +278,10 @@ def view_batches(xt: torch.Tensor, yt: torch.Tensor, cfg: TrainConfig, gen: torc
 
 def fit_loop(
     model: nn.Module,
-    make_batches: Callable[[torch.Generator], object],
-    steps_per_epoch: int,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
     xv: torch.Tensor,
     yv: torch.Tensor,
-    y_train: np.ndarray,
     n_classes: int,
     cfg: TrainConfig,
     param_groups=None,
@@ -292,11 +291,13 @@ def fit_loop(
 ) -> tuple[list[dict], dict]:
     """Shared epoch loop: optimiser, schedule, validation, early stopping, checkpoint.
 
+    ``xt`` is (views, n, ...): each epoch draws one view per sample (:func:`view_batches`).
     Trains ``model`` in place and leaves the selected (best or last) weights loaded.
     ``keep_start_if_best``: the starting weights (epoch 0) compete for "best", so a
     stage that only hurts validation loss returns the model it was given.
     """
-    weights = class_weights(y_train, n_classes, cfg.class_weight)
+    weights = class_weights(yt.numpy(), n_classes, cfg.class_weight)
+    steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
     loss_fn = make_loss(cfg, weights)
     eval_loss_fn = nn.CrossEntropyLoss()
     optimizer = make_optimizer(param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}], cfg)
@@ -306,24 +307,23 @@ def fit_loop(
     history: list[dict] = []
     monitor_kind = cfg.monitor if has_val else "val_loss"  # without validation: training loss
     best_state, best_epoch, best, stale = None, 0, (math.inf, -math.inf), 0
-    calibrated = cfg.monitor == "val_calibrated_loss" and has_val
+    calibrated = monitor_kind == "val_calibrated_loss"
 
-    def val_score():
+    def val_score() -> tuple[tuple[float, float], float, float, float | None]:
+        """(monitored (loss, accuracy), loss, accuracy, calibrated loss or None)."""
         loss, acc, probs = evaluate(model, xv, yv, eval_loss_fn)
-        cal = calibrated_nll(probs, yv.numpy())[0] if calibrated else float("nan")
-        return loss, acc, cal
+        cal = calibrated_nll(probs, yv.numpy())[0] if calibrated else None
+        return ((cal if calibrated else loss), acc), loss, acc, cal
 
     if keep_start_if_best and has_val and cfg.checkpoint == "best":
-        loss, acc, cal = val_score()
-        best = (cal if calibrated else loss, acc)
+        best = val_score()[0]
         best_state = copy.deepcopy(model.state_dict())
     for epoch in range(1, cfg.epochs + 1):
-        tr_loss, tr_acc = train_one_epoch(model, make_batches(gen), optimizer, loss_fn, cfg, gen, scheduler)
+        tr_loss, tr_acc = train_one_epoch(model, view_batches(xt, yt, cfg, gen), optimizer, loss_fn, cfg, gen, scheduler)
         if has_val:
-            va_loss, va_acc, va_cal = val_score()
+            score, va_loss, va_acc, va_cal = val_score()
         else:
-            va_loss, va_acc, va_cal = float("nan"), float("nan"), float("nan")
-        score = ((va_cal if calibrated else va_loss), va_acc) if has_val else (tr_loss, tr_acc)
+            score, va_loss, va_acc, va_cal = (tr_loss, tr_acc), float("nan"), float("nan"), None
         improved = better(score, best, monitor_kind)
         if improved:
             best, best_epoch, stale = score, epoch, 0
@@ -331,7 +331,7 @@ def fit_loop(
                 best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-        row = {"stage": stage, "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "val_calibrated_loss": va_cal if calibrated else None, "best": improved, "lr": optimizer.param_groups[-1]["lr"]}
+        row = {"stage": stage, "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "val_calibrated_loss": va_cal, "best": improved, "lr": optimizer.param_groups[-1]["lr"]}
         history.append(row)
         if on_epoch:
             on_epoch(row)
@@ -376,6 +376,5 @@ def fit_head(
     head = build_head(cfg.head, xt.shape[-1], n_classes)
     if hasattr(head, "norm"):
         head.norm.fit(xt.reshape(-1, xt.shape[-1]))
-    steps = math.ceil(len(yt) / cfg.batch_size)
-    history, summary = fit_loop(head, lambda g: view_batches(xt, yt, cfg, g), steps, xv, yv, np.asarray(y_train), n_classes, cfg, on_epoch=on_epoch, stage="head")
+    history, summary = fit_loop(head, xt, yt, xv, yv, n_classes, cfg, on_epoch=on_epoch, stage="head")
     return head, history, summary
