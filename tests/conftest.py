@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,52 @@ def trained_run(shapes_root, tmp_path_factory):
 
 def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def bundle_copy(run: Path, dest: Path) -> Path:
+    """The files a model folder needs (never the shared run folder itself: others read it)."""
+    dest.mkdir(parents=True)
+    for name in ("model.json", "model.safetensors", "split.csv"):
+        shutil.copy2(run / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory) -> Path:
+    """A copy of the trained run exported once per session through the CLI (fp32 + int8)."""
+    from imgclf.cli import main
+
+    base = tmp_path_factory.mktemp("exported")
+    d = bundle_copy(trained_run, base / "model")
+    images = base / "parity-images"
+    for c in ("circle", "square", "triangle"):
+        (images / c).mkdir(parents=True)
+    split = [line.split(",") for line in (trained_run / "split.csv").read_text().splitlines()[1:]]
+    for s, c, p in split:
+        if s == "test" and len(list((images / c).iterdir())) < 2:
+            shutil.copy2(p, images / c / Path(p).name)
+    rc = main(["-q", "export", str(d), "--images", str(images), "--quantize", "int8", "--calibration-size", "8"])
+    assert rc == 0
+    return d
+
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+
+def chromium_path() -> str | None:
+    """Debian's chromium (.ci/run installs it); Playwright downloads no browser here."""
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
+
+
+def browser_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("playwright") is not None and chromium_path() is not None
+
+
+def launch_chromium(pw):
+    """Headless Chromium from a ``sync_playwright()`` context."""
+    return pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,29 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import browser_available, launch_chromium
 from imgclf.export import OnnxClassifier
-from test_export import exported_copy
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - depends on the environment
-    sync_playwright = None
-
-pytestmark = pytest.mark.skipif(
-    sync_playwright is None or not (Path(CHROMIUM).exists() or shutil.which("chromium")),
-    reason="needs Debian's chromium and the playwright package",
-)
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory) -> Path:
-    return exported_copy(trained_run, tmp_path_factory)
+pytestmark = pytest.mark.skipif(not browser_available(), reason="needs Debian's chromium and the playwright package")
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +67,6 @@ def server(exported, tmp_path_factory):
         err.close()
 
 
-def _browser(p):
-    exe = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-    return p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-
-
 def test_page_uploads_an_image_and_shows_the_prediction(server, exported, shapes_root, tmp_path):
     base, proc = server
     image = sorted((shapes_root / "test" / "triangle").glob("*.jpg"))[1]
@@ -101,8 +76,10 @@ def test_page_uploads_an_image_and_shows_the_prediction(server, exported, shapes
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("these are notes, not a picture")
     requests, console_errors = [], []
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
-        browser = _browser(p)
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 820})
             page.on("request", lambda r: requests.append(r.url))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import bundle_copy
 from imgclf.cli import main
 from imgclf.export import (
     Decision,
@@ -25,39 +26,6 @@ from imgclf.export import (
     sidecar_path,
 )
 
-_EXPORTS: dict[str, Path] = {}
-
-
-def bundle_copy(run: Path, dest: Path) -> Path:
-    """The files a model folder needs (never the shared run folder itself: others read it)."""
-    dest.mkdir(parents=True)
-    for name in ("model.json", "model.safetensors", "split.csv"):
-        shutil.copy2(run / name, dest / name)
-    return dest
-
-
-def exported_copy(trained_run: Path, tmp_path_factory) -> Path:
-    """A copy of the trained run exported once per session through the CLI (fp32 + int8)."""
-    key = str(trained_run)
-    if key not in _EXPORTS:
-        base = tmp_path_factory.mktemp("exported")
-        d = bundle_copy(trained_run, base / "model")
-        images = base / "parity-images"
-        for c in ("circle", "square", "triangle"):
-            (images / c).mkdir(parents=True)
-        split = [line.split(",") for line in (trained_run / "split.csv").read_text().splitlines()[1:]]
-        for s, c, p in split:
-            if s == "test" and len(list((images / c).iterdir())) < 2:
-                shutil.copy2(p, images / c / Path(p).name)
-        rc = main(["-q", "export", str(d), "--images", str(images), "--quantize", "int8", "--calibration-size", "8"])
-        assert rc == 0
-        _EXPORTS[key] = d
-    return _EXPORTS[key]
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory) -> Path:
-    return exported_copy(trained_run, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

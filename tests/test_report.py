@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import browser_available, launch_chromium
 from imgclf.cli import main
 from imgclf.metrics import classification_metrics
 from imgclf.report import SECTIONS, write_run_report
 
-CHROMIUM = Path("/usr/bin/chromium")
 SECTION_IDS = [sid for sid, _ in SECTIONS]
 
 
@@ -177,26 +177,15 @@ def test_binary_report_without_model_or_dataset(tmp_path):
     assert "no longer exist at their recorded path" in text
 
 
-def _playwright():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright (Python package) is not installed")
-    if not CHROMIUM.is_file():
-        pytest.skip("/usr/bin/chromium is not installed (.ci/run installs Debian's chromium)")
-    return sync_playwright
-
-
+@pytest.mark.skipif(not browser_available(), reason="needs Debian's chromium (.ci/run installs it) and the playwright package")
 def test_report_renders_in_headless_chromium(leaky_run, tmp_path):
-    sync_playwright = _playwright()
+    from playwright.sync_api import sync_playwright
+
     run, html_path = leaky_run
     url = html_path.resolve().as_uri()
     console, page_errors, requests = [], [], []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("console", lambda msg: console.append((msg.type, msg.text)))

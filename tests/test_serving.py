@@ -17,12 +17,6 @@ from PIL import Image
 
 from imgclf.export import Decision, OnnxClassifier
 from imgclf.serving import MicroBatcher, ServeConfig, create_app, sniff_image_type
-from test_export import exported_copy
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory) -> Path:
-    return exported_copy(trained_run, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
