@@ -55,7 +55,10 @@ def server(exported, tmp_path_factory):
                 if httpx.get(base + "healthz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("imgclf serve never answered /healthz with 200")
         yield base, proc
     finally:
         proc.terminate()

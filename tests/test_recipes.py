@@ -129,6 +129,11 @@ def test_binary_model_stores_and_uses_its_threshold(tmp_path):
     proba = loaded.predict_proba(paths)
     expected = ["square" if p >= loaded.threshold_ else "circle" for p in proba[:, 1]]
     assert loaded.predict(paths) == expected
+    # predict follows the stored threshold, not 0.5
+    loaded.threshold_ = 1.0 + 1e-9
+    assert set(loaded.predict(paths)) == {"circle"}
+    loaded.threshold_ = 0.0
+    assert set(loaded.predict(paths)) == {"square"}
 
 
 def test_tta_is_deterministic_and_averages_views(trained_run, shapes_root):
@@ -158,13 +163,17 @@ def test_tta_fallback_keeps_rows_normalised(trained_run, shapes_root, tmp_path, 
     paths = sorted((shapes_root / "test").rglob("*.jpg"))[:3]
     original = aug.FixedView.__call__
 
+    failed = []
+
     def flaky(self, img, h):
         if self.name == "vflip":
+            failed.append(h)
             raise OSError("simulated decode failure")
         return original(self, img, h)
 
     monkeypatch.setattr(aug.FixedView, "__call__", flaky)
     p = clf.predict_proba(paths, tta="flips")
+    assert failed  # the fallback really ran
     assert np.allclose(p.sum(1), 1.0)
 
 
