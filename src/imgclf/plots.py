@@ -157,17 +157,23 @@ def roc_curves(y_true, probs, class_names: Sequence[str], path: str | os.PathLik
             for op, marker in zip(_operating_points(y, probs, threshold), ("o", "s")):
                 ax.plot(1 - op["specificity"], op["sensitivity"], marker, ms=9, mfc="none", mew=2, color=_MARK,
                         label=f"threshold {op['threshold']:.3g}: sens {op['sensitivity']:.2f}, spec {op['specificity']:.2f}")
-    if not drawn:
-        ax.text(0.5, 0.5, "ROC undefined: a class is absent from the test set", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title(f"ROC, positive class: {class_names[1]}" if len(class_names) == 2 else "ROC, one vs rest per class")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
+    _label_curve_axes(ax, drawn, "ROC", "false positive rate (1 - specificity)", "true positive rate (sensitivity)",
+                      f"ROC, positive class: {class_names[1]}" if len(class_names) == 2 else "ROC, one vs rest per class", 1.01)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, path)
+
+
+def _label_curve_axes(ax, drawn: int, what: str, xlabel: str, ylabel: str, title: str, ymax: float) -> None:
+    """Labels, title and unit-square limits of a ROC/PR plot; says so when no curve could be drawn."""
+    if not drawn:
+        ax.text(0.5, 0.5, f"{what} undefined: a class is absent from the test set", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, ymax)
 
 
 def pr_curves(y_true, probs, class_names: Sequence[str], path: str | os.PathLike, *, threshold: float = 0.5) -> Path:
@@ -193,13 +199,8 @@ def pr_curves(y_true, probs, class_names: Sequence[str], path: str | os.PathLike
                         label=f"threshold {op['threshold']:.3g}: recall {op['sensitivity']:.2f}, precision {precision:.2f}")
         elif len(classes) > _LEGEND_MAX:
             line[0].set_alpha(0.5)
-    if not drawn:
-        ax.text(0.5, 0.5, "PR curve undefined: a class is absent from the test set", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (PPV)")
-    ax.set_title(f"Precision-recall, positive class: {class_names[1]}" if len(class_names) == 2 else "Precision-recall, one vs rest")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.04)
+    _label_curve_axes(ax, drawn, "PR curve", "recall (sensitivity)", "precision (PPV)",
+                      f"Precision-recall, positive class: {class_names[1]}" if len(class_names) == 2 else "Precision-recall, one vs rest", 1.04)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="lower left")
