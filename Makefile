@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/imgclf demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:

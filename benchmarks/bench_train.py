@@ -15,7 +15,7 @@ extraction throughput per engine/precision.
      two runs are timed in-process (``ImageClassifier.fit`` + ``evaluate``), which leaves
      out the Python/torch import time of a fresh process.
    * the classic recipe, as a faithful PyTorch loop: the same frozen backbone (from
-     imgclf.backbones), the same train split (imgclf.data.load_dataset, same seed), the
+     imgclf.backbones.registry), the same train split (imgclf.data.datasets.load_dataset, same seed), the
      recipe head (Linear 512, ReLU, Dropout 0.5, Linear N), Adam 1e-3, batch 32, the same
      number of epochs; every epoch decodes every training image again and runs the frozen
      backbone forward again (eager PyTorch fp32 under torch.no_grad), as a Keras model
@@ -24,7 +24,7 @@ extraction throughput per engine/precision.
    images at batch 32 for each engine/precision (model build, ONNX export and engine
    compile are excluded and reported separately; one warm-up batch first; best of
    ``--repeats`` interleaved passes; slow cells such as VGG16 use fewer images), plus
-   end-to-end ``imgclf.features.extract_features`` img/s (decoding + inference; uncached, so no hashing)
+   end-to-end ``imgclf.engines.features.extract_features`` img/s (decoding + inference; uncached, so no hashing)
    with imgclf's default engine choice.
 
 Nothing is written to the repository, the dataset or the user's feature cache: every cache
@@ -74,7 +74,7 @@ def machine_info() -> dict:
     import numpy
     import torch
 
-    from imgclf.features import cpu_has_bf16
+    from imgclf.engines.features import cpu_has_bf16
 
     model, flags = None, set()
     try:
@@ -166,7 +166,7 @@ def other_cpu_note(d: dict) -> str:
 
 def resolve_weights_offline(spec, seed: int = 0):
     """(weights argument, WeightsRef): ImageNet weights where available offline, else 'none'."""
-    from imgclf.backbones import WeightsUnavailableError, resolve_weights
+    from imgclf.backbones.registry import WeightsUnavailableError, resolve_weights
 
     try:
         return "imagenet", resolve_weights(spec, "imagenet", seed=seed)
@@ -191,7 +191,7 @@ def warm_page_cache(root: Path) -> int:
 
 def measure_import_seconds(repeats: int = 2) -> float:
     """Wall time of a fresh interpreter importing what `imgclf train` imports (best of N)."""
-    code = "import imgclf.cli, imgclf.api, imgclf.runs, imgclf.data, imgclf.metrics"
+    code = "import imgclf.cli.main, imgclf.api, imgclf.runs.folders, imgclf.data.datasets, imgclf.evaluation.metrics"
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -268,10 +268,10 @@ def run_recipe(data: Path, backbone: str, weights: str, epochs: int, seed: int =
     import torch
     from torch import nn
 
-    from imgclf.backbones import build_feature_extractor, get_backbone_spec, resolve_weights
-    from imgclf.data import load_dataset
-    from imgclf.imaging import load_rgb
-    from imgclf.preprocess import image_to_array
+    from imgclf.backbones.registry import build_feature_extractor, get_backbone_spec, resolve_weights
+    from imgclf.data.datasets import load_dataset
+    from imgclf.data.imaging import load_rgb
+    from imgclf.data.preprocess import image_to_array
 
     t0 = time.perf_counter()
     ds = load_dataset(data, seed=seed)  # imgclf's default fractions and seed: the same split
@@ -332,7 +332,7 @@ def run_recipe(data: Path, backbone: str, weights: str, epochs: int, seed: int =
 
 
 def train_comparison(args, tmp: Path) -> dict:
-    from imgclf.backbones import get_backbone_spec
+    from imgclf.backbones.registry import get_backbone_spec
 
     spec = get_backbone_spec(args.backbone)
     weights, ref = resolve_weights_offline(spec)
@@ -443,7 +443,7 @@ def train_markdown(res: dict) -> str:
 
 def pick_paths(data: Path, n: int) -> list[Path]:
     """n training images spread evenly over the (sorted) train split, so every class appears."""
-    from imgclf.data import load_dataset
+    from imgclf.data.datasets import load_dataset
 
     samples = load_dataset(data, seed=0).samples["train"]
     if n >= len(samples):
@@ -465,10 +465,10 @@ def _timed_batches(engine, arr, n: int, per_batch: list | None = None) -> float:
 def extraction_benchmark(args, tmp: Path) -> dict:
     import numpy as np
 
-    from imgclf.backbones import get_backbone_spec
-    from imgclf.features import BackboneRunner, cpu_has_bf16, extract_features
-    from imgclf.imaging import load_rgb
-    from imgclf.preprocess import image_to_array
+    from imgclf.backbones.registry import get_backbone_spec
+    from imgclf.engines.features import BackboneRunner, cpu_has_bf16, extract_features
+    from imgclf.data.imaging import load_rgb
+    from imgclf.data.preprocess import image_to_array
 
     has_bf16 = cpu_has_bf16()
     paths = pick_paths(args.data, args.extraction_images)

@@ -72,7 +72,7 @@ def shapes_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(shapes_root, tmp_path_factory):
     """One real `imgclf train` run on the shapes set with the default Lite0 backbone."""
-    from imgclf.cli import main
+    from imgclf.cli.main import main
 
     project = tmp_path_factory.mktemp("runs")
     rc = main(["-q", "train", str(shapes_root), "--project", str(project), "--name", "shapes", "--no-progress", "--epochs", "20"])
@@ -95,7 +95,7 @@ def bundle_copy(run: Path, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def exported(trained_run, tmp_path_factory) -> Path:
     """A copy of the trained run exported once per session through the CLI (fp32 + int8)."""
-    from imgclf.cli import main
+    from imgclf.cli.main import main
 
     base = tmp_path_factory.mktemp("exported")
     d = bundle_copy(trained_run, base / "model")

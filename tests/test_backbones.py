@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.backbones import (
+from imgclf.backbones.registry import (
     Preprocessing,
     UnknownBackboneError,
     WeightsUnavailableError,
@@ -121,7 +121,7 @@ def test_offline_without_cache_names_file_cache_and_way_out(tmp_path, monkeypatc
 
 
 def test_offline_error_from_cli_exits_2_with_one_line(tmp_path, monkeypatch, capsys, shapes_root):
-    from imgclf.cli import main
+    from imgclf.cli.main import main
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     rc = main(["train", str(shapes_root), "--backbone", "vgg16", "--project", str(tmp_path / "runs"), "--no-progress"])
@@ -151,8 +151,8 @@ def test_embedded_lite0_weights_are_real_imagenet_weights():
     from PIL import Image
     from skimage import data
 
-    from imgclf.backbones import read_state_dict
-    from imgclf.preprocess import image_to_array
+    from imgclf.backbones.registry import read_state_dict
+    from imgclf.data.preprocess import image_to_array
 
     spec = get_backbone_spec("efficientnet_lite0")
     ref = resolve_weights(spec, "imagenet")
@@ -174,7 +174,7 @@ def test_embedded_lite0_weights_are_real_imagenet_weights():
 def test_preprocessing_resize_and_crop_policies():
     from PIL import Image
 
-    from imgclf.preprocess import image_to_array
+    from imgclf.data.preprocess import image_to_array
 
     img = Image.new("RGB", (400, 200), (10, 20, 30))
     img.paste((250, 0, 0), (0, 0, 100, 200))  # left quarter red: cropped away by centre crop

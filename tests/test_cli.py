@@ -15,7 +15,7 @@ import pytest
 
 from conftest import make_shapes_dataset, tree_snapshot
 from imgclf.api import ImageClassifier
-from imgclf.cli import main
+from imgclf.cli.main import main
 
 
 def test_train_reaches_high_accuracy_and_writes_the_run_folder(trained_run, shapes_root):
@@ -155,7 +155,7 @@ def test_training_skips_and_lists_a_corrupt_image(shapes_root, tmp_path):
 
 
 def test_tampered_bundle_is_refused(trained_run, tmp_path):
-    from imgclf.bundle import BundleError
+    from imgclf.model.bundle import BundleError
 
     copy = tmp_path / "m"
     shutil.copytree(trained_run, copy)

@@ -1,4 +1,4 @@
-"""Tests for imgclf.data: layouts, stray files, carved splits, split CSV, predict inputs."""
+"""Tests for imgclf.data.datasets: layouts, stray files, carved splits, split CSV, predict inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import tree_snapshot
 
-from imgclf.data import (
+from imgclf.data.datasets import (
     SPLIT_ALIASES,
     SPLIT_NAMES,
     Dataset,

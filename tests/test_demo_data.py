@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.demo_data import (
+from imgclf.data.demo import (
     CLASSES,
     DEMO_MARKER,
     SPLITS,
@@ -148,7 +148,7 @@ def test_incomplete_marked_set_is_rebuilt(tmp_path):
 
 
 def test_crash_leaves_no_half_written_set(tmp_path, monkeypatch):
-    import imgclf.demo_data as dd
+    import imgclf.data.demo as dd
 
     old = make_lesion_dataset(tmp_path / "demo", seed=1, **SMALL)
     before = _files(old)

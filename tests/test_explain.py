@@ -9,9 +9,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from imgclf.api import ImageClassifier
-from imgclf.cli import main
-from imgclf.explain import explain_files, gradcam, model_input_image, overlay
-from imgclf.heads import build_head
+from imgclf.cli.main import main
+from imgclf.explain.gradcam import explain_files, gradcam, model_input_image, overlay
+from imgclf.model.heads import build_head
 
 CLASSES = ("disc", "square")
 

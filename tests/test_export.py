@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import bundle_copy
-from imgclf.cli import main
-from imgclf.export import (
+from imgclf.cli.main import main
+from imgclf.export.onnx import (
     Decision,
     ExportError,
     OnnxClassifier,
@@ -66,11 +66,11 @@ def test_export_writes_one_graph_with_metadata_and_sidecar(exported, capsys):
 
 
 def test_onnx_matches_pytorch_on_real_images(exported, test_paths):
-    from imgclf.api import ImageClassifier
-    from imgclf.export import _reference_proba, decode_to_array
+    from imgclf.model.classifier import Classifier
+    from imgclf.export.onnx import _reference_proba, decode_to_array
 
     onnx_clf = OnnxClassifier(exported)
-    torch_clf = ImageClassifier.load(exported, engine="torch", precision="fp32", use_cache=False)
+    torch_clf = Classifier.load(exported, engine="torch", precision="fp32", use_cache=False)
     graph = classifier_graph(torch_clf)
     x = np.stack([decode_to_array(p, onnx_clf.preprocessing) for p in test_paths])
     ref = _reference_proba(graph, x)
@@ -79,13 +79,13 @@ def test_onnx_matches_pytorch_on_real_images(exported, test_paths):
     assert np.abs(got - ref).max() <= 1e-4
     assert (got.argmax(1) == ref.argmax(1)).all()
     # and it agrees with the model's own (cached-feature, maybe bf16) predictions
-    default = ImageClassifier.load(exported).predict_proba(test_paths)
+    default = Classifier.load(exported).predict_proba(test_paths)
     assert (default.argmax(1) == got.argmax(1)).all() and np.abs(default - got).max() < 0.05
     assert (got.argmax(1) == np.repeat([0, 1, 2], 6)).mean() >= 0.9
 
 
 def test_arrays_nhwc_nchw_single_and_batch_agree(exported, test_paths):
-    from imgclf.export import decode_to_array
+    from imgclf.export.onnx import decode_to_array
 
     clf = OnnxClassifier(exported)
     x = np.stack([decode_to_array(p, clf.preprocessing) for p in test_paths[:4]])
@@ -102,13 +102,13 @@ def test_arrays_nhwc_nchw_single_and_batch_agree(exported, test_paths):
 
 
 def test_predict_table_rows_match_image_classifier(exported, test_paths, tmp_path):
-    from imgclf.api import ImageClassifier
+    from imgclf.model.classifier import Classifier
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     paths = [test_paths[0], bad, test_paths[7], tmp_path / "missing.png"]
     onnx_rows = OnnxClassifier(exported).predict_table(paths)
-    torch_rows = ImageClassifier.load(exported).predict_table(paths)
+    torch_rows = Classifier.load(exported).predict_table(paths)
     assert [list(r) for r in onnx_rows] == [list(r) for r in torch_rows] == [["path", "predicted", "circle", "square", "triangle", "error"]] * 4
     for o, t in zip(onnx_rows, torch_rows):
         assert o["path"] == t["path"] and o["predicted"] == t["predicted"]
@@ -132,9 +132,9 @@ def test_tampered_onnx_is_refused(exported, tmp_path):
         OnnxClassifier(d)
     assert "\n" not in str(e.value) and "re-export" in str(e.value)
     # predict's auto engine ignores it (warning) and falls back to the PyTorch path; onnx refuses
-    from imgclf.api import ImageClassifier
+    from imgclf.model.classifier import Classifier
 
-    assert isinstance(predictor_for(d, "auto"), ImageClassifier)
+    assert isinstance(predictor_for(d, "auto"), Classifier)
     with pytest.raises(ExportError, match="sha256"):
         predictor_for(d, "onnx")
 
@@ -164,11 +164,11 @@ def test_tampered_or_missing_sidecar_is_refused(exported, tmp_path):
 
 
 def test_parity_failure_fails_loudly_and_writes_nothing(trained_run, exported, tmp_path, monkeypatch, capsys):
-    import imgclf.export as ex
+    import imgclf.export.onnx as ex
 
     d = bundle_copy(trained_run, tmp_path / "m")
     good = (exported / "model.onnx").read_bytes()
-    monkeypatch.setattr(ex, "_export_graph_bytes", lambda graph, size: good)  # skip the slow trace
+    monkeypatch.setattr(ex, "export_graph_bytes", lambda graph, size: good)  # skip the slow trace
     real = ex._reference_proba
     monkeypatch.setattr(ex, "_reference_proba", lambda graph, arrays, batch_size=16: np.roll(real(graph, arrays), 1, axis=1))
     with pytest.raises(ParityError, match="top-1 identical 0/"):
@@ -201,11 +201,11 @@ def test_int8_is_separate_reported_and_never_silently_used(exported, capsys):
 
 
 def test_predictor_for_exports_on_the_fly_and_detects_stale_exports(trained_run, test_paths, tmp_path):
-    from imgclf.api import ImageClassifier
+    from imgclf.model.classifier import Classifier
 
     d = bundle_copy(trained_run, tmp_path / "m")
-    assert isinstance(predictor_for(d, "auto"), ImageClassifier)  # nothing exported: feature path
-    assert isinstance(predictor_for(d, "torch"), ImageClassifier)
+    assert isinstance(predictor_for(d, "auto"), Classifier)  # nothing exported: feature path
+    assert isinstance(predictor_for(d, "torch"), Classifier)
     clf = predictor_for(d, "onnx")  # exports now, parity-checked on split.csv's images
     assert isinstance(clf, OnnxClassifier) and (d / "model.onnx").is_file()
     side = json.loads((d / "model.onnx.json").read_text())
@@ -219,7 +219,7 @@ def test_predictor_for_exports_on_the_fly_and_detects_stale_exports(trained_run,
     meta = json.loads((d / "model.json").read_text())
     meta["note"] = "retrained"
     (d / "model.json").write_text(json.dumps(meta))
-    assert isinstance(predictor_for(d, "auto"), ImageClassifier)
+    assert isinstance(predictor_for(d, "auto"), Classifier)
     rows = predictor_for(d, "auto").predict_table(test_paths[:1])
     assert rows[0]["predicted"] == "circle"
     # another --tta than the model's: exported (views in the graph) to the cache, not over model.onnx
@@ -228,7 +228,7 @@ def test_predictor_for_exports_on_the_fly_and_detects_stale_exports(trained_run,
     assert isinstance(flips, OnnxClassifier) and flips.model_id.endswith("-tta-flips") and flips.path.parent.name.endswith("-tta-flips")
     assert (d / "model.onnx").read_bytes() == before
     assert json.loads(flips.metadata["imgclf.tta"])["views_averaged_in_graph"] == ["identity", "hflip", "vflip", "rot180"]
-    ref = ImageClassifier.load(d, engine="torch", precision="fp32", use_cache=False, tta="flips").predict_proba(test_paths[::6])
+    ref = Classifier.load(d, engine="torch", precision="fp32", use_cache=False, tta="flips").predict_proba(test_paths[::6])
     np.testing.assert_allclose(flips.predict_proba(test_paths[::6]), ref, atol=1e-4)
     assert predictor_for(d, "onnx", tta="flips").path == flips.path  # found again, not re-exported
 
@@ -294,11 +294,11 @@ def test_test_time_views_in_the_graph_match_pil_and_export_to_onnx(tmp_path):
 
 
 def test_graph_with_tta_matches_image_classifier(trained_run, test_paths, tmp_path):
-    from imgclf.api import ImageClassifier
-    from imgclf.export import _reference_proba, decode_to_array
+    from imgclf.model.classifier import Classifier
+    from imgclf.export.onnx import _reference_proba, decode_to_array
 
     d = bundle_copy(trained_run, tmp_path / "m")
-    clf = ImageClassifier.load(d, engine="torch", precision="fp32", use_cache=False, tta="flips")
+    clf = Classifier.load(d, engine="torch", precision="fp32", use_cache=False, tta="flips")
     graph = classifier_graph(clf)
     assert graph.views == ("identity", "hflip", "vflip", "rot180")
     paths = test_paths[::6]
@@ -307,11 +307,11 @@ def test_graph_with_tta_matches_image_classifier(trained_run, test_paths, tmp_pa
 
 
 def test_predictor_for_honours_a_tta_override(exported, test_paths):
-    from imgclf.api import ImageClassifier
+    from imgclf.model.classifier import Classifier
 
     # the export bakes the model's own views (none): a --tta override is not served by it
     auto = predictor_for(exported, "auto", tta="flips")
-    assert isinstance(auto, ImageClassifier) and auto.tta == "flips"
+    assert isinstance(auto, Classifier) and auto.tta == "flips"
     assert isinstance(predictor_for(exported, "auto", tta="none"), OnnxClassifier)
     with pytest.raises(ValueError, match="tta"):
         predictor_for(exported / "model.onnx", "auto", tta="flips")

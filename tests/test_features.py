@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from imgclf.backbones import get_backbone_spec, resolve_weights
-from imgclf.features import BackboneRunner, FeatureCache, cpu_has_bf16, extract_features
+from imgclf.backbones.registry import get_backbone_spec, resolve_weights
+from imgclf.engines.features import BackboneRunner, FeatureCache, cpu_has_bf16, extract_features
 
 
 def _runner(tmp_path, engine="auto", precision="auto", backbone="efficientnet_lite0"):

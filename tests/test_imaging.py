@@ -1,4 +1,4 @@
-"""Tests for imgclf.imaging: every mode/format decodes to the documented RGB pixels."""
+"""Tests for imgclf.data.imaging: every mode/format decodes to the documented RGB pixels."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.imaging import (
+from imgclf.data.imaging import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
     decode_image,

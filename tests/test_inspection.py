@@ -1,4 +1,4 @@
-"""Tests for imgclf.inspection: counts, problems, duplicates/leakage, read-only behaviour."""
+"""Tests for imgclf.data.inspection: counts, problems, duplicates/leakage, read-only behaviour."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import tree_snapshot
 
-from imgclf.data import DatasetError
-from imgclf.inspection import format_report, inspect_dataset
+from imgclf.data.datasets import DatasetError
+from imgclf.data.inspection import format_report, inspect_dataset
 
 
 def _noise(seed: int, size=(16, 12)) -> Image.Image:
@@ -195,7 +195,7 @@ def test_structural_error_raises(tmp_path):
 def _lesions(n: int, seed: int, size: int = 160) -> list[Image.Image]:
     """Demo-style lesion photos: all alike at low frequencies (one blob in the middle), the
     hard case for a perceptual hash."""
-    from imgclf.demo_data import render_lesion
+    from imgclf.data.demo import render_lesion
 
     return [render_lesion(np.random.default_rng([seed, i]), i % 2 == 1, size) for i in range(n)]
 

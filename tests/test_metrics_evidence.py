@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from imgclf.metrics import (
+from imgclf.evaluation.metrics import (
     _weighted_balanced_accuracy,
     _weighted_roc_auc,
     bootstrap_ci,

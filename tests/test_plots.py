@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf import plots
-from imgclf.metrics import classification_metrics
+from imgclf.evaluation import plots
+from imgclf.evaluation.metrics import classification_metrics
 
 
 def _check_png(path, min_size=(200, 150)):
@@ -84,7 +84,7 @@ def test_headless_without_pyplot(tmp_path):
     import subprocess
 
     code = (
-        "import sys, numpy as np; from imgclf import plots; "
+        "import sys, numpy as np; from imgclf.evaluation import plots; "
         f"plots.per_class_f1({{'a': {{'precision': 1.0, 'recall': 0.5, 'f1': 0.67, 'support': 2}}}}, {str(tmp_path / 'f1.png')!r}); "
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
     )

@@ -9,11 +9,11 @@ from PIL import Image
 from torch import nn
 
 from imgclf.api import ImageClassifier
-from imgclf.augment import AugmentedView, build_augment, tta_views
-from imgclf.backbones import backbone_blocks, build_feature_extractor, get_backbone_spec, resolve_weights
-from imgclf.features import BackboneRunner, extract_features
-from imgclf.recipes import RECIPES, resolve_recipe
-from imgclf.thresholds import apply_threshold, choose_threshold, parse_policy
+from imgclf.data.augment import AugmentedView, build_augment, tta_views
+from imgclf.backbones.registry import backbone_blocks, build_feature_extractor, get_backbone_spec, resolve_weights
+from imgclf.engines.features import BackboneRunner, extract_features
+from imgclf.config.recipes import RECIPES, resolve_recipe
+from imgclf.evaluation.thresholds import apply_threshold, choose_threshold, parse_policy
 
 
 def test_recipes_are_defaults_that_flags_override():
@@ -157,7 +157,7 @@ def test_finetune_flags_switch_stage_two_on_under_fast():
 
 def test_tta_fallback_keeps_rows_normalised(trained_run, shapes_root, tmp_path, monkeypatch):
     """A view that fails to decode falls back to the plain view: rows still sum to 1."""
-    import imgclf.augment as aug
+    import imgclf.data.augment as aug
 
     clf = ImageClassifier.load(trained_run, cache_dir=tmp_path / "c")
     paths = sorted((shapes_root / "test").rglob("*.jpg"))[:3]
@@ -178,7 +178,7 @@ def test_tta_fallback_keeps_rows_normalised(trained_run, shapes_root, tmp_path, 
 
 
 def test_tail_batchnorm_statistics_frozen_or_following_batches():
-    from imgclf.finetune import TailModel
+    from imgclf.train.finetune import TailModel
 
     def run(mode):
         torch.manual_seed(0)
@@ -200,7 +200,7 @@ def test_tail_batchnorm_statistics_frozen_or_following_batches():
 
 
 def test_default_recipe_is_finetune():
-    from imgclf.recipes import DEFAULT_RECIPE
+    from imgclf.config.recipes import DEFAULT_RECIPE
 
     assert DEFAULT_RECIPE == "finetune" and ImageClassifier().recipe == "finetune"
     assert RECIPES["seed"]["head"] == "tutorial" and RECIPES["finetune"]["finetune_bn"] == "frozen"
@@ -225,7 +225,7 @@ def test_finetune_with_cutmix_and_mixup_runs_end_to_end(shapes_root, tmp_path):
 
 
 def test_timm_blocks_are_mapped_and_checked():
-    from imgclf.backbones import BlocksUnknownError, _check_blocks_compose
+    from imgclf.backbones.registry import BlocksUnknownError, _check_blocks_compose
 
     for name, last in (("timm:test_efficientnet", "head"), ("timm:test_resnet", "layer4"), ("timm:test_nfnet", "stages.3+final"), ("timm:test_convnext", "stages.3+final")):
         spec = get_backbone_spec(name)
@@ -244,9 +244,9 @@ def test_timm_blocks_are_mapped_and_checked():
 
 
 def test_timm_backbone_fine_tunes_its_last_block(shapes_root, tmp_path, monkeypatch):
-    import imgclf.training
+    import imgclf.train.loops
 
-    monkeypatch.setattr(imgclf.training, "better", lambda *a: True)  # every stage-2 epoch counts as better: tuned weights kept
+    monkeypatch.setattr(imgclf.train.loops, "better", lambda *a: True)  # every stage-2 epoch counts as better: tuned weights kept
     clf = ImageClassifier(backbone="timm:test_efficientnet", weights="none", epochs=2, finetune_epochs=2, finetune_views=1, cache_dir=tmp_path / "c")
     clf.fit(shapes_root)  # the default recipe: stage 2 on the last block (conv_head + bn2)
     stage2 = clf.fit_summary_["stages"][1]
@@ -255,7 +255,7 @@ def test_timm_backbone_fine_tunes_its_last_block(shapes_root, tmp_path, monkeypa
 
 
 def test_unmapped_timm_backbone_skips_stage_two_or_refuses_unfreeze(shapes_root, tmp_path, caplog, monkeypatch):
-    import imgclf.backbones as bb
+    import imgclf.backbones.registry as bb
 
     def unknown(net, name):  # as for a timm layout that _timm_blocks does not know
         raise bb.BlocksUnknownError(f"{name}: its block structure is not mapped, so it cannot be fine-tuned")

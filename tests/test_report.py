@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from conftest import browser_available, launch_chromium
-from imgclf.cli import main
-from imgclf.metrics import classification_metrics
-from imgclf.report import SECTIONS, write_run_report
+from imgclf.cli.main import main
+from imgclf.evaluation.metrics import classification_metrics
+from imgclf.report.html import SECTIONS, write_run_report
 
 SECTION_IDS = [sid for sid, _ in SECTIONS]
 
@@ -106,7 +106,7 @@ def test_report_is_complete_and_self_contained(leaky_run):
 
 
 def test_perfect_score_note():
-    from imgclf.report import _perfect_note
+    from imgclf.report.html import _perfect_note
 
     assert "0.912" in _perfect_note({"n": 40, "accuracy": 1.0})  # 0.025 ** (1/40)
     assert _perfect_note({"n": 40, "accuracy": 0.975}) == ""

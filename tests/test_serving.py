@@ -15,8 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from imgclf.export import Decision, OnnxClassifier
-from imgclf.serving import MicroBatcher, ServeConfig, create_app, sniff_image_type
+from imgclf.export.onnx import Decision, OnnxClassifier
+from imgclf.serve.app import MicroBatcher, ServeConfig, create_app, sniff_image_type
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def test_api_key_missing_wrong_and_right(model, images):
 def test_api_key_is_compared_in_constant_time(model, monkeypatch):
     import hmac
 
-    import imgclf.serving as serving
+    import imgclf.serve.app as serving
 
     calls = []
     real = hmac.compare_digest
@@ -291,7 +291,7 @@ class _StubModel:
     """A binary model with a stored threshold, recording the batches it is given."""
 
     def __init__(self, threshold=0.25, delay=0.0):
-        from imgclf.backbones import Preprocessing
+        from imgclf.backbones.registry import Preprocessing
 
         self.class_names_ = ["benign", "malignant"]
         self.decision = Decision.from_meta({"class_names": self.class_names_, "threshold": threshold, "positive_class": "malignant"})
@@ -376,7 +376,7 @@ def test_micro_batcher_limits_and_errors():
 
 
 def _fake_explain():
-    mod = types.ModuleType("imgclf.explain")
+    mod = types.ModuleType("imgclf.explain.gradcam")
     calls = []
 
     def gradcam(clf, image, class_name=None):
@@ -408,8 +408,8 @@ def test_explain_endpoint_present_only_with_the_module(model, exported, images, 
         two = [("file", ("a.jpg", jpeg, "image/jpeg")), ("file", ("b.jpg", jpeg, "image/jpeg"))]
         assert_error(c.post("/v1/explain", files=two), 400, "one-file")
     # module not importable → no endpoint at all
-    monkeypatch.setitem(sys.modules, "imgclf.explain", None)
-    from imgclf.serving import explain_module
+    monkeypatch.setitem(sys.modules, "imgclf.explain.gradcam", None)
+    from imgclf.serve.app import explain_module
 
     assert explain_module() is None
     with TestClient(create_app(model, ServeConfig(), bundle_dir=exported)) as c:
@@ -419,10 +419,10 @@ def test_explain_endpoint_present_only_with_the_module(model, exported, images, 
 
 
 def test_explain_with_the_real_module(model, exported, images):
-    from imgclf.serving import explain_module
+    from imgclf.serve.app import explain_module
 
     if explain_module() is None:
-        pytest.skip("imgclf.explain is not available in this tree")
+        pytest.skip("imgclf.explain.gradcam is not available in this tree")
     with TestClient(create_app(model, ServeConfig(), bundle_dir=exported)) as c:
         r = c.post("/v1/explain", files={"file": ("sq.jpg", images["square"].read_bytes(), "image/jpeg")})
     assert r.status_code == 200, r.text
@@ -433,8 +433,8 @@ def test_explain_with_the_real_module(model, exported, images):
 def test_serving_model_loading_and_cli_errors(exported, tmp_path, capsys):
     import socket
 
-    from imgclf.cli import main
-    from imgclf.serving import bind_socket, load_serving_model
+    from imgclf.cli.main import main
+    from imgclf.serve.app import bind_socket, load_serving_model
 
     clf, bundle = load_serving_model(exported / "model.onnx")
     assert isinstance(clf, OnnxClassifier) and bundle == exported  # explain possible: the bundle matches the export

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from imgclf.heads import build_head
-from imgclf.metrics import classification_metrics
-from imgclf.training import TrainConfig, class_weights, fit_head
+from imgclf.model.heads import build_head
+from imgclf.evaluation.metrics import classification_metrics
+from imgclf.train.loops import TrainConfig, class_weights, fit_head
 
 
 def _blobs(n_per_class=30, dim=16, n_classes=3, seed=0, spread=1.0):
@@ -46,7 +46,7 @@ def test_tutorial_head_reproduces_sigmoid_with_keras_categorical_crossentropy():
 
 
 def test_monitor_val_accuracy_ranks_accuracy_then_loss():
-    from imgclf.training import better
+    from imgclf.train.loops import better
 
     assert better((0.30, 1.0), (0.01, 0.99), "val_accuracy")  # more accurate wins despite a higher loss
     assert not better((0.30, 1.0), (0.01, 0.99), "val_loss")
@@ -57,7 +57,7 @@ def test_monitor_val_accuracy_ranks_accuracy_then_loss():
 
 
 def test_calibrated_loss_ignores_confidence_scale_but_not_ranking():
-    from imgclf.training import calibrated_nll
+    from imgclf.train.loops import calibrated_nll
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, size=(200, 4))
@@ -147,7 +147,7 @@ def test_metrics_against_hand_computed_case():
 
 
 def test_cutmix_pastes_one_box_and_mixes_labels_by_its_area():
-    from imgclf.training import cutmix_batch
+    from imgclf.train.loops import cutmix_batch
 
     x = torch.arange(4, dtype=torch.float32)[:, None, None, None].expand(4, 2, 10, 10).contiguous()  # image i is all i
     perm = torch.tensor([1, 2, 3, 0])
@@ -163,7 +163,7 @@ def test_cutmix_pastes_one_box_and_mixes_labels_by_its_area():
 
 
 def test_cutmix_trains_spatial_inputs_and_leaves_vectors_alone():
-    from imgclf.training import make_optimizer, train_one_epoch
+    from imgclf.train.loops import make_optimizer, train_one_epoch
 
     torch.manual_seed(0)
     cfg = TrainConfig(cutmix=1.0, batch_size=8)

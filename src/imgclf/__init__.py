@@ -1,11 +1,11 @@
 """imgclf: a folder of labelled images → a transfer-learned, evaluated, saved classifier."""
 
-__version__ = "0.1.0"
+from imgclf._version import __version__
 
 
 def __getattr__(name):  # lazy: `import imgclf` stays cheap for the CLI's --help
     if name == "ImageClassifier":
-        from imgclf.api import ImageClassifier
+        from imgclf.train.classifier import ImageClassifier
 
         return ImageClassifier
     raise AttributeError(name)

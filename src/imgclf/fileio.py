@@ -5,7 +5,10 @@ Torch-free on purpose, so ONNX-only clients (export, serving) can use it cheaply
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -60,3 +63,33 @@ def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
         return True
     except ValueError:
         return False
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    buf = io.StringIO()
+    fieldnames = fieldnames or (list(rows[0]) if rows else [])
+    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
+def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
+    buf = io.StringIO()
+    fieldnames = fieldnames or (list(rows[0]) if rows else [])
+    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from imgclf.heads import HEAD_KINDS, build_head
+from imgclf.model.heads import HEAD_KINDS, build_head
 
 LOSSES = ("ce", "focal")
 SAMPLERS = ("shuffle", "balanced")

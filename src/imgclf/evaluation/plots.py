@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from imgclf.fileio import atomic_write_bytes
-from imgclf.metrics import operating_point
+from imgclf.evaluation.metrics import operating_point
 
 __all__ = [
     "training_curves", "confusion_matrices", "roc_curves", "pr_curves", "reliability_diagram",
@@ -210,7 +210,7 @@ def pr_curves(y_true, probs, class_names: Sequence[str], path: str | os.PathLike
 def reliability_diagram(y_true, probs, path: str | os.PathLike, *, n_bins: int = 15) -> Path:
     """Accuracy vs confidence of the top label per bin (bars), perfect calibration
     diagonal, and how many images fall in each bin; ECE in the title."""
-    from imgclf.metrics import calibration_bins
+    from imgclf.evaluation.metrics import calibration_bins
 
     cal = calibration_bins(y_true, probs, n_bins)
     edges = np.array(cal["bin_edges"])

@@ -173,7 +173,7 @@ def _figure(path: Path | None, alt: str, caption: str = "") -> str:
 
 
 def _thumb_uri(path: str, size: int = 96) -> str | None:
-    from imgclf.imaging import load_rgb
+    from imgclf.data.imaging import load_rgb
 
     try:
         img = load_rgb(path)
@@ -213,7 +213,7 @@ def _predictions(rows: list[dict] | None, class_names: list[str]):
 
 def _run_split_map(split_csv: Path) -> dict[str, str] | None:
     """path → split of the run's own split.csv (None when the run has none)."""
-    from imgclf.data import read_split_csv
+    from imgclf.data.datasets import read_split_csv
 
     if not split_csv.is_file():
         return None
@@ -314,7 +314,7 @@ def _dataset(ctx: dict) -> str:
     if insp is None:
         out.append(f'<p class="note">Not checked: {_e(ctx["inspection_note"])}</p>')
     else:
-        from imgclf.inspection import NEAR_DUP_MAX_DISTANCE, NEAR_DUP_MIN_CORRELATION
+        from imgclf.data.inspection import NEAR_DUP_MAX_DISTANCE, NEAR_DUP_MIN_CORRELATION
 
         out.append(
             '<p class="note">Checked between the splits the run actually used (<code>split.csv</code>). Exact duplicates: identical '
@@ -504,7 +504,7 @@ def _environment(ctx: dict) -> str:
     out.append(_kv(timing))
     out.append("<h3>Versions and machine (training run)</h3>")
     out.append(_kv(env))
-    from imgclf import __version__
+    from imgclf._version import __version__
 
     out.append(f'<p class="note">Report generated {_e(ctx["generated"])} by imgclf {_e(__version__)} in {_e(ctx["report_seconds"])} s.</p>')
     logs = ctx["log_lines"]
@@ -518,7 +518,7 @@ def _environment(ctx: dict) -> str:
 
 
 def _make_plots(ctx: dict, plots_dir: Path) -> dict[str, Path]:
-    from imgclf import plots
+    from imgclf.evaluation import plots
 
     m, names = ctx["metrics"], ctx["class_names"]
     out: dict[str, Path] = {}
@@ -545,7 +545,7 @@ def _make_plots(ctx: dict, plots_dir: Path) -> dict[str, Path]:
 
 
 def _worst(ctx: dict, n: int) -> list[dict]:
-    from imgclf.thresholds import apply_threshold
+    from imgclf.evaluation.thresholds import apply_threshold
 
     names = ctx["class_names"]
     y, probs = ctx["y_true"], ctx["probs"]
@@ -566,10 +566,10 @@ def _worst(ctx: dict, n: int) -> list[dict]:
 
 def _gradcam_grid(ctx: dict, run_dir: Path, clf, plots_dir: Path) -> tuple[Path | None, str]:
     """Worst-mistakes grid with Grad-CAM overlays; returns (png, note for the reader)."""
-    from imgclf import plots
-    from imgclf.backbones import Preprocessing
-    from imgclf.imaging import load_rgb
-    from imgclf.preprocess import resize_and_crop
+    from imgclf.evaluation import plots
+    from imgclf.backbones.registry import Preprocessing
+    from imgclf.data.imaging import load_rgb
+    from imgclf.data.preprocess import resize_and_crop
 
     worst = ctx["worst"]
     if not worst:
@@ -577,9 +577,9 @@ def _gradcam_grid(ctx: dict, run_dir: Path, clf, plots_dir: Path) -> tuple[Path 
     note = ""
     if clf is None:
         try:
-            from imgclf.api import ImageClassifier
+            from imgclf.model.classifier import Classifier
 
-            clf = ImageClassifier.load(run_dir)
+            clf = Classifier.load(run_dir)
         except Exception as e:  # noqa: BLE001 - the report still shows the images
             note = f"Grad-CAM not available: the model could not be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})."
             clf = None
@@ -597,7 +597,7 @@ def _gradcam_grid(ctx: dict, run_dir: Path, clf, plots_dir: Path) -> tuple[Path 
         images = [crop]
         if clf is not None:
             try:
-                from imgclf.explain import gradcam, overlay
+                from imgclf.explain.gradcam import gradcam, overlay
 
                 heat, _, _ = gradcam(clf, img, w["predicted"])
                 images.append(overlay(crop, heat))
@@ -649,7 +649,7 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
     root = (config.get("dataset") or {}).get("root")
     ctx["inspection"], ctx["inspection_note"] = None, ""
     if root and Path(root).is_dir():
-        from imgclf.inspection import inspect_dataset
+        from imgclf.data.inspection import inspect_dataset
 
         try:
             ctx["inspection"] = inspect_dataset(root, split_of=_run_split_map(run_dir / "split.csv"))

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.backbones import BackboneSpec, WeightsRef, build_feature_extractor, weights_fingerprint
+from imgclf.backbones.registry import BackboneSpec, WeightsRef, build_feature_extractor, tensors_digest, weights_fingerprint
 from imgclf.fileio import atomic_write_bytes, content_hash
-from imgclf.preprocess import decode_array as _decode
-from imgclf.preprocess import decoded_batches
+from imgclf.data.preprocess import decode_array as _decode
+from imgclf.data.preprocess import decoded_batches
 
 log = logging.getLogger("imgclf")
 
@@ -144,9 +144,9 @@ class TorchEngine(Engine):
 
 class OnnxRuntimeEngine(Engine):
     def __init__(self, onnx_path: Path, threads: int | None = None):
-        from imgclf.export import _session  # the one ONNX Runtime session setup
+        from imgclf.engines.onnx import ort_session
 
-        self.session = _session(str(onnx_path), threads)
+        self.session = ort_session(str(onnx_path), threads)
         self.input_name = self.session.get_inputs()[0].name
         self.name = "onnxruntime"
         self.precision = "fp32"
@@ -173,9 +173,9 @@ class OpenVinoEngine(Engine):
 
 def export_backbone_onnx(module, input_size: int, path: Path) -> Path:
     """Export the frozen feature extractor (uint8 in, features out, dynamic batch), atomically."""
-    from imgclf.export import _export_graph_bytes
+    from imgclf.engines.onnx import export_graph_bytes
 
-    atomic_write_bytes(path, _export_graph_bytes(module.eval(), input_size, output_name="features"))
+    atomic_write_bytes(path, export_graph_bytes(module.eval(), input_size, output_name="features"))
     return path
 
 
@@ -219,7 +219,6 @@ class BackboneRunner:
         """Use fine-tuned backbone tensors: new identity, so new cache entries and exports."""
         import torch
 
-        from imgclf.finetune import tensors_digest
 
         fx = self.torch_module()
         own = fx.state_dict()

@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import SPLIT_NAMES, scan_layout
-from .imaging import ImageDecodeError, decode_image
+from imgclf.data.datasets import SPLIT_NAMES, scan_layout
+from imgclf.data.imaging import ImageDecodeError, decode_image
 
 __all__ = ["inspect_dataset", "format_report", "perceptual_signature", "NEAR_DUP_MAX_DISTANCE", "NEAR_DUP_MIN_CORRELATION"]
 

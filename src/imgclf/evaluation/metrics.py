@@ -58,7 +58,7 @@ import math
 
 import numpy as np
 
-from imgclf.thresholds import apply_threshold
+from imgclf.evaluation.thresholds import apply_threshold
 
 ECE_BINS = 15
 CI_LEVEL = 0.95

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgclf.preprocess import image_to_array, resize_and_crop
+from imgclf.data.preprocess import image_to_array, resize_and_crop
 
 log = logging.getLogger("imgclf")
 
@@ -41,7 +41,7 @@ ALPHA = 0.45  # heatmap opacity in overlays
 
 def _check_fitted(clf) -> None:
     if not hasattr(clf, "head_") or not hasattr(clf, "class_names_"):
-        raise ValueError("Grad-CAM needs a trained model: fit() it or ImageClassifier.load() a run folder")
+        raise ValueError("Grad-CAM needs a trained model: fit() it or Classifier.load() a run folder")
 
 
 def _class_index(clf, class_name: str | None) -> int | None:
@@ -134,7 +134,7 @@ def explain_files(clf, paths: Sequence[str | os.PathLike], out_dir: str | os.Pat
     Unreadable files are logged and skipped; a ValueError if none could be explained.
     """
     from imgclf.fileio import atomic_write_bytes
-    from imgclf.imaging import ImageDecodeError, load_rgb
+    from imgclf.data.imaging import ImageDecodeError, load_rgb
 
     _check_fitted(clf)
     _class_index(clf, class_name)  # fail before any work

@@ -1,4 +1,4 @@
-"""Sub-commands added by this module (see ``imgclf.cli.EXTENSION_MODULES``): ``export`` and ``serve``."""
+"""Sub-commands added by this module (see ``imgclf.cli.main.EXTENSION_MODULES``): ``export`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ _port = _bounded(int, "a port number", lambda v: 0 <= v <= 65535, "0..65535 (0 =
 
 def register(subparsers, commands) -> None:
     """Add ``export`` and ``serve``."""
-    from imgclf.serving import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB
-    from imgclf.export import CALIBRATION_IMAGES, QUANTIZE_CHOICES
+    from imgclf.serve.app import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB
+    from imgclf.export.onnx import CALIBRATION_IMAGES, QUANTIZE_CHOICES
 
     p = subparsers.add_parser(
         "export", help="export a model to one ONNX graph (parity-checked)",
@@ -84,7 +84,7 @@ def register(subparsers, commands) -> None:
     p.add_argument("--max-files", type=_positive_int, default=DEFAULT_MAX_FILES, help=f"images per request (default: {DEFAULT_MAX_FILES})")
     p.add_argument("--batch-wait-ms", type=_non_negative_float, default=DEFAULT_BATCH_WAIT_MS, help=f"how long to wait for concurrent requests to batch together, ms (default: {DEFAULT_BATCH_WAIT_MS:g})")
     p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, help=f"most images per inference batch (default: {DEFAULT_MAX_BATCH})")
-    p.add_argument("--no-explain", action="store_true", help="leave out POST /v1/explain (Grad-CAM) even where imgclf.explain is available")
+    p.add_argument("--no-explain", action="store_true", help="leave out POST /v1/explain (Grad-CAM) even where imgclf.explain.gradcam is available")
     p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"], help="auto: ONNX Runtime (exporting now if needed), PyTorch if that fails; onnx: ONNX Runtime or an error; torch: eager PyTorch (default: auto)")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
     p.add_argument("--cache-dir", default=None, help="imgclf cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)")
@@ -92,7 +92,7 @@ def register(subparsers, commands) -> None:
 
 
 def cmd_export(args) -> int:
-    from imgclf.export import ParityError, export_onnx
+    from imgclf.export.onnx import ParityError, export_onnx
 
     try:
         res = export_onnx(
@@ -108,7 +108,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from imgclf.serving import ServeConfig, serve
+    from imgclf.serve.app import ServeConfig, serve
 
     key = args.api_key if args.api_key is not None else os.environ.get("IMGCLF_API_KEY") or None
     config = ServeConfig(

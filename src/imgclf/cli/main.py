@@ -1,4 +1,4 @@
-"""Command line: a thin face over :class:`imgclf.api.ImageClassifier`.
+"""Command line: a thin face over :class:`imgclf.train.classifier.ImageClassifier` and the run folder.
 
 Errors in the user's input end in one line on stderr and exit code 2; anything
 unexpected ends in one line and exit code 1 (``IMGCLF_DEBUG=1`` shows the traceback).
@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from imgclf import __version__
+from imgclf._version import __version__
 from imgclf.fileio import is_within
-from imgclf.recipes import DEFAULT_RECIPE, RECIPE_NAMES
+from imgclf.config.recipes import DEFAULT_RECIPE, RECIPE_NAMES
 
 log = logging.getLogger("imgclf")
 
@@ -37,7 +37,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, engines=("auto", "openvino", "
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from imgclf.names import BACKBONE_NAMES, DEFAULT_BACKBONE
+    from imgclf.config.names import BACKBONE_NAMES, DEFAULT_BACKBONE
 
     g = p.add_argument_group("model")
     g.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPE_NAMES), help=f"named defaults (any flag below overrides): seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head, kept only if they beat the frozen model on validation (--finetune-monitor) (default: {DEFAULT_RECIPE})")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add sub-commands: each has ``register(subparsers, commands)`` which adds
 # its parsers and puts ``name -> function(args) -> int`` into ``commands``.
-EXTENSION_MODULES = ("imgclf.cli_report", "imgclf.cli_serve")
+EXTENSION_MODULES = ("imgclf.cli.report", "imgclf.cli.deploy")
 
 
 def _load_extension(name: str):
@@ -147,7 +147,7 @@ def _load_extension(name: str):
 
 
 def _classifier_from_args(args):
-    from imgclf.api import ImageClassifier
+    from imgclf.train.classifier import ImageClassifier
 
     return ImageClassifier(
         backbone=args.backbone, weights=args.weights, recipe=args.recipe, head=args.head, epochs=args.epochs, lr=args.lr,
@@ -176,10 +176,11 @@ def format_counts(counts: dict[str, dict[str, int]], class_names: list[str]) -> 
 
 def run_train(args) -> dict:
     """The ``train`` command (and the second half of ``demo``); returns the test metrics."""
-    from imgclf.api import environment_info, with_validation_folder
-    from imgclf.data import load_dataset, write_split_csv
-    from imgclf.metrics import format_metrics
-    from imgclf.runs import attach_run_log, detach, new_run_dir, write_csv, write_json
+    from imgclf.data.datasets import load_dataset, with_validation_folder, write_split_csv
+    from imgclf.runs.environment import environment_info
+    from imgclf.evaluation.metrics import format_metrics
+    from imgclf.fileio import write_csv, write_json
+    from imgclf.runs.folders import attach_run_log, detach, new_run_dir
 
     t0 = time.perf_counter()
     root = Path(args.data)
@@ -235,7 +236,7 @@ def run_train(args) -> dict:
         config["wall_seconds"] = round(time.perf_counter() - t0, 3)
         write_json(run_dir / "config.json", config)
         if args.report:
-            from imgclf.report import write_run_report
+            from imgclf.report.html import write_run_report
 
             try:
                 print(f"report: {write_run_report(run_dir, clf=clf)}", flush=True)
@@ -253,7 +254,7 @@ def run_train(args) -> dict:
 
 def prediction_rows(clf) -> list[dict]:
     """Per-image test results of the last evaluation: path, true and predicted class, probabilities."""
-    from imgclf.thresholds import apply_threshold
+    from imgclf.evaluation.thresholds import apply_threshold
 
     ev = clf.last_eval_
     names = clf.class_names_
@@ -269,7 +270,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from imgclf.demo_data import make_lesion_dataset
+    from imgclf.data.demo import make_lesion_dataset
 
     data_dir = Path(args.data_dir) if args.data_dir else Path(args.project) / "demo-data"
     t = time.perf_counter()
@@ -287,8 +288,8 @@ def _run_test_split(model, data, class_names):
 
     Evaluating a flat set as a whole would score the training images too.
     """
-    from imgclf.bundle import resolve_bundle_dir
-    from imgclf.data import Sample, read_split_csv
+    from imgclf.model.bundle import resolve_bundle_dir
+    from imgclf.data.datasets import Sample, read_split_csv
 
     run = resolve_bundle_dir(model)
     cfg_path, split_path = run / "config.json", run / "split.csv"
@@ -305,11 +306,11 @@ def _run_test_split(model, data, class_names):
 
 
 def cmd_evaluate(args) -> int:
-    from imgclf.api import ImageClassifier
-    from imgclf.metrics import format_metrics
-    from imgclf.runs import write_json
+    from imgclf.evaluation.metrics import format_metrics
+    from imgclf.fileio import write_json
+    from imgclf.model.classifier import Classifier
 
-    clf = ImageClassifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress, tta=args.tta)
+    clf = Classifier.load(args.model, weights=args.weights, engine=args.engine, precision=args.precision, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.no_progress, tta=args.tta)
     if args.out and is_within(Path(args.out), Path(args.data)):
         raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
     samples = _run_test_split(args.model, args.data, clf.class_names_)
@@ -331,10 +332,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from imgclf.data import collect_image_paths
-    from imgclf.export import predictor_for
+    from imgclf.data.datasets import collect_image_paths
+    from imgclf.export.onnx import predictor_for
     from imgclf.fileio import atomic_write_bytes
-    from imgclf.runs import csv_text
+    from imgclf.fileio import csv_text
 
     paths, problems = collect_image_paths(args.paths)
     if not paths:
@@ -362,7 +363,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from imgclf.inspection import format_report, inspect_dataset
+    from imgclf.data.inspection import format_report, inspect_dataset
 
     report = inspect_dataset(args.data, progress=not args.no_progress, near_duplicates=not args.no_near_duplicates)
     if args.json:
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from imgclf.runs import setup_logging
+    from imgclf.runs.folders import setup_logging
 
     setup_logging(verbose=args.verbose, quiet=args.quiet)
     try:

@@ -130,7 +130,7 @@ _TORCHVISION = {
     "convnext_tiny": (768, "avg+layernorm", "stage 4 → global average pooling → LayerNorm"),
 }
 
-from imgclf.names import BACKBONE_NAMES, LITE_NAMES, TORCHVISION_NAMES  # noqa: E402
+from imgclf.config.names import BACKBONE_NAMES, LITE_NAMES, TORCHVISION_NAMES  # noqa: E402
 
 assert tuple(_LITE) == LITE_NAMES and tuple(_TORCHVISION) == TORCHVISION_NAMES
 
@@ -510,6 +510,14 @@ def _timm_head_prefixes(net) -> tuple[str, ...]:
     name = net.pretrained_cfg.get("classifier", "head") if getattr(net, "pretrained_cfg", None) else "head"
     names = name if isinstance(name, (list, tuple)) else [name]
     return tuple(f"{n}." for n in names)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 def weights_fingerprint(spec: BackboneSpec, ref: WeightsRef) -> str:

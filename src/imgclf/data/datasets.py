@@ -28,15 +28,19 @@ Nothing here ever writes into the dataset folder.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import logging
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .imaging import IMAGE_EXTENSIONS as _EXTS
-from .fileio import is_within
-from .imaging import is_image_file
+from imgclf.data.imaging import IMAGE_EXTENSIONS as _EXTS
+from imgclf.data.imaging import is_image_file
+from imgclf.fileio import is_within
+
+log = logging.getLogger("imgclf")
 
 __all__ = [
     "SPLIT_NAMES",
@@ -49,6 +53,8 @@ __all__ = [
     "write_split_csv",
     "read_split_csv",
     "collect_image_paths",
+    "labelled_eval_samples",
+    "with_validation_folder",
 ]
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -485,3 +491,32 @@ def _safe_scandir(folder: Path) -> list[os.DirEntry]:
     except DatasetError:  # unlistable: reported as "no images"
         return []
 
+
+def labelled_eval_samples(data: str | os.PathLike, class_names: list[str]):
+    """Samples to evaluate: ``DATA/test/<class>/*`` if DATA has a test folder, else ``DATA/<class>/*``.
+
+    Unlike training, one class folder is enough (e.g. a folder of malignant cases only).
+    """
+    root = Path(data)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    folder = root / "test" if (root / "test").is_dir() else root
+    ignored: list[Path] = []
+    warnings: list[str] = []
+    folders = scan_class_folders(folder, ignored, warnings)
+    for w in warnings:
+        log.warning("%s", w)
+    if not any(folders.values()):
+        raise DatasetError(f"{folder}: no images in class sub-folders (expected {folder}/<class>/<image>)")
+    index = {c: i for i, c in enumerate(class_names)}
+    unknown = [c for c in folders if c not in index]
+    if unknown:
+        raise DatasetError(f"{folder}: class folder(s) {', '.join(unknown)} unknown to the model (classes: {', '.join(class_names)})")
+    return [Sample(Path(p), index[c], "test") for c in sorted(folders) for p in folders[c]]
+
+
+def with_validation_folder(ds: Dataset, folder: str | os.PathLike) -> Dataset:
+    samples = labelled_eval_samples(folder, ds.class_names)
+    samples = [dataclasses.replace(s, split="validation") for s in samples]
+    new = dataclasses.replace(ds, samples={**ds.samples, "validation": samples}, split_source={**ds.split_source, "validation": f"folder {folder}"})
+    return new

@@ -1,4 +1,4 @@
-"""Sub-commands added by this module (see ``imgclf.cli.EXTENSION_MODULES``): ``explain``
+"""Sub-commands added by this module (see ``imgclf.cli.main.EXTENSION_MODULES``): ``explain``
 (Grad-CAM overlays) and ``report`` (regenerate a run's ``report.html``).
 
 Errors follow cli.py: a user error raises ValueError (one line, exit 2).
@@ -47,9 +47,9 @@ def register(subparsers, commands) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from imgclf.api import ImageClassifier
-    from imgclf.data import collect_image_paths
-    from imgclf.explain import explain_files
+    from imgclf.model.classifier import Classifier
+    from imgclf.data.datasets import collect_image_paths
+    from imgclf.explain.gradcam import explain_files
 
     paths, problems = collect_image_paths(args.images)
     if not paths:
@@ -59,7 +59,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    clf = ImageClassifier.load(args.model, weights=args.weights)
+    clf = Classifier.load(args.model, weights=args.weights)
     written = explain_files(clf, paths, out, class_name=args.class_name)
     for w in written:
         print(w)
@@ -68,16 +68,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from imgclf.report import write_run_report
+    from imgclf.report.html import write_run_report
 
     run = Path(args.run)
     if not run.is_dir():
         raise ValueError(f"{run}: not a run folder")
     clf = None
     if args.weights:
-        from imgclf.api import ImageClassifier
+        from imgclf.model.classifier import Classifier
 
-        clf = ImageClassifier.load(run, weights=args.weights)
+        clf = Classifier.load(run, weights=args.weights)
     path = write_run_report(run, clf=clf, gradcam_images=args.gradcam_images)
     print(path)
     return 0

@@ -4,7 +4,7 @@ Endpoints (JSON errors everywhere: ``{"error": {"code": ..., "message": ...}}``)
 
 * ``POST /v1/predict``  one or more images as multipart field ``file`` (repeat the field for
   several) → class probabilities, predicted class, the decision threshold used, model id;
-* ``POST /v1/explain``  one image → Grad-CAM overlay PNG; only when :mod:`imgclf.explain`
+* ``POST /v1/explain``  one image → Grad-CAM overlay PNG; only when :mod:`imgclf.explain.gradcam`
   can be imported and the model folder (model.json + model.safetensors) is at hand;
 * ``GET /v1/model``     model metadata and the server's limits;
 * ``GET /healthz``      liveness; ``GET /docs`` OpenAPI UI; ``GET /`` the web page.
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf import __version__
+from imgclf._version import __version__
 
 log = logging.getLogger("imgclf")
 
@@ -258,8 +258,8 @@ def decode_upload(data: bytes, filename: str, prep, max_pixels: int, keep_image:
     """Sniff, check the pixel count from the header, decode as imgclf always does, resize/crop."""
     from PIL import Image, UnidentifiedImageError
 
-    from imgclf.imaging import ImageDecodeError, decode_image_bytes
-    from imgclf.preprocess import draft_size, image_to_array
+    from imgclf.data.imaging import ImageDecodeError, decode_image_bytes
+    from imgclf.data.preprocess import draft_size, image_to_array
 
     if not data:
         raise ApiError(400, "empty-file", f"upload {filename!r} is empty (0 bytes)")
@@ -378,7 +378,7 @@ def load_serving_model(model: str | os.PathLike, engine: str = "auto", *, weight
     back to the PyTorch graph with a warning); onnx: the export or an error; torch: the
     eager PyTorch graph. An ``.onnx`` path is served as is (after its integrity checks).
     """
-    from imgclf.export import ExportError, OnnxClassifier, TorchClassifier, bundle_hashes, predictor_for
+    from imgclf.export.onnx import ExportError, OnnxClassifier, TorchClassifier, bundle_hashes, predictor_for
 
     if engine not in ("auto", "onnx", "torch"):
         raise ValueError("--engine must be one of auto, onnx, torch")
@@ -398,7 +398,7 @@ def load_serving_model(model: str | os.PathLike, engine: str = "auto", *, weight
     if engine == "torch":
         clf = TorchClassifier(model, weights=weights, cache_dir=cache_dir)
         return clf, clf.path
-    from imgclf.bundle import resolve_bundle_dir
+    from imgclf.model.bundle import resolve_bundle_dir
 
     d = resolve_bundle_dir(model)
     try:
@@ -411,16 +411,16 @@ def load_serving_model(model: str | os.PathLike, engine: str = "auto", *, weight
 
 
 def explain_module():
-    """:mod:`imgclf.explain` if it can be imported (it provides gradcam and overlay), else None."""
+    """:mod:`imgclf.explain.gradcam` if it can be imported (it provides gradcam and overlay), else None."""
     import importlib
     import importlib.util
 
     try:
-        if importlib.util.find_spec("imgclf.explain") is None:
+        if importlib.util.find_spec("imgclf.explain.gradcam") is None:
             return None
-        mod = importlib.import_module("imgclf.explain")
+        mod = importlib.import_module("imgclf.explain.gradcam")
     except Exception as e:  # noqa: BLE001 - a broken optional module must not stop serving
-        log.warning("Grad-CAM endpoint disabled: imgclf.explain cannot be imported (%s)", e)
+        log.warning("Grad-CAM endpoint disabled: imgclf.explain.gradcam cannot be imported (%s)", e)
         return None
     if not (callable(getattr(mod, "gradcam", None)) and callable(getattr(mod, "overlay", None))):
         return None
@@ -433,7 +433,7 @@ def explain_module():
 def _web_asset(name: str) -> bytes:
     from importlib.resources import files
 
-    return (files("imgclf") / "web" / name).read_bytes()
+    return (files("imgclf.serve") / "web" / name).read_bytes()
 
 
 class _SecurityHeaders:
@@ -462,8 +462,8 @@ class _SecurityHeaders:
 
 
 def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os.PathLike | None = None, explain=None, weights=None, cache_dir=None):
-    """The FastAPI app around ``model`` (an :class:`~imgclf.export.OnnxClassifier` or
-    :class:`~imgclf.export.TorchClassifier`). ``explain``: the Grad-CAM module to use
+    """The FastAPI app around ``model`` (an :class:`~imgclf.export.onnx.OnnxClassifier` or
+    :class:`~imgclf.export.onnx.TorchClassifier`). ``explain``: the Grad-CAM module to use
     (default: :func:`explain_module`, only when ``bundle_dir`` is given); ``False`` = off."""
     import anyio
     from fastapi import Depends, FastAPI, Query, Request, Security
@@ -670,9 +670,9 @@ def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os
 
         def _explainer():
             if "clf" not in explain_state:
-                from imgclf.api import ImageClassifier
+                from imgclf.model.classifier import Classifier
 
-                explain_state["clf"] = ImageClassifier.load(bundle_dir, weights=weights, cache_dir=cache_dir, engine="torch", precision="fp32", use_cache=False)
+                explain_state["clf"] = Classifier.load(bundle_dir, weights=weights, cache_dir=cache_dir, engine="torch", precision="fp32", use_cache=False)
             return explain_state["clf"]
 
         def _explain(image, class_name):

@@ -34,7 +34,6 @@ Prediction: :class:`OnnxClassifier` (``predict_proba_arrays``, ``predict_proba``
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -50,10 +49,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from imgclf import __version__
-from imgclf.bundle import BundleError, resolve_bundle_dir
-from imgclf.fileio import atomic_write_bytes, default_cache_dir, file_sha256
-from imgclf.runs import write_json
+from imgclf._version import __version__
+from imgclf.model.bundle import BundleError, resolve_bundle_dir
+from imgclf.fileio import atomic_write_bytes, default_cache_dir, file_sha256, write_json
+from imgclf.engines.onnx import INPUT_NAME, OPSET, OUTPUT_NAME, export_graph_bytes, ort_session, run_session
 
 # Heavier imgclf modules (features, api: they import torch) are imported inside the
 # functions that need them, so that loading and running an exported graph stays light.
@@ -61,9 +60,6 @@ from imgclf.runs import write_json
 log = logging.getLogger("imgclf")
 
 EXPORT_FORMAT = "imgclf-onnx/1"
-INPUT_NAME = "image"
-OUTPUT_NAME = "probabilities"
-OPSET = 17
 ONNX_NAME = "model.onnx"
 PARITY_ATOL = 1e-4
 PARITY_IMAGES = 16
@@ -94,7 +90,7 @@ class ParityError(ExportError):
 class PixelPolicy(SimpleNamespace):
     """The fields of a model's preprocessing (input_size, resize_size, interpolation, mean,
     std, policy, ...) as attributes, from the export's metadata, for
-    :func:`imgclf.preprocess.image_to_array`; ``to_dict()`` gives them back."""
+    :func:`imgclf.data.preprocess.image_to_array`; ``to_dict()`` gives them back."""
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -186,11 +182,11 @@ class Decision:
 
 def decode_to_array(path: str | os.PathLike, prep) -> np.ndarray:
     """File → uint8 (3, S, S), exactly as the feature path decodes for predict."""
-    from imgclf.preprocess import decode_array
+    from imgclf.data.preprocess import decode_array
 
     arr, err = decode_array(str(path), prep)
     if err:
-        from imgclf.imaging import ImageDecodeError
+        from imgclf.data.imaging import ImageDecodeError
 
         raise ImageDecodeError(str(path), err.split(": ", 1)[-1], "unreadable")
     return arr
@@ -198,7 +194,7 @@ def decode_to_array(path: str | os.PathLike, prep) -> np.ndarray:
 
 def _batched_decode(paths: Sequence[str], prep, batch_size: int, threads: int):
     """Yield (indices, uint8 batch or None, {index: error}) with decoding ahead of inference."""
-    from imgclf.preprocess import decode_array, decoded_batches
+    from imgclf.data.preprocess import decode_array, decoded_batches
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         yield from decoded_batches(list(range(len(paths))), lambda i: decode_array(str(paths[i]), prep), batch_size, pool)
@@ -242,8 +238,8 @@ def as_nchw_uint8(batch: np.ndarray, size: int) -> np.ndarray:
 
 
 def tta_view_names(tta: str | None) -> tuple[str, ...]:
-    """The test-time views of a model's ``tta`` setting (as :mod:`imgclf.augment` defines them)."""
-    from imgclf.augment import TTA_PRESETS
+    """The test-time views of a model's ``tta`` setting (as :mod:`imgclf.data.augment` defines them)."""
+    from imgclf.data.augment import TTA_PRESETS
 
     tta = tta or "none"
     if tta not in TTA_PRESETS:
@@ -299,7 +295,7 @@ def _classifier_graph(fx, head, views: Sequence[str] = ("identity",)):
 
 
 def classifier_graph(clf, tta: str | None = None):
-    """The whole model of a loaded :class:`~imgclf.api.ImageClassifier` as one torch module
+    """The whole model of a loaded :class:`~imgclf.model.classifier.Classifier` as one torch module
     (uint8 NCHW in, probabilities out), with the model's test-time views unless ``tta``."""
     clf._check_fitted()
     clf.head_.eval()
@@ -318,30 +314,6 @@ def _reference_proba(graph, arrays: np.ndarray, batch_size: int = 16) -> np.ndar
         for k in range(0, len(arrays), batch_size):
             outs.append(graph(torch.from_numpy(arrays[k:k + batch_size])).float().numpy())
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
-
-
-def _export_graph_bytes(graph, size: int, output_name: str = OUTPUT_NAME) -> bytes:
-    """uint8 (N, 3, size, size) → ``output_name``, dynamic batch, legacy exporter (one call
-    for full models and frozen backbones alike)."""
-    import warnings
-
-    import torch
-
-    buf = io.BytesIO()
-    example = torch.zeros((2, 3, size, size), dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph,
-            (example,),
-            buf,
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[output_name],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
-            opset_version=OPSET,
-        )
-    return buf.getvalue()
 
 
 def _with_metadata(onnx_bytes: bytes, props: dict[str, str], doc: str) -> bytes:
@@ -379,26 +351,11 @@ def _metadata_props(meta: dict, prep, decision: Decision, model_id: str, quantiz
     }
 
 
-def _session(onnx: bytes | str, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(onnx, so, providers=["CPUExecutionProvider"])
-
-
-def _run_session(session, arrays: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    outs = [session.run(None, {INPUT_NAME: arrays[k:k + batch_size]})[0] for k in range(0, len(arrays), batch_size)]
-    return np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0, 0), np.float32)
-
-
 # --------------------------------------------------------------------------- images for parity / calibration / accuracy
 
 
 def _split_images(model_dir: Path, split: str) -> list[tuple[Path, str]]:
-    from imgclf.data import DatasetError, read_split_csv
+    from imgclf.data.datasets import DatasetError, read_split_csv
 
     csv_path = model_dir / "split.csv"
     if not csv_path.is_file():
@@ -428,7 +385,7 @@ def _spread(items: list[tuple[Path, str]], n: int, seed: int = 0) -> list[tuple[
 
 
 def _load_arrays(items: Sequence[tuple[Path, str]], prep, threads: int = 2) -> tuple[np.ndarray, list[tuple[Path, str]]]:
-    from imgclf.preprocess import decode_array
+    from imgclf.data.preprocess import decode_array
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         res = list(pool.map(lambda it: decode_array(str(it[0]), prep), items))
@@ -439,7 +396,7 @@ def _load_arrays(items: Sequence[tuple[Path, str]], prep, threads: int = 2) -> t
 
 
 def _images_from(paths_or_dir: Sequence[str | os.PathLike] | str | os.PathLike) -> list[tuple[Path, str]]:
-    from imgclf.data import collect_image_paths
+    from imgclf.data.datasets import collect_image_paths
 
     inputs = [paths_or_dir] if isinstance(paths_or_dir, (str, os.PathLike)) else list(paths_or_dir)
     paths, problems = collect_image_paths(inputs)
@@ -555,7 +512,7 @@ def export_onnx(
     ``calibration_images`` / ``test_data`` override split.csv's train / test images.
     ``tta``: test-time views to bake into the graph instead of the model's own setting.
     """
-    from imgclf.api import ImageClassifier
+    from imgclf.model.classifier import Classifier
 
     t0 = time.perf_counter()
     if quantize not in (None, *QUANTIZE_CHOICES):
@@ -564,7 +521,7 @@ def export_onnx(
     target = _resolve_out(d, out)
     hashes = bundle_hashes(d)
     items, source = find_parity_images(d, images, n_parity)
-    clf = ImageClassifier.load(d, weights=weights, engine="torch", precision="fp32", cache_dir=cache_dir, use_cache=False)
+    clf = Classifier.load(d, weights=weights, engine="torch", precision="fp32", cache_dir=cache_dir, use_cache=False)
     meta = clf.meta_
     prep = clf.backbone_runner().spec.preprocessing
     decision = Decision.from_meta(meta)
@@ -576,7 +533,7 @@ def export_onnx(
     log.info("exporting %s (%s + %s head, %d classes, test-time views: %s) to ONNX", d, meta["backbone"]["name"], meta["head"]["kind"], len(meta["class_names"]), ", ".join(graph.views))
     props = _metadata_props(meta, prep, decision, hashes["bundle_id"] + _tta_suffix(meta, graph.tta), "none", graph)
     doc = f"imgclf classifier {', '.join(meta['class_names'])}: uint8 RGB NCHW {prep.input_size}x{prep.input_size} in ({resize_policy_text(prep)}), probabilities out"
-    data = _with_metadata(_export_graph_bytes(graph, prep.input_size), props, doc)
+    data = _with_metadata(export_graph_bytes(graph, prep.input_size), props, doc)
 
     parity = check_parity(data, graph, arrays, source=source)
     parity["images"] = [str(p) for p, _ in items]
@@ -597,10 +554,10 @@ def export_onnx(
 
 def check_parity(onnx_bytes: bytes, graph, arrays: np.ndarray, *, source: str = "images", atol: float = PARITY_ATOL) -> dict:
     """ONNX Runtime vs PyTorch eager fp32 on ``arrays``; raises :class:`ParityError`."""
-    session = _session(onnx_bytes)
+    session = ort_session(onnx_bytes)
     ref = _reference_proba(graph, arrays)
-    got = _run_session(session, arrays)
-    single = _run_session(session, arrays[:2], batch_size=1)  # dynamic batch: batch 1 too
+    got = run_session(session, arrays)
+    single = run_session(session, arrays[:2], batch_size=1)  # dynamic batch: batch 1 too
     n = len(arrays)
     if got.shape != ref.shape or single.shape != ref[:2].shape:
         raise ParityError(f"parity check failed: ONNX Runtime output shape {got.shape} differs from PyTorch {ref.shape}; nothing was written")
@@ -686,23 +643,23 @@ def _quantize_int8(fp32_bytes, d, target, meta, prep, decision, hashes, parity_a
 
     # accuracy on the test split: fp32 graph vs int8 graph, the same images
     if test_data is not None:
-        from imgclf.api import labelled_eval_samples
+        from imgclf.data.datasets import labelled_eval_samples
 
         test_items = [(s.path, meta["class_names"][s.label]) for s in labelled_eval_samples(test_data, list(meta["class_names"]))]
     else:
         test_items = _split_images(d, "test")
     xt, test_items = _load_arrays(test_items, prep)
-    s32, s8 = _session(fp32_bytes), _session(qbytes)
+    s32, s8 = ort_session(fp32_bytes), ort_session(qbytes)
     acc32 = acc8 = agree = maxdiff = None
     if len(xt):
         y = np.array([list(meta["class_names"]).index(c) if c in meta["class_names"] else -1 for _, c in test_items])
-        p32, p8 = _run_session(s32, xt), _run_session(s8, xt)
+        p32, p8 = run_session(s32, xt), run_session(s8, xt)
         i32, i8 = decision.indices(p32), decision.indices(p8)
         acc32, acc8 = float((i32 == y).mean()), float((i8 == y).mean())
         agree, maxdiff = float((i32 == i8).mean()), float(np.abs(p32 - p8).max())
     else:
-        p8 = _run_session(s8, parity_arrays)
-        maxdiff = float(np.abs(p8 - _run_session(s32, parity_arrays)).max())
+        p8 = run_session(s8, parity_arrays)
+        maxdiff = float(np.abs(p8 - run_session(s32, parity_arrays)).max())
     qpath = target.with_name(target.name[: -len(".onnx")] + ".int8.onnx")
     quant = {
         "type": "int8-static-qdq",
@@ -808,7 +765,7 @@ class OnnxClassifier:
         self.decode_threads = decode_threads
         self.batch_size = batch_size
         try:
-            self.session = _session(data, threads)
+            self.session = ort_session(data, threads)
         except Exception as e:
             raise ExportError(f"{p}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
@@ -825,7 +782,7 @@ class OnnxClassifier:
         x = as_nchw_uint8(batch, self.input_size)
         if not len(x):
             return np.zeros((0, len(self.class_names_)), np.float32)
-        return _run_session(self.session, x, self.batch_size)
+        return run_session(self.session, x, self.batch_size)
 
     # -- files
     def predict_proba(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
@@ -838,7 +795,7 @@ class OnnxClassifier:
                 errors[paths[i]] = msg
                 log.warning("skipped %s", msg)
             if batch is not None:
-                out[idx] = _run_session(self.session, batch, self.batch_size)
+                out[idx] = run_session(self.session, batch, self.batch_size)
         self.errors_ = errors
         return out
 
@@ -871,10 +828,10 @@ class TorchClassifier:
     """The same array interface as :class:`OnnxClassifier`, on the eager PyTorch graph (fp32)."""
 
     def __init__(self, model: str | os.PathLike, *, weights=None, cache_dir=None):
-        from imgclf.api import ImageClassifier
+        from imgclf.model.classifier import Classifier
 
         d = resolve_bundle_dir(model)
-        self.clf = ImageClassifier.load(d, weights=weights, engine="torch", precision="fp32", cache_dir=cache_dir, use_cache=False)
+        self.clf = Classifier.load(d, weights=weights, engine="torch", precision="fp32", cache_dir=cache_dir, use_cache=False)
         self.graph = classifier_graph(self.clf)
         self.class_names_ = list(self.clf.class_names_)
         self.preprocessing = self.clf.backbone_runner().spec.preprocessing
@@ -996,7 +953,7 @@ def predictor_for(
     * ``onnx``: the export, made now (with its parity check) if missing or stale; written
       into the model folder, or the cache when that is read-only. A tampered export is
       an error. ``parity_images`` is used when split.csv's images are gone.
-    * ``torch`` / ``openvino`` / ``onnxruntime``: :class:`~imgclf.api.ImageClassifier`
+    * ``torch`` / ``openvino`` / ``onnxruntime``: :class:`~imgclf.model.classifier.Classifier`
       with that backbone engine (features from the cache where present).
 
     ``tta`` (``--tta``) overrides the model's test-time views; ONNX exports bake the views
@@ -1018,9 +975,9 @@ def predictor_for(
         load["tta"] = tta
 
     def feature_path(engine_name: str):  # imports torch: only when this path is taken
-        from imgclf.api import ImageClassifier
+        from imgclf.model.classifier import Classifier
 
-        return ImageClassifier.load(model, engine=engine_name, **load)
+        return Classifier.load(model, engine=engine_name, **load)
 
     if engine in ("torch", "openvino", "onnxruntime"):
         return feature_path(engine)

@@ -18,7 +18,6 @@ and reached a validation accuracy of 1.0 (from 0.993).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -29,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclf.augment import AugmentConfig, AugmentedView
-from imgclf.backbones import backbone_blocks
+from imgclf.data.augment import AugmentConfig, AugmentedView
+from imgclf.backbones.registry import backbone_blocks
 from imgclf.fileio import content_hash
-from imgclf.preprocess import decode_array as _decode
-from imgclf.preprocess import decoded_batches
-from imgclf.training import TrainConfig, fit_loop, seed_everything
+from imgclf.data.preprocess import decode_array as _decode
+from imgclf.data.preprocess import decoded_batches
+from imgclf.train.loops import TrainConfig, fit_loop, seed_everything
 
 log = logging.getLogger("imgclf")
 
@@ -82,14 +81,6 @@ def tail_state_keys(fx: nn.Module, tail: list[tuple[str, nn.Module]]) -> list[st
     """Names (in ``fx.state_dict()``) of every tensor that belongs to the tail blocks."""
     ids = {id(t) for _, m in tail for t in list(m.parameters()) + list(m.buffers())}
     return [k for k, v in fx.state_dict(keep_vars=True).items() if id(v) in ids]
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 class PrefixModule(nn.Module):

@@ -36,36 +36,6 @@ def new_run_dir(project: str | os.PathLike, name: str) -> Path:
     raise RuntimeError(f"no free run folder name under {project}")
 
 
-def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-def write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
-    buf = io.StringIO()
-    fieldnames = fieldnames or (list(rows[0]) if rows else [])
-    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(Path(path), buf.getvalue().encode())
-
-
-def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
-    buf = io.StringIO()
-    fieldnames = fieldnames or (list(rows[0]) if rows else [])
-    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 class _Formatter(logging.Formatter):
     def format(self, record):
         msg = super().format(record)

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from imgclf.imaging import ImageDecodeError, load_rgb
+from imgclf.data.imaging import ImageDecodeError, load_rgb
 
 if TYPE_CHECKING:  # keep this module torch-free for ONNX-only clients
-    from imgclf.backbones import Preprocessing
+    from imgclf.backbones.registry import Preprocessing
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

@@ -1,0 +1,1 @@
+"""Command line: one module per command group; imports stay light so --help is fast."""

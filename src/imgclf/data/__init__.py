@@ -1,0 +1,1 @@
+"""Images and datasets: decoding, preprocessing, augmentation, folder layouts and splits, inspection, demo data."""

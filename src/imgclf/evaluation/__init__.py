@@ -1,0 +1,1 @@
+"""Numbers about predictions: decision thresholds, metrics with confidence intervals, plots."""

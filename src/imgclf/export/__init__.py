@@ -1,0 +1,1 @@
+"""ONNX export of a whole model (uint8 in, probabilities out), parity-checked, optionally int8."""

@@ -1,0 +1,1 @@
+"""A trained model: heads, the pickle-free bundle and its metadata, loading for inference."""

@@ -1,0 +1,287 @@
+"""A trained classifier for inference: load a bundle, extract (cached) features, predict, evaluate.
+
+Loading needs no training code: serve, export, report and explain use this class;
+:class:`imgclf.train.classifier.ImageClassifier` extends it with ``fit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgclf.backbones.registry import BackboneSpec, Preprocessing, WeightsRef, get_backbone_spec, resolve_weights, tensors_digest
+from imgclf.config.names import DEFAULT_BACKBONE
+from imgclf.data.augment import tta_views
+from imgclf.data.datasets import labelled_eval_samples
+from imgclf.engines.features import BackboneRunner, extract_features
+from imgclf.evaluation.metrics import classification_metrics
+from imgclf.evaluation.thresholds import apply_threshold
+from imgclf.fileio import default_cache_dir
+from imgclf.model.bundle import BundleError, load_bundle, save_bundle
+from imgclf.model.heads import head_from_config
+
+log = logging.getLogger("imgclf")
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+
+
+class Classifier:
+    """A head on a (possibly partly fine-tuned) ImageNet backbone, with cached features."""
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        weights: str | os.PathLike | None = "imagenet",
+        *,
+        tta: str = "none",
+        seed: int = 0,
+        engine: str = "auto",
+        precision: str = "auto",
+        cache_dir: str | os.PathLike | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        tta_views(tta)
+        self.tta = tta
+        self.threshold_ = None
+        self.seed = seed
+        self.engine = engine
+        self.precision = precision
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.use_cache = use_cache
+        self.progress = progress
+        self._runner: BackboneRunner | None = None
+        self._spec: BackboneSpec | None = None
+        self._weights_ref: WeightsRef | None = None
+        self._tuned: dict[str, torch.Tensor] | None = None
+        self.errors_: dict[str, str] = {}
+
+    def _resolve_spec(self) -> BackboneSpec:
+        """The registry entry of ``self.backbone`` (the training class may adjust it)."""
+        return get_backbone_spec(self.backbone)
+
+    # ------------------------------------------------------------------ backbone
+
+    def backbone_runner(self) -> BackboneRunner:
+        """Resolve backbone and weights (cheap, fails fast offline); the model is built lazily."""
+        if self._runner is None:
+            if self._spec is None:
+                self._spec = self._resolve_spec()
+            if self._weights_ref is None:
+                self._weights_ref = resolve_weights(self._spec, self.weights, seed=self.seed)
+            self._runner = BackboneRunner(self._spec, self._weights_ref, self.cache_dir, engine=self.engine, precision=self.precision, seed=self.seed)
+            if self._tuned is not None:
+                self._runner.apply_tuned(self._tuned)
+        return self._runner
+
+    def features(self, paths: Sequence[str | os.PathLike], desc: str = "features", transform=None) -> tuple[np.ndarray, list[int], dict[int, str]]:
+        """Backbone features for ``paths`` (cached); returns (X, ok indices, errors by index)."""
+        runner = self.backbone_runner()
+        bar = _progress_bar(len(paths), desc, self.progress)
+        try:
+            res = extract_features(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None, transform=transform)
+        finally:
+            if bar:
+                bar.close()
+        if res.computed:
+            log.info(
+                "%s: %d images through %s (%s) at %.1f img/s, %d from cache",
+                desc, res.computed, res.engine, res.precision, res.images_per_second, res.cached,
+            )
+        elif paths:
+            log.info("%s: all %d images from the feature cache", desc, res.cached)
+        if transform is None:
+            for i, msg in res.errors.items():
+                log.warning("skipped %s", msg)
+        self.last_extraction_ = res
+        return res.features, res.ok_indices, res.errors
+
+    def _split_features(self, samples, desc):
+        x, ok, errors = self.features([s.path for s in samples], desc=desc)
+        y = np.array([samples[i].label for i in ok], dtype=np.int64)
+        skipped = [(str(samples[i].path), msg) for i, msg in errors.items()]
+        return x, y, ok, skipped
+
+    def _aligned_view(self, paths, ok: list[int], plain: np.ndarray, transform, desc: str) -> np.ndarray:
+        """Features of one view, row-aligned with ``plain`` (the rows ``ok`` of ``paths``).
+
+        An image whose view fails to decode falls back to its plain-view row.
+        """
+        xv, okv, _ = self.features(paths, desc=desc, transform=transform)
+        pos = {i: k for k, i in enumerate(okv)}
+        if any(i not in pos for i in ok):
+            log.warning("%s: some views failed to decode; using the plain view for those images", desc)
+        return np.stack([xv[pos[i]] if i in pos else plain[k] for k, i in enumerate(ok)]) if ok else plain
+    # ------------------------------------------------------------------ predict
+
+    def _check_fitted(self):
+        if not hasattr(self, "head_"):
+            raise RuntimeError("this ImageClassifier is not fitted; call fit() or load()")
+
+    @torch.no_grad()
+    def _proba_from_features(self, x: np.ndarray) -> np.ndarray:
+        self.head_.eval()
+        if len(x) == 0:
+            return np.zeros((0, len(self.class_names_)), np.float64)
+        return torch.softmax(self.head_(torch.from_numpy(x)), 1).double().numpy()
+
+    def _proba(self, paths: list[str], desc: str, tta: str | None = None) -> tuple[np.ndarray, list[int], dict[int, str]]:
+        """Probabilities of readable images, averaged over the test-time views."""
+        tta = self.tta if tta is None else tta
+        x, ok, errors = self.features(paths, desc=desc)
+        total = self._proba_from_features(x)
+        views = tta_views(tta)[1:]
+        for view in views:
+            total += self._proba_from_features(self._aligned_view(paths, ok, x, view, f"{desc} ({view.name})"))
+        return total / (1 + len(views)), ok, errors
+
+    def predict_proba(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> np.ndarray:
+        """(n, n_classes) probabilities; rows of unreadable files are NaN (see ``errors_``)."""
+        self._check_fitted()
+        paths = [str(p) for p in paths]
+        probs, ok, errors = self._proba(paths, "predict features", tta)
+        out = np.full((len(paths), len(self.class_names_)), np.nan)
+        if ok:
+            out[ok] = probs
+        self.errors_ = {paths[i]: msg for i, msg in errors.items()}
+        return out
+
+    def predict(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> list[str | None]:
+        """Predicted class name per path (binary: the stored threshold); None for unreadable files."""
+        proba = self.predict_proba(paths, tta=tta)
+        good = ~np.isnan(proba).any(1)
+        idx = np.zeros(len(proba), np.int64)
+        if good.any():
+            idx[good] = apply_threshold(proba[good], self.threshold_)
+        return [self.class_names_[int(i)] if g else None for i, g in zip(idx, good)]
+
+    def predict_table(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> list[dict]:
+        """Rows for the predict CLI: path, predicted class, probability per class, error."""
+        proba = self.predict_proba(paths, tta=tta)
+        rows = []
+        for p, row in zip(paths, proba):
+            r = {"path": str(p)}
+            if np.isnan(row).any():
+                r.update({"predicted": None, **{c: None for c in self.class_names_}, "error": self.errors_.get(str(p), "unreadable")})
+            else:
+                k = int(apply_threshold(row[None], self.threshold_)[0])
+                r.update({"predicted": self.class_names_[k], **{c: float(v) for c, v in zip(self.class_names_, row)}, "error": None})
+            rows.append(r)
+        return rows
+
+    # ------------------------------------------------------------------ evaluate
+
+    def evaluate_samples(self, samples, *, tta: str | None = None, bootstrap: int = 1000) -> dict:
+        self._check_fitted()
+        paths = [str(s.path) for s in samples]
+        probs, ok, errors = self._proba(paths, "test features", tta)
+        y = np.array([samples[i].label for i in ok], dtype=np.int64)
+        # per-image results, for reports (worst mistakes) and callers
+        self.last_eval_ = {"paths": [paths[i] for i in ok], "y_true": y, "probs": probs}
+        m = classification_metrics(y, probs, self.class_names_, threshold=self.threshold_, bootstrap=bootstrap, seed=self.seed)
+        m["tta"] = self.tta if tta is None else tta
+        m["skipped"] = [{"path": paths[i], "error": e} for i, e in errors.items()]
+        return m
+
+    def evaluate(self, data: str | os.PathLike | None = None, *, tta: str | None = None, bootstrap: int = 1000) -> dict:
+        """Metrics on ``data``'s test split (or on all of a flat class-folder set).
+
+        With no argument, evaluates the test split of the dataset given to ``fit``.
+        """
+        self._check_fitted()
+        if data is None:
+            if not hasattr(self, "dataset_"):
+                raise ValueError("evaluate() needs a folder when the model was loaded from disk")
+            return self.evaluate_samples(self.dataset_.samples["test"], tta=tta, bootstrap=bootstrap)
+        return self.evaluate_samples(labelled_eval_samples(data, self.class_names_), tta=tta, bootstrap=bootstrap)
+
+    def score(self, data: str | os.PathLike) -> float:
+        return float(self.evaluate(data)["accuracy"])
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike) -> Path:
+        self._check_fitted()
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return save_bundle(path, self.head_, self.meta_, backbone_tensors=self._tuned)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        weights: str | os.PathLike | None = None,
+        engine: str = "auto",
+        precision: str = "auto",
+        cache_dir: str | os.PathLike | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+        tta: str | None = None,
+    ) -> "Classifier":
+        """Load a bundle; the backbone comes from the weights source recorded in it.
+
+        ``weights`` overrides where the backbone weights are read from (e.g. the file
+        moved); its identity must still match the one the model was trained with.
+        """
+        meta, head_tensors, backbone_tensors = load_bundle(path)
+        b = meta["backbone"]
+        clf = cls.__new__(cls)
+        Classifier.__init__(clf, backbone=b["name"], engine=engine, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress, seed=int(meta.get("seed", 0)))
+        spec = get_backbone_spec(b["name"])
+        prep = Preprocessing.from_dict(meta["preprocessing"])
+        if prep != spec.preprocessing:
+            if meta.get("settings", {}).get("input_scaling") != "x/255":
+                log.warning("model.json preprocessing differs from the registry's current entry; using the model's")
+            spec = dataclasses.replace(spec, preprocessing=prep)
+        clf._spec = spec
+        recorded = meta["weights"]
+        kind = recorded.get("kind")
+        if weights is not None:
+            ref = resolve_weights(spec, weights, seed=clf.seed)
+        elif kind == "none":
+            ref = WeightsRef(**recorded)
+        elif kind == "file":
+            if not recorded.get("path") or not Path(recorded["path"]).is_file():
+                raise BundleError(f"{path}: backbone weights file {recorded.get('path')} not found; pass --weights PATH to the same file")
+            ref = resolve_weights(spec, recorded["path"], seed=clf.seed)
+        else:
+            ref = resolve_weights(spec, "imagenet", seed=clf.seed)
+        if ref.identity != recorded.get("identity"):
+            raise BundleError(
+                f"{path}: backbone weights differ from training ({ref.identity} here, {recorded.get('identity')} in the model)"
+            )
+        clf._weights_ref = ref
+        tuned_meta = meta.get("backbone_tuned")
+        if tuned_meta:
+            if not backbone_tensors or tensors_digest(backbone_tensors) != tuned_meta.get("digest"):
+                raise BundleError(f"{path}: fine-tuned backbone tensors are missing or do not match model.json")
+            clf._tuned = backbone_tensors
+        head = head_from_config(meta["head"])
+        try:
+            head.load_state_dict(head_tensors, strict=True)
+        except RuntimeError as e:
+            raise BundleError(f"{path}: head tensors do not match model.json ({str(e).splitlines()[0]})") from None
+        head.eval()
+        clf.head_ = head
+        clf.class_names_ = list(meta["class_names"])
+        clf.meta_ = meta
+        clf.threshold_ = meta.get("threshold")
+        clf.tta = tta if tta is not None else meta.get("tta", "none")
+        tta_views(clf.tta)
+        clf.recipe = meta.get("recipe", "fast")
+        clf.settings = dict(meta.get("settings", {}))
+        return clf

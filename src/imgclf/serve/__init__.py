@@ -1,0 +1,1 @@
+"""HTTP serving: FastAPI app, uploads, micro-batching, security headers, the web page."""
