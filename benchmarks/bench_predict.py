@@ -14,7 +14,7 @@ then the whole folder ``--repeat`` times; the best pass is reported (img/s = ima
 seconds of ``predict_table`` + CSV write).
 
 Engines:
-* ``onnx``        imgclf.export.onnx.OnnxClassifier on ``model.onnx`` (the whole model in one
+* ``onnx``        imgclf.predict.onnx_predictor.OnnxClassifier on ``model.onnx`` (the whole model in one
                   graph, ONNX Runtime fp32) — what ``predict --engine onnx`` runs;
 * ``onnx-int8``   the same on ``model.int8.onnx`` (static int8, ``export --quantize int8``);
 * ``torch-fp32``  eager PyTorch: ImageClassifier with ``engine=torch, precision=fp32`` and
@@ -139,12 +139,12 @@ def worker(engine: str, model: Path, images: Path, repeat: int, out_csv: Path) -
 
     t0 = time.perf_counter()
     if engine == "onnx":
-        from imgclf.export.onnx import OnnxClassifier
+        from imgclf.predict.onnx_predictor import OnnxClassifier
 
         clf = OnnxClassifier(model / "model.onnx")
         desc = "ONNX Runtime fp32, whole model"
     elif engine == "onnx-int8":
-        from imgclf.export.onnx import OnnxClassifier
+        from imgclf.predict.onnx_predictor import OnnxClassifier
 
         clf = OnnxClassifier(model / "model.int8.onnx")
         desc = "ONNX Runtime static int8 (QDQ), whole model"
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
                 log("skipping onnx-int8: no model.int8.onnx")
                 continue
             if engine == "torch-bf16":
-                from imgclf.engines.features import cpu_has_bf16
+                from imgclf.engines.runtimes import cpu_has_bf16
 
                 if not cpu_has_bf16():
                     log("skipping torch-bf16: no native bf16 on this CPU")

@@ -15,7 +15,7 @@ extraction throughput per engine/precision.
      two runs are timed in-process (``ImageClassifier.fit`` + ``evaluate``), which leaves
      out the Python/torch import time of a fresh process.
    * the classic recipe, as a faithful PyTorch loop: the same frozen backbone (from
-     imgclf.backbones.registry), the same train split (imgclf.data.datasets.load_dataset, same seed), the
+     imgclf.backbones.modules), the same train split (imgclf.data.datasets.load_dataset, same seed), the
      recipe head (Linear 512, ReLU, Dropout 0.5, Linear N), Adam 1e-3, batch 32, the same
      number of epochs; every epoch decodes every training image again and runs the frozen
      backbone forward again (eager PyTorch fp32 under torch.no_grad), as a Keras model
@@ -24,7 +24,7 @@ extraction throughput per engine/precision.
    images at batch 32 for each engine/precision (model build, ONNX export and engine
    compile are excluded and reported separately; one warm-up batch first; best of
    ``--repeats`` interleaved passes; slow cells such as VGG16 use fewer images), plus
-   end-to-end ``imgclf.engines.features.extract_features`` img/s (decoding + inference; uncached, so no hashing)
+   end-to-end ``imgclf.engines.extract.extract_features`` img/s (decoding + inference; uncached, so no hashing)
    with imgclf's default engine choice.
 
 Nothing is written to the repository, the dataset or the user's feature cache: every cache
@@ -74,7 +74,7 @@ def machine_info() -> dict:
     import numpy
     import torch
 
-    from imgclf.engines.features import cpu_has_bf16
+    from imgclf.engines.runtimes import cpu_has_bf16
 
     model, flags = None, set()
     try:
@@ -166,7 +166,7 @@ def other_cpu_note(d: dict) -> str:
 
 def resolve_weights_offline(spec, seed: int = 0):
     """(weights argument, WeightsRef): ImageNet weights where available offline, else 'none'."""
-    from imgclf.backbones.registry import WeightsUnavailableError, resolve_weights
+    from imgclf.backbones.weights import WeightsUnavailableError, resolve_weights
 
     try:
         return "imagenet", resolve_weights(spec, "imagenet", seed=seed)
@@ -268,7 +268,9 @@ def run_recipe(data: Path, backbone: str, weights: str, epochs: int, seed: int =
     import torch
     from torch import nn
 
-    from imgclf.backbones.registry import build_feature_extractor, get_backbone_spec, resolve_weights
+    from imgclf.backbones.modules import build_feature_extractor
+    from imgclf.backbones.specs import get_backbone_spec
+    from imgclf.backbones.weights import resolve_weights
     from imgclf.data.datasets import load_dataset
     from imgclf.data.imaging import load_rgb
     from imgclf.data.preprocess import image_to_array
@@ -332,7 +334,7 @@ def run_recipe(data: Path, backbone: str, weights: str, epochs: int, seed: int =
 
 
 def train_comparison(args, tmp: Path) -> dict:
-    from imgclf.backbones.registry import get_backbone_spec
+    from imgclf.backbones.specs import get_backbone_spec
 
     spec = get_backbone_spec(args.backbone)
     weights, ref = resolve_weights_offline(spec)
@@ -465,8 +467,10 @@ def _timed_batches(engine, arr, n: int, per_batch: list | None = None) -> float:
 def extraction_benchmark(args, tmp: Path) -> dict:
     import numpy as np
 
-    from imgclf.backbones.registry import get_backbone_spec
-    from imgclf.engines.features import BackboneRunner, cpu_has_bf16, extract_features
+    from imgclf.backbones.specs import get_backbone_spec
+    from imgclf.engines.extract import extract_features
+    from imgclf.engines.runner import BackboneRunner
+    from imgclf.engines.runtimes import cpu_has_bf16
     from imgclf.data.imaging import load_rgb
     from imgclf.data.preprocess import image_to_array
 

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.backbones.registry import (
-    Preprocessing,
-    UnknownBackboneError,
-    WeightsUnavailableError,
-    available_backbones,
-    build_feature_extractor,
-    get_backbone_spec,
-    resolve_weights,
-)
+from imgclf.backbones.modules import build_feature_extractor
+from imgclf.backbones.specs import Preprocessing, UnknownBackboneError, available_backbones, get_backbone_spec
+from imgclf.backbones.weights import WeightsUnavailableError, resolve_weights
 
 
 def test_registry_entries_carry_their_preprocessing():
@@ -151,7 +145,7 @@ def test_embedded_lite0_weights_are_real_imagenet_weights():
     from PIL import Image
     from skimage import data
 
-    from imgclf.backbones.registry import read_state_dict
+    from imgclf.backbones.weights import read_state_dict
     from imgclf.data.preprocess import image_to_array
 
     spec = get_backbone_spec("efficientnet_lite0")

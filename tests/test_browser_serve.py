@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import browser_available, launch_chromium
-from imgclf.export.onnx import OnnxClassifier
+from imgclf.predict.onnx_predictor import OnnxClassifier
 
 pytestmark = pytest.mark.skipif(not browser_available(), reason="needs Debian's chromium and the playwright package")
 

@@ -27,7 +27,8 @@ def test_train_reaches_high_accuracy_and_writes_the_run_folder(trained_run, shap
     assert set(m["per_class"]) == {"circle", "square", "triangle"}
     assert {"balanced_accuracy", "confusion_matrix", "macro_f1"} <= set(m)
     cfg = json.loads((trained_run / "config.json").read_text())
-    assert cfg["settings"]["lr"] == 1e-3 and cfg["settings"]["recipe"] == "finetune" and cfg["args"]["seed"] == 0 and cfg["dataset"]["split_seed"] == 0
+    assert cfg["settings"]["lr"] == 1e-3 and cfg["settings"]["recipe"] == "finetune" and cfg["settings"]["seed"] == 0 and cfg["dataset"]["split_seed"] == 0
+    assert cfg["args"]["epochs"] == 20 and cfg["args"]["lr"] is None  # the command line as given; None = not given
     assert cfg["environment"]["torch"] and cfg["backbone_engine"]["engine"] in {"openvino", "onnxruntime", "torch", "cache"}
     rows = list(csv.DictReader(io.StringIO((trained_run / "metrics.csv").read_text())))
     assert rows and set(rows[0]) == {"stage", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_calibrated_loss", "best", "lr"}

@@ -13,18 +13,14 @@ from PIL import Image
 
 from conftest import bundle_copy
 from imgclf.cli.main import main
-from imgclf.export.onnx import (
-    Decision,
-    ExportError,
-    OnnxClassifier,
-    ParityError,
-    _view_op,
-    classifier_graph,
-    export_onnx,
-    predictor_for,
-    rows_from_proba,
-    sidecar_path,
-)
+from imgclf.data.augment import TTA_VIEWS
+from imgclf.evaluation.thresholds import prediction_rows
+from imgclf.export.graph import classifier_graph
+from imgclf.export.metadata import Decision, ExportError, sidecar_path
+from imgclf.export.onnx import ParityError, export_onnx
+from imgclf.predict.base import ArrayPredictor, Predictor
+from imgclf.predict.choose import predictor_for
+from imgclf.predict.onnx_predictor import OnnxClassifier
 
 
 
@@ -67,13 +63,14 @@ def test_export_writes_one_graph_with_metadata_and_sidecar(exported, capsys):
 
 def test_onnx_matches_pytorch_on_real_images(exported, test_paths):
     from imgclf.model.classifier import Classifier
-    from imgclf.export.onnx import _reference_proba, decode_to_array
+    from imgclf.export.graph import eager_proba
+    from imgclf.export.images import decode_to_array
 
     onnx_clf = OnnxClassifier(exported)
     torch_clf = Classifier.load(exported, engine="torch", precision="fp32", use_cache=False)
     graph = classifier_graph(torch_clf)
     x = np.stack([decode_to_array(p, onnx_clf.preprocessing) for p in test_paths])
-    ref = _reference_proba(graph, x)
+    ref = eager_proba(graph, x)
     got = onnx_clf.predict_proba_arrays(x)
     assert got.shape == (18, 3) and np.allclose(got.sum(1), 1, atol=1e-5)
     assert np.abs(got - ref).max() <= 1e-4
@@ -85,7 +82,7 @@ def test_onnx_matches_pytorch_on_real_images(exported, test_paths):
 
 
 def test_arrays_nhwc_nchw_single_and_batch_agree(exported, test_paths):
-    from imgclf.export.onnx import decode_to_array
+    from imgclf.export.images import decode_to_array
 
     clf = OnnxClassifier(exported)
     x = np.stack([decode_to_array(p, clf.preprocessing) for p in test_paths[:4]])
@@ -119,6 +116,8 @@ def test_predict_table_rows_match_image_classifier(exported, test_paths, tmp_pat
     assert "missing.png" in onnx_rows[3]["error"]
     clf = OnnxClassifier(exported)
     assert clf.predict(paths) == [r["predicted"] for r in onnx_rows]
+    assert isinstance(clf, Predictor) and isinstance(clf, ArrayPredictor)
+    assert isinstance(Classifier.load(exported), Predictor)
     assert set(clf.errors_) == {str(bad), str(tmp_path / "missing.png")}
 
 
@@ -169,14 +168,14 @@ def test_parity_failure_fails_loudly_and_writes_nothing(trained_run, exported, t
     d = bundle_copy(trained_run, tmp_path / "m")
     good = (exported / "model.onnx").read_bytes()
     monkeypatch.setattr(ex, "export_graph_bytes", lambda graph, size: good)  # skip the slow trace
-    real = ex._reference_proba
-    monkeypatch.setattr(ex, "_reference_proba", lambda graph, arrays, batch_size=16: np.roll(real(graph, arrays), 1, axis=1))
+    real = ex.eager_proba
+    monkeypatch.setattr(ex, "eager_proba", lambda graph, arrays, batch_size=16: np.roll(real(graph, arrays), 1, axis=1))
     with pytest.raises(ParityError, match="top-1 identical 0/"):
         export_onnx(d, images=str(exported.parent / "parity-images"))
     assert not (d / "model.onnx").exists() and not (d / "model.onnx.json").exists()
     assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
     # through the CLI: one line, exit 1
-    monkeypatch.setattr(ex, "_reference_proba", lambda graph, arrays, batch_size=16: real(graph, arrays) + 1e-3)
+    monkeypatch.setattr(ex, "eager_proba", lambda graph, arrays, batch_size=16: real(graph, arrays) + 1e-3)
     rc = main(["export", str(d), "--images", str(exported.parent / "parity-images")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith("imgclf: error: parity check failed") and "max |ΔP| 0.001" in err[-1]
@@ -248,9 +247,9 @@ def test_export_cli_errors_are_one_line(tmp_path, trained_run, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, argv
         assert len(err) >= 1 and err[-1].startswith("imgclf: error:") and needle in err[-1], (argv, err)
-    with pytest.raises(SystemExit) as e:
-        main(["export", str(d), "--format", "tflite"])
-    assert e.value.code == 2
+    assert main(["export", str(d), "--format", "tflite"]) == 2  # a bad flag: one line, exit 2, like any user error
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imgclf: error:") and "--format" in err[0], err
 
 
 def test_decision_threshold_rules():
@@ -264,8 +263,11 @@ def test_decision_threshold_rules():
     assert Decision.from_meta({"class_names": ["a", "b"]}).indices(p).tolist() == [0, 0, 1]
     with pytest.raises(ValueError, match="threshold"):
         Decision.from_meta({"class_names": ["a", "b"], "threshold": 1.5})
-    rows = rows_from_proba(["x.jpg", "y.jpg"], np.array([[0.65, 0.35], [np.nan, np.nan]]), {"y.jpg": "y.jpg: broken"}, d)
+    rows = d.rows(["x.jpg", "y.jpg"], np.array([[0.65, 0.35], [np.nan, np.nan]]), {"y.jpg": "y.jpg: broken"})
     assert rows[0]["predicted"] == "malignant" and rows[1] == {"path": "y.jpg", "predicted": None, "benign": None, "malignant": None, "error": "y.jpg: broken"}
+    # the same rows as the feature path's (one implementation): threshold on the second class
+    assert rows == prediction_rows(["x.jpg", "y.jpg"], np.array([[0.65, 0.35], [np.nan, np.nan]]), {"y.jpg": "y.jpg: broken"}, ["benign", "malignant"], 0.3)
+    assert d2.rows(["x.jpg"], p[:1], {})[0]["predicted"] == "b"
 
 
 def test_test_time_views_in_the_graph_match_pil_and_export_to_onnx(tmp_path):
@@ -280,12 +282,13 @@ def test_test_time_views_in_the_graph_match_pil_and_export_to_onnx(tmp_path):
     x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None]
     for name, op in ops.items():
         want = np.asarray(pil.transpose(op)).transpose(2, 0, 1)
-        got = _view_op(name)(x)[0].numpy()
+        got = TTA_VIEWS[name].tensor_op(x)[0].numpy()
         np.testing.assert_array_equal(got, want, err_msg=name)
+        assert TTA_VIEWS[name].pil_op == op  # the feature path's view is the same one
 
     class Views(torch.nn.Module):
         def forward(self, x):
-            return torch.cat([_view_op(n)(x) for n in ops], dim=1)
+            return torch.cat([TTA_VIEWS[n].tensor_op(x) for n in ops], dim=1)
 
     path = tmp_path / "views.onnx"
     torch.onnx.export(Views(), (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"], opset_version=17)
@@ -295,7 +298,8 @@ def test_test_time_views_in_the_graph_match_pil_and_export_to_onnx(tmp_path):
 
 def test_graph_with_tta_matches_image_classifier(trained_run, test_paths, tmp_path):
     from imgclf.model.classifier import Classifier
-    from imgclf.export.onnx import _reference_proba, decode_to_array
+    from imgclf.export.graph import eager_proba
+    from imgclf.export.images import decode_to_array
 
     d = bundle_copy(trained_run, tmp_path / "m")
     clf = Classifier.load(d, engine="torch", precision="fp32", use_cache=False, tta="flips")
@@ -303,7 +307,7 @@ def test_graph_with_tta_matches_image_classifier(trained_run, test_paths, tmp_pa
     assert graph.views == ("identity", "hflip", "vflip", "rot180")
     paths = test_paths[::6]
     x = np.stack([decode_to_array(p, clf.backbone_runner().spec.preprocessing) for p in paths])
-    np.testing.assert_allclose(_reference_proba(graph, x), clf.predict_proba(paths), atol=1e-4)
+    np.testing.assert_allclose(eager_proba(graph, x), clf.predict_proba(paths), atol=1e-4)
 
 
 def test_predictor_for_honours_a_tta_override(exported, test_paths):

@@ -7,8 +7,12 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from imgclf.backbones.registry import get_backbone_spec, resolve_weights
-from imgclf.engines.features import BackboneRunner, FeatureCache, cpu_has_bf16, extract_features
+from imgclf.backbones.specs import get_backbone_spec
+from imgclf.backbones.weights import resolve_weights
+from imgclf.engines.cache import FeatureCache
+from imgclf.engines.extract import extract_features
+from imgclf.engines.runner import BackboneRunner
+from imgclf.engines.runtimes import cpu_has_bf16
 
 
 def _runner(tmp_path, engine="auto", precision="auto", backbone="efficientnet_lite0"):

@@ -10,19 +10,23 @@ from torch import nn
 
 from imgclf.api import ImageClassifier
 from imgclf.data.augment import AugmentedView, build_augment, tta_views
-from imgclf.backbones.registry import backbone_blocks, build_feature_extractor, get_backbone_spec, resolve_weights
-from imgclf.engines.features import BackboneRunner, extract_features
-from imgclf.config.recipes import RECIPES, resolve_recipe
+from imgclf.backbones.blocks import backbone_blocks
+from imgclf.backbones.modules import build_feature_extractor
+from imgclf.backbones.specs import get_backbone_spec
+from imgclf.backbones.weights import resolve_weights
+from imgclf.engines.extract import extract_features
+from imgclf.engines.runner import BackboneRunner
+from imgclf.config.recipes import make_settings
 from imgclf.evaluation.thresholds import apply_threshold, choose_threshold, parse_policy
 
 
 def test_recipes_are_defaults_that_flags_override():
-    seed = resolve_recipe("seed", {"epochs": None, "lr": 3e-4})
-    assert seed["epochs"] == 5 and seed["lr"] == 3e-4 and seed["input_scaling"] == "x/255" and seed["checkpoint"] == "last"
-    assert resolve_recipe("fast", {})["unfreeze"] == 0
-    assert RECIPES["finetune"]["augment"] == "light" and RECIPES["finetune"]["finetune_epochs"] > 0
-    with pytest.raises(ValueError, match="--recipe"):
-        resolve_recipe("nope", {})
+    seed = make_settings("seed", epochs=None, lr=3e-4)
+    assert seed.epochs == 5 and seed.lr == 3e-4 and seed.input_scaling == "x/255" and seed.checkpoint == "last"
+    assert not make_settings("fast").stage2
+    assert make_settings("finetune").augment == "light" and make_settings("finetune").finetune_epochs > 0
+    with pytest.raises(ValueError, match="recipe"):
+        make_settings("nope")
 
 
 def test_seed_recipe_keeps_the_x255_bug_and_says_so(shapes_root, tmp_path, caplog):
@@ -148,11 +152,12 @@ def test_tta_is_deterministic_and_averages_views(trained_run, shapes_root):
 
 
 def test_finetune_flags_switch_stage_two_on_under_fast():
-    s = resolve_recipe("fast", {"unfreeze": 2})
-    assert s["unfreeze"] == 2 and s["finetune_epochs"] == RECIPES["finetune"]["finetune_epochs"] and s["finetune_lr"] > 0
-    s = resolve_recipe("fast", {"finetune_epochs": 3})
-    assert s["finetune_epochs"] == 3 and s["unfreeze"] is None  # the entry's default blocks
-    assert resolve_recipe("fast", {})["finetune_epochs"] == 0
+    s = make_settings("fast", unfreeze=2)
+    assert s.unfreeze == 2 and s.finetune_epochs == make_settings("finetune").finetune_epochs and s.finetune_lr > 0
+    assert s.augment == "none"  # only the stage-2 values step aside
+    s = make_settings("fast", finetune_epochs=3)
+    assert s.finetune_epochs == 3 and s.unfreeze is None  # the entry's default blocks
+    assert make_settings("fast").finetune_epochs == 0
 
 
 def test_tta_fallback_keeps_rows_normalised(trained_run, shapes_root, tmp_path, monkeypatch):
@@ -195,7 +200,7 @@ def test_tail_batchnorm_statistics_frozen_or_following_batches():
     assert model.head.training  # only BatchNorm stays in eval mode
     bn, before, _ = run("train")
     assert bn.training and not torch.equal(bn.running_mean, before)
-    with pytest.raises(ValueError, match="--finetune-bn"):
+    with pytest.raises(ValueError, match="finetune_bn"):
         TailModel([], nn.Identity(), nn.Identity(), False, "nope")
 
 
@@ -203,7 +208,7 @@ def test_default_recipe_is_finetune():
     from imgclf.config.recipes import DEFAULT_RECIPE
 
     assert DEFAULT_RECIPE == "finetune" and ImageClassifier().recipe == "finetune"
-    assert RECIPES["seed"]["head"] == "tutorial" and RECIPES["finetune"]["finetune_bn"] == "frozen"
+    assert make_settings("seed").head == "tutorial" and make_settings().finetune_bn == "frozen"
 
 
 def test_finetune_that_does_not_help_keeps_the_frozen_model(shapes_root, tmp_path):
@@ -214,7 +219,7 @@ def test_finetune_that_does_not_help_keeps_the_frozen_model(shapes_root, tmp_pat
 
 
 def test_finetune_with_cutmix_and_mixup_runs_end_to_end(shapes_root, tmp_path):
-    assert resolve_recipe("fast", {"finetune_cutmix": 1.0})["finetune_epochs"] > 0  # a --finetune-* flag turns stage 2 on
+    assert make_settings("fast", finetune_cutmix=1.0).finetune_epochs > 0  # a --finetune-* flag turns stage 2 on
     clf = ImageClassifier(recipe="finetune", unfreeze=1, finetune_epochs=2, finetune_views=1, finetune_cutmix=1.0, mixup=0.2, cache_dir=tmp_path / "c")
     clf.fit(shapes_root)
     rows = [r for r in clf.history_ if r["stage"] == "finetune"]
@@ -225,7 +230,7 @@ def test_finetune_with_cutmix_and_mixup_runs_end_to_end(shapes_root, tmp_path):
 
 
 def test_timm_blocks_are_mapped_and_checked():
-    from imgclf.backbones.registry import BlocksUnknownError, _check_blocks_compose
+    from imgclf.backbones.blocks import BlocksUnknownError, check_blocks_compose
 
     for name, last in (("timm:test_efficientnet", "head"), ("timm:test_resnet", "layer4"), ("timm:test_nfnet", "stages.3+final"), ("timm:test_convnext", "stages.3+final")):
         spec = get_backbone_spec(name)
@@ -238,9 +243,9 @@ def test_timm_blocks_are_mapped_and_checked():
     with torch.no_grad():
         next(changed.parameters()).add_(1.0)
     with pytest.raises(BlocksUnknownError, match="do not reproduce"):
-        _check_blocks_compose(fx, blocks[:-1] + [("changed", changed)], spec)  # not the body's own last block
+        check_blocks_compose(fx, blocks[:-1] + [("changed", changed)], spec)  # not the body's own last block
     with pytest.raises(BlocksUnknownError, match="do not run in sequence"):
-        _check_blocks_compose(fx, blocks[1:], spec)  # the stem left out: shapes no longer fit
+        check_blocks_compose(fx, blocks[1:], spec)  # the stem left out: shapes no longer fit
 
 
 def test_timm_backbone_fine_tunes_its_last_block(shapes_root, tmp_path, monkeypatch):
@@ -255,7 +260,7 @@ def test_timm_backbone_fine_tunes_its_last_block(shapes_root, tmp_path, monkeypa
 
 
 def test_unmapped_timm_backbone_skips_stage_two_or_refuses_unfreeze(shapes_root, tmp_path, caplog, monkeypatch):
-    import imgclf.backbones.registry as bb
+    import imgclf.backbones.blocks as bb
 
     def unknown(net, name):  # as for a timm layout that _timm_blocks does not know
         raise bb.BlocksUnknownError(f"{name}: its block structure is not mapped, so it cannot be fine-tuned")

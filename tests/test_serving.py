@@ -15,8 +15,12 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from imgclf.export.onnx import Decision, OnnxClassifier
-from imgclf.serve.app import MicroBatcher, ServeConfig, create_app, sniff_image_type
+from imgclf.export.metadata import Decision
+from imgclf.predict.onnx_predictor import OnnxClassifier
+from imgclf.serve.app import create_app
+from imgclf.serve.batching import MicroBatcher
+from imgclf.serve.config import ServeConfig
+from imgclf.serve.uploads import sniff_image_type
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +272,7 @@ def test_api_key_missing_wrong_and_right(model, images):
 def test_api_key_is_compared_in_constant_time(model, monkeypatch):
     import hmac
 
-    import imgclf.serve.app as serving
+    import imgclf.serve.security as serving
 
     calls = []
     real = hmac.compare_digest
@@ -291,7 +295,7 @@ class _StubModel:
     """A binary model with a stored threshold, recording the batches it is given."""
 
     def __init__(self, threshold=0.25, delay=0.0):
-        from imgclf.backbones.registry import Preprocessing
+        from imgclf.backbones.specs import Preprocessing
 
         self.class_names_ = ["benign", "malignant"]
         self.decision = Decision.from_meta({"class_names": self.class_names_, "threshold": threshold, "positive_class": "malignant"})
@@ -409,7 +413,7 @@ def test_explain_endpoint_present_only_with_the_module(model, exported, images, 
         assert_error(c.post("/v1/explain", files=two), 400, "one-file")
     # module not importable → no endpoint at all
     monkeypatch.setitem(sys.modules, "imgclf.explain.gradcam", None)
-    from imgclf.serve.app import explain_module
+    from imgclf.serve.explainer import explain_module
 
     assert explain_module() is None
     with TestClient(create_app(model, ServeConfig(), bundle_dir=exported)) as c:
@@ -419,7 +423,7 @@ def test_explain_endpoint_present_only_with_the_module(model, exported, images, 
 
 
 def test_explain_with_the_real_module(model, exported, images):
-    from imgclf.serve.app import explain_module
+    from imgclf.serve.explainer import explain_module
 
     if explain_module() is None:
         pytest.skip("imgclf.explain.gradcam is not available in this tree")
@@ -434,7 +438,8 @@ def test_serving_model_loading_and_cli_errors(exported, tmp_path, capsys):
     import socket
 
     from imgclf.cli.main import main
-    from imgclf.serve.app import bind_socket, load_serving_model
+    from imgclf.serve.app import load_serving_model
+    from imgclf.serve.server import bind_socket
 
     clf, bundle = load_serving_model(exported / "model.onnx")
     assert isinstance(clf, OnnxClassifier) and bundle == exported  # explain possible: the bundle matches the export
@@ -460,6 +465,6 @@ def test_serving_model_loading_and_cli_errors(exported, tmp_path, capsys):
     finally:
         taken.close()
     for bad in (["--port", "70000"], ["--max-upload-mb", "0"], ["--batch-wait-ms", "-1"], ["--max-batch", "0"]):
-        with pytest.raises(SystemExit) as e:
-            main(["serve", str(exported), *bad])
-        assert e.value.code == 2
+        assert main(["serve", str(exported), *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("imgclf: error:") and bad[0] in err[0], err

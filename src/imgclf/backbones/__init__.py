@@ -1,1 +1,1 @@
-"""Backbone registry: each entry carries where its weights come from and the preprocessing they were trained with."""
+"""Pretrained backbones: the registry of entries (specs), their weights, the feature extractors built from them, and their blocks."""

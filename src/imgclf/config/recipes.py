@@ -1,49 +1,36 @@
-"""Named training recipes: documented sets of defaults that any flag can override.
+"""Named recipes: each is a set of overrides of the declared defaults (:mod:`imgclf.config.settings`).
 
-* ``seed``     — the tutorial as written, for comparison only: x/255 input scaling (its
-                 preprocessing bug, kept on purpose and warned about), squash resize with
-                 nearest-neighbour sampling (Keras ``flow_from_directory``), the tutorial's
-                 head with its sigmoid in front of categorical cross-entropy (``--head
-                 tutorial``, also warned about), Adam 1e-3, batch 32, 5 epochs, last-epoch
-                 weights, frozen backbone, no augmentation, no class weights.
-* ``fast``     — frozen backbone, cached features, head only, early stopping.
-* ``finetune`` — (default) stage 1 as ``fast``; stage 2 unfreezes the last K blocks
-                 (``--unfreeze``) and trains them with the head: AdamW, discriminative
-                 learning rates (halved per block going down), 1 warmup epoch + cosine,
-                 label smoothing 0.1, light augmentation through K cached views of the
-                 frozen prefix, BatchNorm statistics kept (``--finetune-bn frozen``), early
-                 stopping and best checkpoint by ``--finetune-monitor`` (default: the
-                 temperature-calibrated validation loss). The fine-tuned model replaces the
-                 frozen one only if it beats it on that monitor.
+The declared defaults *are* the default recipe, ``finetune``:
+stage 1 trains the head on cached frozen features; stage 2 unfreezes the last K blocks
+(``unfreeze``) and trains them with the head (AdamW, learning rate halved per block
+going down, warmup + cosine, label smoothing, light augmentation through cached views of
+the frozen prefix, BatchNorm statistics kept, best epoch by the temperature-calibrated
+validation loss), and replaces the frozen model only if it beats it on that monitor.
+
+* ``fast`` — stage 1 only: frozen backbone, cached features, head only, early stopping.
+* ``seed`` — the tutorial as written, for comparison only: x/255 input scaling (its
+  preprocessing bug, kept on purpose and warned about), squash resize with nearest
+  sampling, the tutorial's head with its sigmoid in front of categorical cross-entropy,
+  Adam 1e-3, batch 32, 5 epochs, last-epoch weights, no augmentation, no class weights.
 """
 
 from __future__ import annotations
 
-RECIPE_NAMES = ("seed", "fast", "finetune")
-DEFAULT_RECIPE = "finetune"
+from imgclf.config.settings import RECIPE_NAMES, TRAIN_FIELDS, SettingError, TrainSettings, build
 
-_COMMON = dict(
-    head="recipe", epochs=30, lr=1e-3, batch_size=32, patience=5, class_weight="auto", checkpoint="best",
-    augment="none", feature_views=1, unfreeze=0, loss="ce", sampler="shuffle", label_smoothing=0.0, mixup=0.0,
-    input_scaling="entry", threshold_policy="youden", tta="none",
-    finetune_epochs=0, finetune_lr=0.0, finetune_patience=0, finetune_views=1, finetune_label_smoothing=0.0,
-    finetune_bn="frozen", finetune_monitor="val_calibrated_loss", finetune_cutmix=0.0,
-)
+DEFAULT_RECIPE = TRAIN_FIELDS["recipe"].default
+
+_FROZEN = {"finetune_epochs": 0, "augment": "none"}
 
 RECIPES: dict[str, dict] = {
-    "seed": {**_COMMON, "head": "tutorial", "epochs": 5, "patience": 0, "checkpoint": "last", "class_weight": "none", "input_scaling": "x/255", "threshold_policy": "fixed:0.5"},
-    "fast": dict(_COMMON),
-    "finetune": {
-        **_COMMON,
-        "unfreeze": None,  # the backbone entry's default (see default_unfreeze)
-        "augment": "light",
-        "finetune_epochs": 12,
-        "finetune_lr": 1e-3,
-        "finetune_patience": 4,
-        "finetune_views": 4,
-        "finetune_label_smoothing": 0.1,
+    "finetune": {},
+    "fast": dict(_FROZEN),
+    "seed": {
+        **_FROZEN, "head": "tutorial", "epochs": 5, "patience": 0, "checkpoint": "last", "class_weight": "none",
+        "input_scaling": "x/255", "threshold_policy": "fixed:0.5",
     },
 }
+assert tuple(sorted(RECIPES)) == tuple(sorted(RECIPE_NAMES)) and all(k in TRAIN_FIELDS for r in RECIPES.values() for k in r)
 
 # blocks to unfreeze by default per backbone family/arch (counted from the end)
 _DEFAULT_UNFREEZE = {"efficientnet_lite": 3, "vgg16": 1, "resnet50": 1, "efficientnet_b0": 2, "mobilenet_v3_large": 3, "convnext_tiny": 2}
@@ -53,22 +40,28 @@ def default_unfreeze(spec) -> int:
     return _DEFAULT_UNFREEZE.get(spec.family, _DEFAULT_UNFREEZE.get(spec.arch, 1))
 
 
-def resolve_recipe(name: str, overrides: dict) -> dict:
-    """Recipe defaults with every non-None override applied."""
-    if name not in RECIPES:
-        raise ValueError(f"--recipe must be one of {', '.join(RECIPE_NAMES)}, not {name!r}")
-    out = dict(RECIPES[name])
-    unknown = set(overrides) - set(out) - {"augment_flags"}
-    if unknown:
-        raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+def _is_stage2(name: str) -> bool:
+    return name == "unfreeze" or name.startswith("finetune_")
+
+
+def recipe_values(recipe: str, given: dict) -> dict:
+    """The recipe's overrides as they apply under ``given``: an explicit ``unfreeze`` or
+    ``finetune_*`` asks for stage 2, so a frozen recipe's stage-2 values step aside."""
+    if recipe not in RECIPES:
+        raise SettingError(f"recipe must be one of {', '.join(RECIPE_NAMES)}, got {recipe!r}")
+    values = dict(RECIPES[recipe])
+    if any(_is_stage2(k) for k in given):
+        values = {k: v for k, v in values.items() if not _is_stage2(k)}
+    return values
+
+
+def make_settings(recipe: str | None = None, **overrides) -> TrainSettings:
+    """Declared defaults ⊕ the recipe's values ⊕ every override that is not None; validated."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    out.update(given)
-    wants_finetune = bool(given.get("unfreeze")) or any(k.startswith("finetune_") for k in given)
-    if name != "finetune" and wants_finetune:
-        # an explicit --unfreeze / --finetune-* asks for stage 2: take the finetune
-        # recipe's values for the stage-2 settings that were not given
-        for k, v in RECIPES["finetune"].items():
-            if (k.startswith("finetune_") or k == "unfreeze") and k not in given:
-                out[k] = v
-    out["recipe"] = name
-    return out
+    recipe = recipe or DEFAULT_RECIPE
+    return build(TrainSettings, TRAIN_FIELDS, "setting(s)", **{**recipe_values(recipe, given), **given, "recipe": recipe})
+
+
+def recipe_default(name: str, recipe: str) -> object:
+    """What ``name`` is under ``recipe`` when not given."""
+    return RECIPES[recipe].get(name, TRAIN_FIELDS[name].default)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -106,29 +107,61 @@ class AugmentedView:
 
 
 # ----------------------------------------------------------------------- test-time views
+# One table of views: the PIL transpose the feature path applies to a picture and the
+# equal op on NCHW tensors that the exported graph applies (torch imported when one runs).
 
-TTA_TRANSFORMS = {
-    "identity": None,
-    "hflip": Image.Transpose.FLIP_LEFT_RIGHT,
-    "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
-    "rot90": Image.Transpose.ROTATE_90,
-    "rot180": Image.Transpose.ROTATE_180,
-    "rot270": Image.Transpose.ROTATE_270,
+
+def _same(x):
+    return x
+
+
+def _flip(*dims: int, transpose: bool = False):
+    """NCHW flip over ``dims`` (after swapping H and W if ``transpose``); transpose + flip
+    rather than torch.rot90, which the ONNX exporter does not support."""
+
+    def op(x):
+        import torch
+
+        return torch.flip(x.transpose(2, 3) if transpose else x, dims=list(dims))
+
+    return op
+
+
+@dataclass(frozen=True)
+class TTAView:
+    """A test-time view: ``pil_op`` for ``Image.transpose`` (None = unchanged) and the
+    ``tensor_op`` doing the same to uint8/float NCHW tensors (ROTATE_90 = counter-clockwise)."""
+
+    name: str
+    pil_op: Image.Transpose | None
+    tensor_op: Callable
+
+
+TTA_VIEWS = {
+    v.name: v
+    for v in (
+        TTAView("identity", None, _same),
+        TTAView("hflip", Image.Transpose.FLIP_LEFT_RIGHT, _flip(3)),
+        TTAView("vflip", Image.Transpose.FLIP_TOP_BOTTOM, _flip(2)),
+        TTAView("rot90", Image.Transpose.ROTATE_90, _flip(2, transpose=True)),
+        TTAView("rot180", Image.Transpose.ROTATE_180, _flip(2, 3)),
+        TTAView("rot270", Image.Transpose.ROTATE_270, _flip(3, transpose=True)),
+    )
 }
-TTA_PRESETS = {"none": ("identity",), "flips": ("identity", "hflip", "vflip", "rot180"), "d4": tuple(TTA_TRANSFORMS)}
+TTA_PRESETS = {"none": ("identity",), "flips": ("identity", "hflip", "vflip", "rot180"), "d4": tuple(TTA_VIEWS)}
 
 
 class FixedView:
-    """A deterministic test-time transform (flip/rotation)."""
+    """A deterministic test-time transform (flip/rotation) of a picture."""
 
     def __init__(self, name: str):
-        if name not in TTA_TRANSFORMS:
+        if name not in TTA_VIEWS:
             raise ValueError(f"unknown TTA transform {name!r}")
         self.name = name
         self.key = f"tta:{name}"
 
     def __call__(self, img: Image.Image, content_hash: str) -> Image.Image:
-        op = TTA_TRANSFORMS[self.name]
+        op = TTA_VIEWS[self.name].pil_op
         return img if op is None else img.transpose(op)
 
 

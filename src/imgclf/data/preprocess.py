@@ -16,7 +16,7 @@ from PIL import Image
 from imgclf.data.imaging import ImageDecodeError, load_rgb
 
 if TYPE_CHECKING:  # keep this module torch-free for ONNX-only clients
-    from imgclf.backbones.registry import Preprocessing
+    from imgclf.backbones.specs import Preprocessing
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

@@ -1,1 +1,1 @@
-"""Frozen-backbone inference: ONNX Runtime / OpenVINO / PyTorch runtimes, the checksummed feature cache, extraction."""
+"""Frozen-backbone inference: the runtimes (ONNX Runtime / OpenVINO / PyTorch), the runner that picks one, the checksummed feature cache, extraction."""

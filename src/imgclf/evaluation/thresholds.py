@@ -9,9 +9,14 @@ stored in the model bundle and used by evaluate and predict (``p >= threshold``)
 * ``sensitivity:S``    the highest threshold whose sensitivity is at least S (best specificity
                        subject to catching S of the positives), e.g. ``sensitivity:0.95``;
 * ``fixed:T``          T, e.g. ``fixed:0.5``.
+
+:func:`apply_threshold` and :func:`prediction_rows` are the one place probabilities
+become classes and predict rows, for the feature path and an ONNX export alike.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -53,9 +58,35 @@ def choose_threshold(y_true, p_positive, policy: str) -> float:
     return float(thr[i])
 
 
-def apply_threshold(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Class indices: argmax, or for binary with a threshold ``p[:, 1] >= threshold``."""
+def apply_threshold(probs: np.ndarray, threshold: float | None, positive_index: int = 1) -> np.ndarray:
+    """Class indices: argmax, or for binary with a threshold ``p[:, positive_index] >= threshold``."""
     probs = np.asarray(probs)
     if threshold is None or probs.shape[1] != 2:
         return probs.argmax(1)
-    return (probs[:, 1] >= threshold).astype(np.int64)
+    hit = probs[:, positive_index] >= threshold
+    return np.where(hit, positive_index, 1 - positive_index).astype(np.int64)
+
+
+def prediction_rows(
+    paths: Sequence, proba: np.ndarray, errors: dict[str, str], class_names: Sequence[str], threshold: float | None, positive_index: int = 1
+) -> list[dict]:
+    """Rows of ``imgclf predict``: path, predicted class, one key per class, error.
+
+    A NaN row of ``proba`` is an unreadable file: no prediction, its reason from ``errors``
+    (keyed by path; "unreadable" when missing).
+    """
+    names = list(class_names)
+    proba = np.asarray(proba)
+    ok = ~np.isnan(proba).any(1) if len(proba) else np.zeros(0, bool)
+    idx = np.zeros(len(proba), np.int64)
+    if ok.any():
+        idx[ok] = apply_threshold(proba[ok], threshold, positive_index)
+    rows = []
+    for k, (p, row) in enumerate(zip(paths, proba)):
+        r = {"path": str(p)}
+        if not ok[k]:
+            r.update({"predicted": None, **{c: None for c in names}, "error": errors.get(str(p), "unreadable")})
+        else:
+            r.update({"predicted": names[int(idx[k])], **{c: float(v) for c, v in zip(names, row)}, "error": None})
+        rows.append(r)
+    return rows

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imgclf.config import layout
 from imgclf.fileio import atomic_write_bytes
 
 BUNDLE_FORMAT = "imgclf-bundle/1"
@@ -28,11 +29,11 @@ class BundleError(ValueError):
 def resolve_bundle_dir(path: str | os.PathLike) -> Path:
     """Accept a run folder, a folder holding model.json, or model.json / model.safetensors."""
     p = Path(path)
-    if p.is_file() and p.name in ("model.json", "model.safetensors"):
+    if p.is_file() and p.name in (layout.MODEL_META, layout.MODEL_TENSORS):
         p = p.parent
-    if not (p / "model.json").is_file():
+    if not (p / layout.MODEL_META).is_file():
         raise BundleError(f"{path}: no model.json here (give a run folder or a model.json path)")
-    if not (p / "model.safetensors").is_file():
+    if not (p / layout.MODEL_TENSORS).is_file():
         raise BundleError(f"{p}: model.safetensors is missing beside model.json")
     return p
 
@@ -46,8 +47,8 @@ def save_bundle(directory: str | os.PathLike, head: torch.nn.Module, meta: dict,
     for k, v in (backbone_tensors or {}).items():
         tensors[f"backbone.{k}"] = v.detach().contiguous().cpu()
     meta = {"format": BUNDLE_FORMAT, **meta}
-    atomic_write_bytes(directory / "model.safetensors", save(tensors, metadata={"format": BUNDLE_FORMAT}))
-    atomic_write_bytes(directory / "model.json", (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(directory / layout.MODEL_TENSORS, save(tensors, metadata={"format": BUNDLE_FORMAT}))
+    atomic_write_bytes(directory / layout.MODEL_META, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
     return directory
 
 
@@ -58,7 +59,7 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor],
 
     d = resolve_bundle_dir(path)
     try:
-        meta = json.loads((d / "model.json").read_text())
+        meta = json.loads((d / layout.MODEL_META).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{d / 'model.json'}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
@@ -67,7 +68,7 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor],
     if missing:
         raise BundleError(f"{d / 'model.json'}: missing keys {', '.join(missing)}")
     try:
-        tensors = load_file(str(d / "model.safetensors"))
+        tensors = load_file(str(d / layout.MODEL_TENSORS))
     except (SafetensorError, OSError, ValueError) as e:
         raise BundleError(f"{d / 'model.safetensors'}: unreadable ({e})") from None
     head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}

@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.backbones.registry import BackboneSpec, Preprocessing, WeightsRef, get_backbone_spec, resolve_weights, tensors_digest
+from imgclf.backbones.specs import BackboneSpec, Preprocessing, WeightsRef, get_backbone_spec
+from imgclf.backbones.weights import resolve_weights, tensors_digest
 from imgclf.config.names import DEFAULT_BACKBONE
 from imgclf.data.augment import tta_views
 from imgclf.data.datasets import labelled_eval_samples
-from imgclf.engines.features import BackboneRunner, extract_features
+from imgclf.engines.extract import extract_features
+from imgclf.engines.runner import BackboneRunner
 from imgclf.evaluation.metrics import classification_metrics
-from imgclf.evaluation.thresholds import apply_threshold
+from imgclf.evaluation.thresholds import apply_threshold, prediction_rows
 from imgclf.fileio import default_cache_dir
 from imgclf.model.bundle import BundleError, load_bundle, save_bundle
 from imgclf.model.heads import head_from_config
@@ -172,16 +174,7 @@ class Classifier:
     def predict_table(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> list[dict]:
         """Rows for the predict CLI: path, predicted class, probability per class, error."""
         proba = self.predict_proba(paths, tta=tta)
-        rows = []
-        for p, row in zip(paths, proba):
-            r = {"path": str(p)}
-            if np.isnan(row).any():
-                r.update({"predicted": None, **{c: None for c in self.class_names_}, "error": self.errors_.get(str(p), "unreadable")})
-            else:
-                k = int(apply_threshold(row[None], self.threshold_)[0])
-                r.update({"predicted": self.class_names_[k], **{c: float(v) for c, v in zip(self.class_names_, row)}, "error": None})
-            rows.append(r)
-        return rows
+        return prediction_rows(paths, proba, self.errors_, self.class_names_, self.threshold_)
 
     # ------------------------------------------------------------------ evaluate
 

@@ -23,7 +23,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-HEAD_KINDS = ("recipe", "linear", "tutorial")
+from imgclf.config.settings import HEAD_KINDS
+
 
 
 class FeatureStandardize(nn.Module):
@@ -73,7 +74,7 @@ def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dro
     elif kind == "linear":
         layers = [("norm", FeatureStandardize(in_dim)), ("dropout", nn.Dropout(dropout)), ("fc", nn.Linear(in_dim, n_classes))]
     else:
-        raise ValueError(f"--head must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
+        raise ValueError(f"head must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
     return nn.Sequential(OrderedDict(layers))
 
 

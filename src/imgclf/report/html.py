@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.config import layout
+
 log = logging.getLogger("imgclf")
 
 __all__ = ["write_run_report"]
@@ -567,7 +569,7 @@ def _worst(ctx: dict, n: int) -> list[dict]:
 def _gradcam_grid(ctx: dict, run_dir: Path, clf, plots_dir: Path) -> tuple[Path | None, str]:
     """Worst-mistakes grid with Grad-CAM overlays; returns (png, note for the reader)."""
     from imgclf.evaluation import plots
-    from imgclf.backbones.registry import Preprocessing
+    from imgclf.backbones.specs import Preprocessing
     from imgclf.data.imaging import load_rgb
     from imgclf.data.preprocess import resize_and_crop
 
@@ -631,19 +633,19 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
         raise ValueError(f"{run_dir}: not a run folder")
     if gradcam_images < 0:
         raise ValueError("--gradcam-images must be >= 0")
-    config = _read_json(run_dir / "config.json", required=True)
-    metrics = _read_json(run_dir / "test_metrics.json", required=True)
-    model = _read_json(run_dir / "model.json")
+    config = _read_json(run_dir / layout.CONFIG, required=True)
+    metrics = _read_json(run_dir / layout.TEST_METRICS, required=True)
+    model = _read_json(run_dir / layout.MODEL_META)
     class_names = list((model or {}).get("class_names") or (config.get("dataset") or {}).get("class_names") or (metrics.get("confusion_matrix") or {}).get("labels") or [])
     if not class_names:
         raise ValueError(f"{run_dir}: no class names in model.json, config.json or test_metrics.json")
-    paths, y_true, probs = _predictions(_read_csv(run_dir / "test_predictions.csv"), class_names)
+    paths, y_true, probs = _predictions(_read_csv(run_dir / layout.TEST_PREDICTIONS), class_names)
     ctx = {
         "config": config, "metrics": metrics, "model": model, "class_names": class_names,
-        "history": _read_csv(run_dir / "metrics.csv") or [],
+        "history": _read_csv(run_dir / layout.EPOCH_METRICS) or [],
         "paths": paths, "y_true": y_true, "probs": probs, "n_pred": len(y_true),
-        "skipped": _read_csv(run_dir / "skipped.csv") or [],
-        "log_lines": _tail(run_dir / "train.log"),
+        "skipped": _read_csv(run_dir / layout.SKIPPED) or [],
+        "log_lines": _tail(run_dir / layout.LOG),
     }
 
     root = (config.get("dataset") or {}).get("root")
@@ -652,7 +654,7 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
         from imgclf.data.inspection import inspect_dataset
 
         try:
-            ctx["inspection"] = inspect_dataset(root, split_of=_run_split_map(run_dir / "split.csv"))
+            ctx["inspection"] = inspect_dataset(root, split_of=_run_split_map(run_dir / layout.SPLIT))
         except Exception as e:  # noqa: BLE001 - report the rest
             ctx["inspection_note"] = f"dataset check failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     else:
@@ -683,7 +685,7 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
             warns.append(f"Class {_e(c)} has no test images: its recall is undefined.")
     ctx["summary_warnings"] = warns
 
-    plots_dir = run_dir / "plots"
+    plots_dir = run_dir / layout.PLOTS
     ctx["plots"] = _make_plots(ctx, plots_dir)
     ctx["worst"] = _worst(ctx, gradcam_images or 8)  # the table lists 8 even without the gallery
     ctx["gradcam_note"] = ""
@@ -708,7 +710,7 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
         f"{_e(config.get('command', 'train'))} · generated {_e(ctx['generated'])}</p></header>"
         f"<nav>{nav}</nav><main>{body}</main></body></html>\n"
     )
-    out = run_dir / "report.html"
+    out = run_dir / layout.REPORT
     atomic_write_bytes(out, page.encode("utf-8"))
     log.debug("report written: %s (%.1f s)", out, time.perf_counter() - t0)
     return out

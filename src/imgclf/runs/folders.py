@@ -6,16 +6,13 @@ Holds the full config (every flag, versions, split seed), ``split.csv``, per-epo
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
 import re
 import sys
 from pathlib import Path
 
-from imgclf.fileio import atomic_write_bytes
+from imgclf.config import layout
 
 log = logging.getLogger("imgclf")
 
@@ -59,7 +56,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 def attach_run_log(run_dir: Path) -> logging.Handler:
     """Everything the run logs also goes to ``run_dir/train.log``."""
-    h = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    h = logging.FileHandler(run_dir / layout.LOG, encoding="utf-8")
     h.setLevel(logging.DEBUG)
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("imgclf").addHandler(h)

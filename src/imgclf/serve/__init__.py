@@ -1,1 +1,28 @@
-"""HTTP serving: FastAPI app, uploads, micro-batching, security headers, the web page."""
+"""REST server and web page: ``imgclf serve MODEL`` (FastAPI + uvicorn).
+
+Endpoints (JSON errors everywhere: ``{"error": {"code": ..., "message": ...}}``):
+
+* ``POST /v1/predict``  one or more images as multipart field ``file`` (repeat the field for
+  several) → class probabilities, predicted class, the decision threshold used, model id;
+* ``POST /v1/explain``  one image → Grad-CAM overlay PNG; only when :mod:`imgclf.explain.gradcam`
+  can be imported and the model folder (model.json + model.safetensors) is at hand;
+* ``GET /v1/model``     model metadata and the server's limits;
+* ``GET /healthz``      liveness; ``GET /docs`` OpenAPI UI; ``GET /`` the web page.
+
+Safety: binds 127.0.0.1 unless told otherwise; the request body is streamed through an
+in-memory multipart parser with per-file, per-request and file-count limits (nothing is
+spooled to disk, unlike Starlette's form parser); the image type is sniffed from the
+bytes (JPEG, PNG, GIF, BMP, TIFF, WebP) and Pillow may only use that decoder; the pixel
+count is checked from the header before decoding; a bad image is a 4xx JSON answer; an
+optional API key (``X-API-Key``) is compared in constant time; models are loaded only
+from a verified ONNX export or a safetensors bundle.
+
+Concurrency: decoding runs in worker threads (bounded), inference in one dedicated
+thread; requests that arrive within ``batch_wait_ms`` of each other are run as one batch
+(up to ``max_batch`` images), so the event loop never blocks on the model.
+
+Modules: ``config`` (ServeConfig, limits), ``uploads`` (multipart reading, sniffing,
+decoding), ``batching`` (MicroBatcher), ``security`` (API key, headers, CSP), ``errors``
+(the JSON error shape), ``schemas`` (OpenAPI models), ``explainer`` (Grad-CAM),
+``routes`` (the endpoints), ``app`` (create_app, load_serving_model), ``server`` (serve).
+"""

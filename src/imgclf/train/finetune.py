@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf.config.settings import TAIL_BN_MODES
 from imgclf.data.augment import AugmentConfig, AugmentedView
-from imgclf.backbones.registry import backbone_blocks
+from imgclf.backbones.blocks import backbone_blocks
 from imgclf.fileio import content_hash
 from imgclf.data.preprocess import decode_array as _decode
 from imgclf.data.preprocess import decoded_batches
@@ -37,7 +38,6 @@ from imgclf.train.loops import TrainConfig, fit_loop, seed_everything
 
 log = logging.getLogger("imgclf")
 
-TAIL_BN_MODES = ("frozen", "train")
 LAYER_DECAY = 0.5  # discriminative learning rates: each block down gets this times the one above
 PREFIX_CACHE_MB = int(os.environ.get("IMGCLF_PREFIX_CACHE_MB", "4096"))
 
@@ -48,7 +48,7 @@ class TailModel(nn.Module):
     def __init__(self, tail: list[nn.Module], pool: nn.Module, head: nn.Module, autocast_bf16: bool, tail_bn: str = "frozen"):
         super().__init__()
         if tail_bn not in TAIL_BN_MODES:
-            raise ValueError(f"--finetune-bn must be one of {', '.join(TAIL_BN_MODES)}")
+            raise ValueError(f"finetune_bn must be one of {', '.join(TAIL_BN_MODES)}, got {tail_bn!r}")
         self.tail_bn = tail_bn
         self.tail = nn.Sequential(*tail)
         self.pool = pool
@@ -73,7 +73,7 @@ class TailModel(nn.Module):
 def split_blocks(fx, spec, unfreeze: int) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
     blocks = backbone_blocks(fx, spec)
     if not 1 <= unfreeze <= len(blocks):
-        raise ValueError(f"--unfreeze must be between 1 and {len(blocks)} for {spec.name} (blocks: {', '.join(n for n, _ in blocks)})")
+        raise ValueError(f"unfreeze must be between 1 and {len(blocks)} for {spec.name} (blocks: {', '.join(n for n, _ in blocks)})")
     return blocks[:-unfreeze], blocks[-unfreeze:]
 
 
@@ -172,7 +172,7 @@ def finetune(
     prefix_name = prefix_named[-1][0] if prefix_named else "input"
     engine = runner.engine_for(
         lambda: PrefixModule(fx, prefix).eval(),
-        runner.cache_root / "backbones" / f"{spec.name.replace(':', '_')}-{runner.fingerprint}-prefix-{prefix_name}.onnx",
+        runner.exported_onnx_path("prefix", prefix_name),
         f"frozen prefix (up to {prefix_name})",
     )
     plain, keep, _ = compute_prefix(engine, train_paths, prep, None)

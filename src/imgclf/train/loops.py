@@ -12,6 +12,7 @@ import copy
 import math
 import random
 from collections.abc import Callable
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -19,11 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from imgclf.model.heads import HEAD_KINDS, build_head
-
-LOSSES = ("ce", "focal")
-SAMPLERS = ("shuffle", "balanced")
-MONITORS = ("val_loss", "val_accuracy", "val_calibrated_loss")
+from imgclf.config.settings import TRAIN_FIELDS, TrainSettings, check_value
+from imgclf.model.heads import build_head
 
 
 def calibrated_nll(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -69,59 +67,66 @@ def better(score: tuple[float, float], best: tuple[float, float], monitor: str) 
     return loss < best_loss - 1e-6
 
 
+def _declared(name: str):
+    return TRAIN_FIELDS[name].default
+
+
+# A TrainConfig field that is a per-stage value of a stage-2 setting is checked against it
+_STAGE2_DECLARATION = {
+    "optimizer": "finetune_optimizer", "weight_decay": "finetune_weight_decay", "warmup_epochs": "finetune_warmup_epochs",
+    "schedule": "finetune_schedule", "monitor": "finetune_monitor", "cutmix": "finetune_cutmix",
+}
+
+
 @dataclass
 class TrainConfig:
-    head: str = "recipe"
-    epochs: int = 30
-    lr: float = 1e-3
-    batch_size: int = 32
-    patience: int = 5
-    class_weight: str = "auto"  # auto | balanced | none
+    """One training stage's values for the loops below.
+
+    Not a second declaration: defaults are stage 1's declared defaults, every value is
+    checked against its setting's declaration, and :meth:`stage1` / :meth:`stage2` are
+    the only ways the training classifier builds one from its settings.
+    """
+
+    head: str = _declared("head")
+    epochs: int = _declared("epochs")
+    lr: float = _declared("lr")
+    batch_size: int = _declared("batch_size")
+    patience: int = _declared("patience")
+    class_weight: str = _declared("class_weight")
     weight_decay: float = 0.0
-    seed: int = 0
-    optimizer: str = "adam"  # adam | adamw
+    seed: int = _declared("seed")
+    optimizer: str = "adam"
     warmup_epochs: float = 0.0
-    schedule: str = "constant"  # constant | cosine
-    label_smoothing: float = 0.0
-    loss: str = "ce"  # ce | focal
-    focal_gamma: float = 2.0
-    sampler: str = "shuffle"  # shuffle | balanced
-    mixup: float = 0.0  # Beta(a, a) mixing of the trainable part's inputs; 0 = off
+    schedule: str = "constant"
+    label_smoothing: float = _declared("label_smoothing")
+    loss: str = _declared("loss")
+    focal_gamma: float = _declared("focal_gamma")
+    sampler: str = _declared("sampler")
+    mixup: float = _declared("mixup")  # Beta(a, a) mixing of the trainable part's inputs; 0 = off
     cutmix: float = 0.0  # Beta(a, a) box mixing of spatial inputs (stage 2's prefix activations); 0 = off
-    checkpoint: str = "best"  # best (by ``monitor``) | last
+    checkpoint: str = _declared("checkpoint")  # best (by ``monitor``) | last
     monitor: str = "val_loss"  # val_loss | val_accuracy (ties: lower loss) | val_calibrated_loss (see calibrated_nll)
 
-    def validate(self) -> None:
-        if self.head not in HEAD_KINDS:
-            raise ValueError(f"--head must be one of {', '.join(HEAD_KINDS)}")
-        if self.epochs < 1:
-            raise ValueError("--epochs must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError("--lr must be a positive number")
-        if self.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
-        if self.patience < 0:
-            raise ValueError("--patience must be >= 0 (0 disables early stopping)")
-        if self.class_weight not in ("auto", "none", "balanced"):
-            raise ValueError("--class-weight must be auto, balanced or none")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ValueError("--optimizer must be adam or adamw")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError("--schedule must be constant or cosine")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError("--label-smoothing must be in [0, 1)")
-        if self.loss not in LOSSES:
-            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}")
-        if self.mixup < 0:
-            raise ValueError("--mixup must be >= 0")
-        if self.cutmix < 0:
-            raise ValueError("--finetune-cutmix must be >= 0")
-        if self.checkpoint not in ("best", "last"):
-            raise ValueError("checkpoint must be best or last")
-        if self.monitor not in MONITORS:
-            raise ValueError(f"monitor must be one of {', '.join(MONITORS)}")
+    @classmethod
+    def stage1(cls, s: TrainSettings) -> "TrainConfig":
+        """The head on cached features: Adam, constant rate, best by validation loss."""
+        return cls(head=s.head, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, patience=s.patience, class_weight=s.class_weight,
+                   seed=s.seed, label_smoothing=s.label_smoothing, loss=s.loss, focal_gamma=s.focal_gamma, sampler=s.sampler,
+                   mixup=s.mixup, checkpoint=s.checkpoint)
+
+    @classmethod
+    def stage2(cls, s: TrainSettings) -> "TrainConfig":
+        """The unfrozen tail with the head: every ``finetune_*`` setting, best checkpoint."""
+        return dataclasses.replace(
+            cls.stage1(s), epochs=s.finetune_epochs, lr=s.finetune_lr, patience=s.finetune_patience, optimizer=s.finetune_optimizer,
+            weight_decay=s.finetune_weight_decay, warmup_epochs=s.finetune_warmup_epochs, schedule=s.finetune_schedule,
+            checkpoint="best", label_smoothing=s.finetune_label_smoothing, monitor=s.finetune_monitor, cutmix=s.finetune_cutmix,
+        )
+
+    def validate(self) -> "TrainConfig":
+        for name, value in asdict(self).items():
+            check_value(TRAIN_FIELDS[_STAGE2_DECLARATION.get(name, name)], value)
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)

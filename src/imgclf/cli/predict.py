@@ -1,0 +1,121 @@
+"""``imgclf evaluate`` and ``imgclf predict``: a saved model on labelled folders or on any images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from imgclf.cli.common import add_runtime_flags, runtime_options
+from imgclf.config import layout
+from imgclf.config.cli_args import add_setting_flags
+from imgclf.config.settings import RUN_FIELDS
+from imgclf.fileio import is_within
+
+log = logging.getLogger("imgclf")
+
+PREDICT_ENGINE_HELP = ("auto: the model's ONNX export (imgclf export) when a valid one exists, else the feature path; onnx: ONNX Runtime on "
+                       "the exported model, exporting now if needed; torch/openvino/onnxruntime: feature path with that backbone engine")
+
+
+def register(subparsers, commands) -> None:
+    p = subparsers.add_parser("evaluate", help="metrics of a saved model on a labelled folder", description="Evaluate MODEL on DATA's test/ split, or on all of DATA when it is a folder of class sub-folders.")
+    p.add_argument("model", help="run folder or model.json")
+    p.add_argument("data", help="dataset root with test/, or a folder of class sub-folders")
+    p.add_argument("--out", default=None, help="write the metrics JSON here")
+    p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
+    p.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation (default: the model's)")
+    add_setting_flags(p, {"bootstrap": RUN_FIELDS["bootstrap"]})
+    add_runtime_flags(p)
+    commands["evaluate"] = cmd_evaluate
+
+    p = subparsers.add_parser("predict", help="predict classes of image files or folders", description="Predict each image (folders are searched recursively). A bad file becomes a row with its error.")
+    p.add_argument("model", help="run folder or model.json")
+    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("--out", default=None, help="write results here (default: stdout)")
+    p.add_argument("--format", default=None, choices=["csv", "json"], help="output format (default: from --out's extension, else csv)")
+    p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
+    p.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation (default: the model's)")
+    add_runtime_flags(p, engines=("auto", "onnx", "torch", "openvino", "onnxruntime"), engine_help=PREDICT_ENGINE_HELP)
+    commands["predict"] = cmd_predict
+
+
+def _run_test_split(model, data, class_names):
+    """Test samples from split.csv when DATA is the run's own flat training set, else None.
+
+    Evaluating a flat set as a whole would score the training images too.
+    """
+    from imgclf.model.bundle import resolve_bundle_dir
+    from imgclf.data.datasets import Sample, read_split_csv
+
+    run = resolve_bundle_dir(model)
+    cfg_path, split_path = run / layout.CONFIG, run / layout.SPLIT
+    if not (cfg_path.is_file() and split_path.is_file()) or (Path(data) / "test").is_dir():
+        return None
+    try:
+        root = json.loads(cfg_path.read_text())["dataset"]["root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if Path(root).resolve() != Path(data).resolve():
+        return None
+    index = {c: i for i, c in enumerate(class_names)}
+    return [Sample(Path(p), index[c], "test") for p, c in read_split_csv(split_path)["test"] if c in index]
+
+
+def cmd_evaluate(args) -> int:
+    from imgclf.evaluation.metrics import format_metrics
+    from imgclf.fileio import write_json
+    from imgclf.model.classifier import Classifier
+
+    clf = Classifier.load(args.model, weights=args.weights, tta=args.tta, **runtime_options(args))
+    if args.out and is_within(Path(args.out), Path(args.data)):
+        raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
+    bootstrap = RUN_FIELDS["bootstrap"].default if args.bootstrap is None else args.bootstrap
+    samples = _run_test_split(args.model, args.data, clf.class_names_)
+    if samples is not None:
+        log.info("%s is this run's own (flat) training set: evaluating the run's test split from split.csv", args.data)
+        m = clf.evaluate_samples(samples, bootstrap=bootstrap)
+    else:
+        m = clf.evaluate(args.data, bootstrap=bootstrap)
+    m["model"] = str(args.model)
+    m["data"] = str(args.data)
+    print(format_metrics(m))
+    if m["skipped"]:
+        for s in m["skipped"]:
+            log.warning("skipped %s", s["error"])
+    if args.out:
+        write_json(Path(args.out), m)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from imgclf.data.datasets import collect_image_paths
+    from imgclf.predict.choose import predictor_for
+    from imgclf.fileio import atomic_write_bytes
+    from imgclf.fileio import csv_text
+
+    paths, problems = collect_image_paths(args.paths)
+    if not paths:
+        raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(args.paths)))
+    inside = [p for p in args.paths if args.out and Path(p).is_dir() and is_within(Path(args.out), Path(p))]
+    if inside:
+        raise ValueError(f"--out {args.out} is inside the image folder {inside[0]}; imgclf never writes into input folders")
+    for p in problems:
+        log.warning("%s", p)
+    runtime = runtime_options(args)
+    clf = predictor_for(args.model, runtime.pop("engine", "auto"), weights=args.weights, parity_images=paths, tta=args.tta, **runtime)
+    rows = clf.predict_table(paths)
+    fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
+    if fmt == "json":
+        text = json.dumps({"model": str(args.model), "class_names": clf.class_names_, "predictions": rows}, indent=2) + "\n"
+    else:
+        text = csv_text(rows, ["path", "predicted", *clf.class_names_, "error"])
+    if args.out:
+        atomic_write_bytes(Path(args.out), text.encode())
+        n_err = sum(1 for r in rows if r["error"])
+        print(f"{len(rows)} predictions ({n_err} with errors) written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

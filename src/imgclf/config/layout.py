@@ -1,0 +1,19 @@
+"""Every file name of a run folder (and of the model bundle inside it), in one place.
+
+A run folder ``PROJECT/NAME/`` holds the bundle (``model.json`` + ``model.safetensors``,
+all that predict needs) and the run's record: how it was configured, split and trained,
+what it measured, what it skipped, its log, report and plots.
+"""
+
+MODEL_META = "model.json"  # bundle metadata: backbone entry, weights identity, preprocessing, classes, head
+MODEL_TENSORS = "model.safetensors"  # head (and fine-tuned backbone) tensors, pickle-free
+CONFIG = "config.json"  # resolved settings, command line, dataset, environment, wall time
+SPLIT = "split.csv"  # split, class, path of every image used
+EPOCH_METRICS = "metrics.csv"  # one row per epoch and stage
+TEST_METRICS = "test_metrics.json"  # metrics on the test split (schema: imgclf.evaluation.metrics)
+TEST_PREDICTIONS = "test_predictions.csv"  # per test image: path, true, predicted, probabilities
+SKIPPED = "skipped.csv"  # unreadable files and why
+LOG = "train.log"
+REPORT = "report.html"
+PLOTS = "plots"  # folder of PNG figures
+ONNX = "model.onnx"  # default export target inside a run folder

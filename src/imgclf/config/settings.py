@@ -1,0 +1,235 @@
+"""Every training and runtime setting, declared once: type, default, allowed values, one-line help.
+
+The recipes (:mod:`imgclf.config.recipes`) are overrides of these defaults; the CLI's flags
+are generated from the declarations (:mod:`imgclf.config.cli_args`); a run's ``config.json``
+holds the resolved object and loading a run restores it. A new setting is one more field
+here. Nothing in this module imports torch, so ``imgclf --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from imgclf.config.names import DEFAULT_BACKBONE
+
+HEAD_KINDS = ("recipe", "linear", "tutorial")
+CLASS_WEIGHTS = ("auto", "balanced", "none")
+LOSSES = ("ce", "focal")
+SAMPLERS = ("shuffle", "balanced")
+CHECKPOINTS = ("best", "last")
+INPUT_SCALINGS = ("entry", "x/255")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+MONITORS = ("val_loss", "val_accuracy", "val_calibrated_loss")
+TAIL_BN_MODES = ("frozen", "train")
+AUGMENT_PRESETS = ("none", "light", "strong")
+TTA_PRESETS = ("none", "flips", "d4")
+ENGINES = ("auto", "openvino", "onnxruntime", "torch")
+PRECISIONS = ("auto", "fp32", "bf16")
+RECIPE_NAMES = ("seed", "fast", "finetune")
+
+
+class SettingError(ValueError):
+    """A setting with a wrong name, type or value; the message names the setting."""
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, group: str = "training", check=None, cli: bool = True, flag: str | None = None):
+    """A dataclass field carrying its declaration: allowed values and one line of help.
+
+    ``check(value)`` returns an error text (or None) for rules the bounds cannot say;
+    ``cli=False`` keeps a setting out of the generated flags (recipe-only values);
+    ``flag`` names the flag when it is not the field's name (``--flag``/``--no-flag``).
+    """
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "group": group, "check": check, "cli": cli, "flag": flag}
+    return field(default=default, metadata=meta)
+
+
+def _check_policy(value: str) -> str | None:
+    kind, _, arg = value.partition(":")
+    if kind in ("youden", "balanced") and not arg:
+        return None
+    if kind in ("sensitivity", "fixed") and arg:
+        try:
+            v = float(arg)
+        except ValueError:
+            return f"{kind}:VALUE needs a number, got {arg!r}"
+        return None if 0 <= v <= 1 else f"{kind}:VALUE needs a value in [0, 1], got {arg}"
+    return f"must be youden, balanced, sensitivity:S or fixed:T, got {value!r}"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a training run does. Defaults are the default recipe's (``finetune``)."""
+
+    recipe: str = setting("finetune", "named defaults that the other settings override: seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head, kept only if they beat the frozen model on validation", choices=RECIPE_NAMES, group="model")
+    # model
+    backbone: str = setting(DEFAULT_BACKBONE, "backbone registry name (see README: efficientnet_lite0/1/2, vgg16, resnet50, ..., timm:<name>)", group="model")
+    weights: str = setting("imagenet", "imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.bin/.safetensors state-dict path", group="model")
+    head: str = setting("recipe", "recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear; tutorial: the recipe head with the tutorial's sigmoid before the loss (comparison only)", choices=HEAD_KINDS, group="model")
+    input_scaling: str = setting("entry", "entry: the backbone's own preprocessing; x/255: the tutorial's bug (squash resize, nearest), comparison only", choices=INPUT_SCALINGS, group="model")
+    # stage 1: the head on cached frozen features
+    epochs: int = setting(30, "maximum head epochs", ge=1)
+    lr: float = setting(1e-3, "Adam learning rate of the head", gt=0)
+    batch_size: int = setting(32, "batch size", ge=1)
+    patience: int = setting(5, "early stopping: epochs without validation-loss improvement, 0 = off", ge=0)
+    checkpoint: str = setting("best", "weights kept: best by validation loss, or the last epoch's", choices=CHECKPOINTS)
+    class_weight: str = setting("auto", "loss class weights; auto = inverse frequency when the largest class is > 1.5x the smallest", choices=CLASS_WEIGHTS)
+    loss: str = setting("ce", "softmax cross-entropy or focal loss", choices=LOSSES)
+    focal_gamma: float = setting(2.0, "focal loss gamma", ge=0)
+    sampler: str = setting("shuffle", "shuffle, or class-balanced sampling with replacement", choices=SAMPLERS)
+    label_smoothing: float = setting(0.0, "head-stage label smoothing", ge=0, lt=1)
+    mixup: float = setting(0.0, "mixup alpha on the trainable part's inputs, 0 = off", ge=0)
+    # stage 2: fine-tuning the last blocks on cached frozen-prefix activations
+    unfreeze: int | None = setting(None, "stage 2: number of last backbone blocks to train (unset: the entry's default, e.g. 3 for efficientnet_lite0, 1 for vgg16)", ge=1, group="fine-tuning")
+    finetune_epochs: int = setting(12, "stage-2 epochs, 0 = no stage 2", ge=0, group="fine-tuning")
+    finetune_lr: float = setting(1e-3, "stage-2 head learning rate; blocks get half per block going down", gt=0, group="fine-tuning")
+    finetune_patience: int = setting(4, "stage-2 early stopping patience, 0 = off", ge=0, group="fine-tuning")
+    finetune_views: int = setting(4, "augmented views per image whose frozen-prefix activations are computed once and held in memory", ge=1, group="fine-tuning")
+    finetune_label_smoothing: float = setting(0.1, "stage-2 label smoothing", ge=0, lt=1, group="fine-tuning")
+    finetune_bn: str = setting("frozen", "BatchNorm statistics of the unfrozen blocks: frozen = kept (scale and shift still train), train = follow the batches", choices=TAIL_BN_MODES, group="fine-tuning")
+    finetune_monitor: str = setting("val_calibrated_loss", "what picks the best stage-2 epoch and decides whether it replaces the frozen model: temperature-calibrated validation cross-entropy, accuracy (ties: loss), or plain cross-entropy", choices=MONITORS, group="fine-tuning")
+    finetune_cutmix: float = setting(0.0, "CutMix alpha on the frozen-prefix activation maps (boxes pasted between images, labels mixed by area); with --mixup one or the other per batch; 0 = off", ge=0, group="fine-tuning")
+    finetune_optimizer: str = setting("adamw", "stage-2 optimiser", choices=OPTIMIZERS, group="fine-tuning")
+    finetune_weight_decay: float = setting(0.01, "stage-2 weight decay", ge=0, group="fine-tuning")
+    finetune_warmup_epochs: float = setting(1.0, "stage-2 linear warmup, in epochs", ge=0, group="fine-tuning")
+    finetune_schedule: str = setting("cosine", "stage-2 learning-rate schedule after warmup", choices=SCHEDULES, group="fine-tuning")
+    # augmentation
+    augment: str = setting("light", "preset: light = flips, 90-degree rotations, crop >= 80% area, jitter 0.1; strong = crop >= 50%, jitter 0.25", choices=AUGMENT_PRESETS, group="augmentation")
+    hflip: bool | None = setting(None, "random horizontal flips (unset: the preset's)", group="augmentation")
+    vflip: bool | None = setting(None, "random vertical flips; lesions have no up (unset: the preset's)", group="augmentation")
+    rot90: bool | None = setting(None, "random 90-degree rotations (unset: the preset's)", group="augmentation")
+    crop_scale: float | None = setting(None, "random resized crop keeps at least this fraction of the area, 1 = off (unset: the preset's)", gt=0, le=1, group="augmentation")
+    color_jitter: float | None = setting(None, "max relative brightness/contrast/saturation change, 0 = off (unset: the preset's)", ge=0, lt=1, group="augmentation")
+    feature_views: int = setting(1, "frozen stage: cached augmented views per training image", ge=1, group="augmentation")
+    # decision
+    threshold_policy: str = setting("youden", "binary: youden | balanced | sensitivity:S | fixed:T, chosen on validation and stored in the model", check=_check_policy, group="decision")
+    tta: str = setting("none", "test-time augmentation stored with the model: average probabilities over flips/rotations", choices=TTA_PRESETS, group="decision")
+    # data
+    seed: int = setting(0, "seed for splits, initialisation, shuffling and augmentation", group="data")
+    val_fraction: float = setting(0.2, "fraction of train carved for validation when the dataset has none", ge=0, lt=1, group="data")
+    test_fraction: float = setting(0.2, "fraction of train carved for test when the dataset has none", ge=0, lt=1, group="data")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_value(f, getattr(self, f.name))
+        if self.val_fraction + self.test_fraction >= 1:
+            raise SettingError(f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def stage2(self) -> bool:
+        return self.finetune_epochs > 0
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a model computes, not what it learns: never changes results beyond engine tolerance."""
+
+    engine: str = setting("auto", "backbone inference engine (auto = fastest available)", choices=ENGINES, group="runtime")
+    precision: str = setting("auto", "backbone precision (auto: bf16 where the CPU has it; fp32 forces full precision)", choices=PRECISIONS, group="runtime")
+    cache_dir: str | None = setting(None, "feature cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf); never inside the dataset", group="runtime")
+    use_cache: bool = setting(True, "read and write the feature cache", group="runtime", flag="cache")
+    progress: bool = setting(False, "progress bars", group="runtime")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_value(f, getattr(self, f.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where a training run writes and what it adds beyond the model."""
+
+    project: str = setting("runs", "parent folder of run folders", group="output")
+    name: str = setting("train", "run folder name; -2, -3... appended if taken", check=lambda v: None if v and v not in (".", "..") and all(c.isalnum() or c in "._-" for c in v) else "must use letters, digits, '.', '_' or '-'", group="output")
+    validation: str | None = setting(None, "a folder of class sub-folders to use as the validation split (nothing is carved from train then)", group="data")
+    bootstrap: int = setting(1000, "bootstrap resamples for the 95% confidence intervals, 0 = none", ge=0, group="decision")
+    report: bool = setting(True, "write plots and report.html into the run folder", group="output")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_value(f, getattr(self, f.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _types(cls) -> dict[str, type]:
+    return get_type_hints(cls)
+
+
+def base_type(annotation) -> type:
+    """``int | None`` → int; ``bool`` → bool."""
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def check_value(f: dataclasses.Field, value) -> None:
+    """Type, choices, bounds and the field's own rule; raises SettingError naming the setting."""
+    meta, name = f.metadata, f.name
+    if value is None:
+        if f.default is None:
+            return
+        raise SettingError(f"{name} must be set")
+    want = base_type(FIELD_TYPES[name])
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is str and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if not ok:
+        raise SettingError(f"{name} must be {want.__name__}, got {value!r}")
+    if want is float and not math.isfinite(value):
+        raise SettingError(f"{name} must be a finite number, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise SettingError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    for key, op, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"), ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+        bound = meta.get(key)
+        if bound is not None and not op(value, bound):
+            raise SettingError(f"{name} must be {word} {bound:g}, got {value!r}")
+    if meta.get("check"):
+        problem = meta["check"](value)
+        if problem:
+            raise SettingError(f"{name} {problem}")
+
+
+FIELD_TYPES: dict[str, Any] = {**_types(TrainSettings), **_types(RuntimeOptions), **_types(RunOptions)}
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
+RUNTIME_FIELDS = {f.name: f for f in dataclasses.fields(RuntimeOptions)}
+RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunOptions)}
+
+
+def coerce(value, f: dataclasses.Field):
+    """Path-likes become text and ints become floats where the field is a float."""
+    want = base_type(FIELD_TYPES[f.name])
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def build(cls, fields: dict[str, dataclasses.Field], what: str, **values):
+    """``cls(**values)`` after refusing unknown names and coercing path-likes and ints."""
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise SettingError(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(fields)})")
+    return cls(**{k: coerce(v, fields[k]) for k, v in values.items()})
+
+
+def make_runtime(**options) -> RuntimeOptions:
+    return build(RuntimeOptions, RUNTIME_FIELDS, "runtime option(s)", **options)
+
+
+def make_run_options(**options) -> RunOptions:
+    return build(RunOptions, RUN_FIELDS, "run option(s)", **options)

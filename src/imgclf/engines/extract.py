@@ -1,0 +1,118 @@
+"""Pooled backbone features for a list of image files: cache hits first, then the rest
+decoded in a thread pool ahead of inference; bad files are reported, not fatal.
+
+The recipe recomputed the frozen VGG-16 every epoch; here each image goes through the
+backbone once per cache key.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from imgclf.data.preprocess import decode_array as _decode
+from imgclf.data.preprocess import decoded_batches
+from imgclf.engines.cache import FeatureCache
+from imgclf.engines.runner import BackboneRunner
+from imgclf.fileio import content_hash
+
+
+@dataclass
+class ExtractionResult:
+    features: np.ndarray  # (n_ok, D) float32, rows in the order of ``ok_indices``
+    ok_indices: list[int]
+    errors: dict[int, str]  # index → one-line reason (decode failures etc.)
+    computed: int = 0  # images that went through the backbone
+    cached: int = 0
+    seconds: float = 0.0
+    engine: str = "cache"
+    precision: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
+
+
+def extract_features(
+    paths: Sequence[str | os.PathLike],
+    runner: BackboneRunner,
+    *,
+    use_cache: bool = True,
+    batch_size: int = 32,
+    decode_threads: int = 2,
+    progress: Callable[[int], None] | None = None,
+    transform=None,
+) -> ExtractionResult:
+    """Pooled backbone features for ``paths``; bad files come back in ``errors``.
+
+    ``transform`` (an augmented or test-time view with a ``key``) is applied to each
+    decoded image before preprocessing; its key is part of the cache key.
+    """
+    prep = runner.spec.preprocessing
+    dim = runner.spec.feature_dim
+    cache = FeatureCache(runner.cache_root, runner.cache_key(transform), dim) if use_cache else None
+    n = len(paths)
+    feats: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    hashes: dict[int, str] = {}
+
+    with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:
+        def _hash(i):
+            try:
+                return i, content_hash(paths[i]), None
+            except OSError as e:
+                return i, None, f"{paths[i]}: cannot read ({e.strerror or e})"
+
+        # content hashes key the cache and seed augmented views; plain uncached runs skip them
+        need_hash = cache is not None or transform is not None
+        for i, h, err in (pool.map(_hash, range(n)) if need_hash else ((i, "", None) for i in range(n))):
+            if err:
+                errors[i] = err
+            else:
+                hashes[i] = h
+        todo = []
+        for i, h in hashes.items():
+            vec = cache.get(h) if cache else None
+            if vec is not None:
+                feats[i] = vec
+            else:
+                todo.append(i)
+        cached = len(feats)
+        if progress and cached:
+            progress(cached)
+
+        t0 = time.perf_counter()
+        engine_name, precision = "cache", runner.precision
+        if todo:
+            engine = runner.get()
+            engine_name, precision = engine.name, engine.precision
+            t0 = time.perf_counter()
+            decode = lambda i: _decode(str(paths[i]), prep, transform, hashes[i])  # noqa: E731
+            for idx, batch, errs in decoded_batches(todo, decode, batch_size, pool):
+                errors.update(errs)
+                if batch is not None:
+                    out = engine(batch)
+                    for i, vec in zip(idx, out):
+                        feats[i] = vec
+                        if cache:
+                            cache.put(hashes[i], vec)
+                if progress:
+                    progress(len(idx) + len(errs))
+    seconds = time.perf_counter() - t0 if todo else 0.0
+    ok = sorted(feats)
+    mat = np.stack([feats[i] for i in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
+    return ExtractionResult(
+        features=mat,
+        ok_indices=ok,
+        errors=dict(sorted(errors.items())),
+        computed=len(todo) - sum(1 for i in todo if i in errors),
+        cached=cached,
+        seconds=seconds,
+        engine=engine_name,
+        precision=precision,
+    )

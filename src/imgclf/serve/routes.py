@@ -1,0 +1,145 @@
+"""The endpoints, as plain functions that read what they serve from ``request.app.state``
+(model, model_info, class_names, config, batcher, decode_limiter, explainer, web_assets,
+started; set up by :func:`imgclf.serve.app.create_app`), and :func:`add_routes`, which
+declares their paths, auth and OpenAPI documentation on an app."""
+
+import asyncio
+import time
+from importlib.resources import files as package_files
+
+import anyio
+import numpy as np
+from fastapi import Depends, Query, Request
+from fastapi.responses import HTMLResponse, Response
+
+from imgclf._version import __version__
+from imgclf.serve.errors import ApiError
+from imgclf.serve.schemas import ERROR_RESPONSES, PredictResponse, multipart_doc
+from imgclf.serve.security import PAGE_CSP, check_key
+from imgclf.serve.uploads import (
+    SUPPORTED_TYPES,
+    DecodedUpload,
+    Upload,
+    decode_upload,
+    read_multipart,
+)
+
+WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+
+
+def load_web_assets() -> dict[str, bytes]:
+    """The page's files (``imgclf/serve/web/``), read once when the app is made."""
+    return {name: (package_files("imgclf.serve") / "web" / name).read_bytes() for name in WEB_FILES}
+
+
+async def _decode_all(request: Request, uploads: list[Upload], keep_image: bool = False) -> list[DecodedUpload]:
+    """Decode a request's files in parallel (up to the decode limiter's threads), in order."""
+    state = request.app.state
+    prep = state.model.preprocessing
+    return list(await asyncio.gather(*(
+        anyio.to_thread.run_sync(decode_upload, up.data, up.filename, prep, state.config.max_pixels, keep_image, limiter=state.decode_limiter)
+        for up in uploads
+    )))
+
+
+def _files(parts: list[Upload]) -> list[Upload]:
+    files = [p for p in parts if p.field == "file"]
+    if not files:
+        raise ApiError(400, "no-file", "no image in the request: send it as multipart form field 'file'")
+    return files
+
+
+async def predict(request: Request):
+    state = request.app.state
+    info, names, decision = state.model_info, state.class_names, state.model.decision
+    files = _files(await read_multipart(request, state.config))
+    decoded = await _decode_all(request, files)
+    probs = await state.batcher.submit(np.stack([d.array for d in decoded]))
+    idx = decision.indices(probs)
+    th = decision.to_dict()
+    return {
+        "model_id": info["model_id"],
+        "engine": info["engine"],
+        "class_names": names,
+        "threshold": th["value"] if th else None,
+        "positive_class": th["positive_class"] if th else None,
+        "decision": decision.description,
+        "predictions": [
+            {
+                "filename": d.filename, "format": d.format, "width": d.width, "height": d.height,
+                "predicted": names[int(k)], "probability": float(row[int(k)]),
+                "probabilities": {c: float(v) for c, v in zip(names, row)},
+            }
+            for d, row, k in zip(decoded, probs, idx)
+        ],
+    }
+
+
+async def model_info(request: Request):
+    state = request.app.state
+    config, batcher = state.config, state.batcher
+    return {
+        **state.model_info,
+        "imgclf_version": __version__,
+        "explain": state.explainer is not None,
+        "limits": {
+            "max_upload_mb": config.max_upload_mb, "max_pixels": config.max_pixels, "max_files": config.max_files,
+            "max_batch": config.max_batch, "batch_wait_ms": config.batch_wait_ms, "types": SUPPORTED_TYPES,
+        },
+        "api_key_required": bool(config.api_key),
+        "stats": {
+            "requests": batcher.requests,
+            "batches": batcher.batches,
+            "images": batcher.images,
+            "mean_batch": round(batcher.images / batcher.batches, 2) if batcher.batches else None,
+        },
+    }
+
+
+async def healthz(request: Request):
+    return {"status": "ok", "uptime_s": round(time.time() - request.app.state.started, 1)}
+
+
+async def index(request: Request):
+    return HTMLResponse(request.app.state.web_assets["index.html"], headers={"Content-Security-Policy": PAGE_CSP})
+
+
+async def static(request: Request, name: str):
+    if name not in WEB_FILES or name == "index.html":
+        raise ApiError(404, "not-found", "no such file")
+    return Response(request.app.state.web_assets[name], media_type=WEB_FILES[name], headers={"Cache-Control": "no-cache"})
+
+
+async def favicon():
+    return Response(status_code=204)
+
+
+async def explain_endpoint(request: Request, class_name: str | None = Query(None, description="class to explain (default: the predicted one)")):
+    names = request.app.state.class_names
+    if class_name is not None and class_name not in names:
+        raise ApiError(400, "unknown-class", f"class_name {class_name!r} is not a class of this model ({', '.join(names)})")
+    files = _files(await read_multipart(request, request.app.state.config))
+    if len(files) != 1:
+        raise ApiError(400, "one-file", "send exactly one image to /v1/explain")
+    (dec,) = await _decode_all(request, files, keep_image=True)
+    try:
+        png, cls, prob = await request.app.state.explainer.explain(dec.image, class_name)
+    except ValueError as e:
+        raise ApiError(400, "cannot-explain", str(e).splitlines()[0] if str(e) else "cannot explain this image") from None
+    return Response(png, media_type="image/png", headers={"X-Class": cls, "X-Probability": f"{prob:.6f}", "Access-Control-Expose-Headers": "X-Class, X-Probability"})
+
+
+def add_routes(app, *, explain: bool) -> None:
+    """Register the endpoints on ``app``; ``/v1/explain`` only when ``explain``."""
+    key = [Depends(check_key)]
+    app.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, dependencies=key, openapi_extra=multipart_doc(True), summary="Classify one or more images")(predict)
+    app.get("/v1/model", dependencies=key, responses={401: ERROR_RESPONSES[401]}, summary="Model metadata and server limits")(model_info)
+    app.get("/healthz", summary="Liveness")(healthz)
+    app.get("/", include_in_schema=False)(index)
+    app.get("/static/{name}", include_in_schema=False)(static)
+    app.get("/favicon.ico", include_in_schema=False)(favicon)
+    if explain:
+        app.post(
+            "/v1/explain", dependencies=key, responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay on the model's input crop"}, **ERROR_RESPONSES},
+            openapi_extra=multipart_doc(False), response_class=Response, summary="Grad-CAM overlay PNG for one image",
+        )(explain_endpoint)
