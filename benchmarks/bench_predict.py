@@ -149,7 +149,7 @@ def worker(engine: str, model: Path, images: Path, repeat: int, out_csv: Path) -
         clf = OnnxClassifier(model / "model.int8.onnx")
         desc = "ONNX Runtime static int8 (QDQ), whole model"
     else:
-        from imgclf.api import ImageClassifier
+        from imgclf.train.classifier import ImageClassifier
 
         kw = {"torch-fp32": dict(engine="torch", precision="fp32"), "torch-bf16": dict(engine="torch", precision="bf16"), "features": dict(engine="auto", precision="auto")}[engine]
         clf = ImageClassifier.load(model, use_cache=False, **kw)

@@ -1,21 +1,29 @@
 #!/usr/bin/env python
-"""Load test of ``imgclf serve``: N concurrent loopback clients for a bounded time.
+"""Load test of ``imgclf serve`` on 127.0.0.1: bounded loads of 1, 8 and 32 concurrent clients,
+then a slow-client flood.
 
-    .venv/bin/python benchmarks/bench_serve.py                         # ~2 min on 2 cores
-    .venv/bin/python benchmarks/bench_serve.py --clients 16 --seconds 30 --batch-wait-ms 5 0
+    .venv/bin/python benchmarks/bench_serve.py                      # ~3 min on 2 cores (training included)
+    .venv/bin/python benchmarks/bench_serve.py --clients 4 16 --seconds 20
     .venv/bin/python benchmarks/bench_serve.py --model runs/train --out serve.json
 
-Starts ``imgclf serve MODEL --port 0`` (ONNX Runtime on the model's export; access log off)
-in its own process, then for each ``--batch-wait-ms`` value: warm-up (sequential requests,
-then a few seconds of the full load), the server's RSS (``/proc/PID/status`` VmRSS), the
-measured run (``--clients`` asyncio clients each POSTing one 224×224 JPEG to /v1/predict
-in a loop for ``--seconds``), the RSS again. Reports requests/s, images/s, latency
-p50/p90/p99/max, errors (any non-200 or transport error; must be 0), RSS before/after and
-the server's mean micro-batch size. The clients share the machine's CPUs with the server:
-on a small machine the numbers are a floor, not the server's ceiling.
+Starts ``imgclf serve MODEL --port 0`` (``--engine auto``: the model's ONNX export, made at start
+if missing) in its own process on 127.0.0.1; nothing leaves the machine. Then:
 
-The model is ``--model`` (run folder or .onnx) or, by default, a quick one trained here
-(see bench_predict.py). Everything lives in a temporary folder removed at the end.
+1. warm-up: 10 sequential requests, then ``--warmup-seconds`` of 8 clients;
+2. for each ``--clients`` value, that many asyncio clients each POST one 224×224 JPEG to
+   /v1/predict in a loop for ``--seconds`` (each client also stops after ``MAX_REQUESTS_PER_CLIENT``);
+3. the flood: ``--idle-connections`` sockets connect, send half a request (a request line and
+   one header, no blank line) and then nothing, held open while one client measures GET /healthz
+   for ``--flood-seconds`` (keep this under the server's ``--header-timeout-s``, 10 s by default,
+   or the server rightly closes the idle ones mid-measurement; how many it closed is reported).
+
+Per phase: requests/s, latency p50/p95/p99/max, errors (any non-200 or transport error; must be
+0), and the server's peak RSS so far (``VmHWM`` in ``/proc/PID/status``). The clients share the
+machine's CPUs with the server: on a small machine the numbers are a floor, not the server's ceiling.
+
+The model is ``--model`` (run folder or .onnx) or, by default, a quick one trained here on
+``--data`` (default-backbone, ``--recipe fast``, ``--train-epochs``, no report); its quality does
+not matter for serving speed. Everything lives in a temporary folder removed at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,27 +44,33 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import DEFAULT_DATA, load_note, log, make_jpeg_folder, train_and_export  # noqa: E402
+from bench_predict import DEFAULT_DATA, load_note, log, make_jpeg_folder  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+MAX_REQUESTS_PER_CLIENT = 20_000  # the count bound of every client loop (time is the other)
+REQUEST_TIMEOUT_S = 30.0
 
 
-def rss_mb(pid: int) -> float:
+def proc_status_mb(pid: int, field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak so far) of a process, MB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def start_server(model: Path, env, batch_wait_ms: float, max_batch: int, extra=()) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, env, batch_wait_ms: float, max_batch: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imgclf", "-q", "serve", str(model), "--port", "0", "--batch-wait-ms", str(batch_wait_ms), "--max-batch", str(max_batch), *extra],
+        [sys.executable, "-m", "imgclf", "-q", "serve", str(model), "--host", LOOPBACK, "--port", "0", "--no-explain",
+         "--batch-wait-ms", str(batch_wait_ms), "--max-batch", str(max_batch)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1,
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     errs: list[str] = []
     threading.Thread(target=lambda: [errs.append(x) for x in proc.stderr], daemon=True).start()
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             m = re.search(r"on (http://127\.0\.0\.1:\d+/)", lines.get(timeout=1))
@@ -67,7 +82,30 @@ def start_server(model: Path, env, batch_wait_ms: float, max_batch: int, extra=(
     raise SystemExit(f"server did not start: {''.join(errs)[-2000:]}")
 
 
-async def load(base: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def summarize(latencies: list[float], errors: list[str], wall: float) -> dict:
+    lat = sorted(latencies)
+
+    def pct(q):  # nearest rank
+        return round(1000 * lat[min(len(lat) - 1, max(0, int(q * len(lat) + 0.5) - 1))], 1) if lat else None
+
+    return {
+        "requests": len(lat), "errors": len(errors), "error_samples": errors[:5], "seconds": round(wall, 2),
+        "requests_per_s": round(len(lat) / wall, 1) if wall > 0 else None,
+        "latency_ms": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99), "max": round(1000 * lat[-1], 1) if lat else None},
+    }
+
+
+async def predict_load(base: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
+    """``clients`` concurrent clients POSTing one image each, for ``seconds`` (bounded in count too)."""
     import httpx
 
     latencies: list[float] = []
@@ -75,107 +113,184 @@ async def load(base: str, bodies: list[bytes], clients: int, seconds: float) -> 
     stop = time.perf_counter() + seconds
 
     async def client(k: int, http: httpx.AsyncClient):
-        i = k
-        while time.perf_counter() < stop:
-            body = bodies[i % len(bodies)]
-            i += clients
+        for i in range(MAX_REQUESTS_PER_CLIENT):
+            if time.perf_counter() >= stop:
+                return
+            body = bodies[(k + i * clients) % len(bodies)]
             t = time.perf_counter()
             try:
                 r = await http.post("v1/predict", files={"file": ("img.jpg", body, "image/jpeg")})
-                ok = r.status_code == 200
-                if not ok:
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t)
+                else:
                     errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
             except httpx.HTTPError as e:
-                ok = False
                 errors.append(f"{type(e).__name__}: {e}")
-            if ok:
-                latencies.append(time.perf_counter() - t)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
-        await asyncio.gather(*[client(k, http) for k in range(clients)])
-    wall = time.perf_counter() - t0
-    lat = sorted(latencies)
+    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
+        await asyncio.wait_for(asyncio.gather(*[client(k, http) for k in range(clients)]), seconds + 2 * REQUEST_TIMEOUT_S)
+    return summarize(latencies, errors, time.perf_counter() - t0)
 
-    def pct(q):
-        return round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else None
 
-    return {
-        "requests": len(lat), "errors": len(errors), "error_samples": errors[:5], "seconds": round(wall, 2),
-        "requests_per_s": round(len(lat) / wall, 1), "latency_ms": {"p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "max": round(1000 * lat[-1], 1) if lat else None},
-    }
+def open_half_requests(port: int, n: int, budget_s: float) -> list[socket.socket]:
+    """``n`` loopback connections, each having sent a request line and one header and then
+    nothing (a client stalled mid-headers); stops early when ``budget_s`` is spent."""
+    conns: list[socket.socket] = []
+    deadline = time.monotonic() + budget_s
+    for _ in range(n):
+        if time.monotonic() > deadline:
+            break
+        try:
+            c = socket.create_connection((LOOPBACK, port), timeout=2)
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        except OSError as e:
+            log(f"  could not open idle connection {len(conns) + 1}: {e}")
+            break
+        conns.append(c)
+    return conns
+
+
+def count_closed(conns: list[socket.socket]) -> int:
+    """How many of ``conns`` the server has closed (readable and at EOF, or reset)."""
+    import select
+
+    closed = 0
+    for c in conns:
+        readable, _, _ = select.select([c], [], [], 0)
+        if readable:
+            try:
+                closed += c.recv(4096) == b""
+            except OSError:
+                closed += 1
+    return closed
+
+
+def healthz_while_flooded(base: str, port: int, idle: int, seconds: float) -> dict:
+    """/healthz latency (one client, keep-alive) while ``idle`` stalled connections are held open."""
+    import httpx
+
+    t_open = time.perf_counter()
+    conns = open_half_requests(port, idle, budget_s=10.0)
+    open_s = time.perf_counter() - t_open
+    latencies: list[float] = []
+    errors: list[str] = []
+    try:
+        t0 = time.perf_counter()
+        stop = t0 + seconds
+        with httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT_S) as http:
+            for _ in range(MAX_REQUESTS_PER_CLIENT):
+                if time.perf_counter() >= stop:
+                    break
+                t = time.perf_counter()
+                try:
+                    r = http.get("healthz")
+                    if r.status_code == 200:
+                        latencies.append(time.perf_counter() - t)
+                    else:
+                        errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+        res = summarize(latencies, errors, time.perf_counter() - t0)
+        res.update({"idle_connections_opened": len(conns), "seconds_to_open": round(open_s, 2), "idle_closed_by_server_during_run": count_closed(conns)})
+        return res
+    finally:
+        for c in conns:
+            c.close()
+
+
+def train_quick_model(images: Path, work: Path, env, epochs: int) -> Path:
+    t = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "imgclf", "-q", "train", str(images), "--project", str(work / "runs"), "--name", "bench",
+         "--recipe", "fast", "--epochs", str(epochs), "--no-report", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    if r.returncode != 0:
+        raise SystemExit(f"training the benchmark model failed: {r.stderr.strip()[-2000:]}")
+    log(f"trained in {time.perf_counter() - t:.0f} s")
+    return work / "runs" / "bench"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="run folder (with or without model.onnx) or .onnx (default: train and export one here)")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="photos for the request images (default: ../shared/data/flowers12)")
-    ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
-    ap.add_argument("--seconds", type=float, default=20, help="measured run per setting (default: 20)")
-    ap.add_argument("--warmup-seconds", type=float, default=4, help="load before the first RSS reading (default: 4)")
-    ap.add_argument("--batch-wait-ms", type=float, nargs="+", default=[5.0, 0.0], help="settings to measure (default: 5 0)")
+    ap.add_argument("--model", default=None, help="run folder (with or without model.onnx) or .onnx (default: train a quick one here)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="photos for the request images and the quick model (default: ../shared/data/flowers12)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients, one measured phase each (default: 1 8 32)")
+    ap.add_argument("--seconds", type=float, default=12, help="length of each load phase (default: 12)")
+    ap.add_argument("--warmup-seconds", type=float, default=3, help="8-client load before the first phase (default: 3)")
+    ap.add_argument("--idle-connections", type=int, default=200, help="stalled connections held open in the flood (default: 200)")
+    ap.add_argument("--flood-seconds", type=float, default=8, help="/healthz measurement during the flood (default: 8)")
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="server --batch-wait-ms (default: 5, the server's default)")
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--train-epochs", type=int, default=3, help="head epochs of the quick model (default: 3)")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     ap.add_argument("--keep-temp", action="store_true")
     args = ap.parse_args(argv)
-    if args.clients < 1 or args.seconds <= 0:
-        raise SystemExit("--clients must be >= 1 and --seconds > 0")
+    if min(args.clients) < 1 or max(args.clients) > 256 or args.seconds <= 0 or args.seconds > 600:
+        raise SystemExit("--clients must be 1..256 and --seconds in (0, 600]")
+    if not 0 <= args.idle_connections <= 1000 or not 0 < args.flood_seconds <= 60:
+        raise SystemExit("--idle-connections must be 0..1000 and --flood-seconds in (0, 60]")
 
     import httpx
 
+    t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="imgclf-bench-serve-"))
     env = {**os.environ, "IMGCLF_CACHE_DIR": str(work / "cache"), "IMGCLF_OFFLINE": os.environ.get("IMGCLF_OFFLINE", "1")}
-    results = []
+    phases: list[dict] = []
+    info: dict = {}
     try:
         log(f"{os.cpu_count()} CPUs; {load_note()}")
         images = work / "images"
         paths = make_jpeg_folder(Path(args.data), images, 64)
         bodies = [p.read_bytes() for p in paths]
-        if args.model:
-            model = Path(args.model)
-        else:
-            log("training a quick default-backbone model and exporting it")
-            model, _ = train_and_export(images, work, env)
-        for wait in args.batch_wait_ms:
-            proc, base = start_server(model, env, wait, args.max_batch)
-            try:
-                info = httpx.get(base + "v1/model", timeout=30).json()
-                for body in bodies[:10]:
-                    httpx.post(base + "v1/predict", files={"file": ("w.jpg", body, "image/jpeg")}, timeout=60).raise_for_status()
-                asyncio.run(load(base, bodies, args.clients, args.warmup_seconds))
-                before = rss_mb(proc.pid)
-                log(f"batch-wait {wait} ms: {args.clients} clients for {args.seconds:g} s ({load_note()})")
-                res = asyncio.run(load(base, bodies, args.clients, args.seconds))
-                after = rss_mb(proc.pid)
-                stats = httpx.get(base + "v1/model", timeout=30).json().get("stats", {})
-                res.update({
-                    "batch_wait_ms": wait, "max_batch": args.max_batch, "clients": args.clients, "engine": info["engine"], "model_id": info["model_id"],
-                    "server_rss_mb_before": round(before, 1), "server_rss_mb_after": round(after, 1), "server_rss_growth_mb": round(after - before, 1),
-                    "server_mean_batch_all_requests": stats.get("mean_batch"), "load": load_note(),
-                })
-                results.append(res)
-                lat = res["latency_ms"]
-                log(f"  {res['requests_per_s']} req/s, p50 {lat['p50']} ms, p99 {lat['p99']} ms, errors {res['errors']}, RSS {before:.0f} → {after:.0f} MB, mean batch {stats.get('mean_batch')}")
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        print(f"\n{'wait ms':>7} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6} {'RSS before→after MB':>20} {'mean batch':>10}")
-        for r in results:
+        model = Path(args.model) if args.model else train_quick_model(images, work, env, args.train_epochs)
+        t = time.perf_counter()
+        proc, base = start_server(model, env, args.batch_wait_ms, args.max_batch)
+        log(f"server up in {time.perf_counter() - t:.0f} s at {base}")
+        port = int(base.rstrip("/").rsplit(":", 1)[1])
+        try:
+            info = httpx.get(base + "v1/model", timeout=30).json()
+            for body in bodies[:10]:
+                httpx.post(base + "v1/predict", files={"file": ("w.jpg", body, "image/jpeg")}, timeout=60).raise_for_status()
+            asyncio.run(predict_load(base, bodies, 8, args.warmup_seconds))
+            for clients in args.clients:
+                log(f"{clients} clients for {args.seconds:g} s ({load_note()})")
+                res = asyncio.run(predict_load(base, bodies, clients, args.seconds))
+                res.update({"phase": f"predict, {clients} clients", "clients": clients, "rss_mb": round(proc_status_mb(proc.pid, "VmRSS"), 1),
+                            "peak_rss_mb": round(proc_status_mb(proc.pid, "VmHWM"), 1), "load": load_note()})
+                phases.append(res)
+            if args.idle_connections:
+                log(f"flood: {args.idle_connections} stalled connections, /healthz for {args.flood_seconds:g} s ({load_note()})")
+                res = healthz_while_flooded(base, port, args.idle_connections, args.flood_seconds)
+                res.update({"phase": f"healthz, {res['idle_connections_opened']} stalled connections", "clients": 1,
+                            "rss_mb": round(proc_status_mb(proc.pid, "VmRSS"), 1), "peak_rss_mb": round(proc_status_mb(proc.pid, "VmHWM"), 1), "load": load_note()})
+                phases.append(res)
+            stats = httpx.get(base + "v1/model", timeout=30).json().get("stats", {})
+        finally:
+            stop_server(proc)
+        print(f"\n{'phase':<36} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6} {'peak RSS MB':>11}")
+        for r in phases:
             lat = r["latency_ms"]
-            print(f"{r['batch_wait_ms']:>7g} {r['clients']:>7} {r['requests_per_s']:>7} {lat['p50']:>7} {lat['p90']:>7} {lat['p99']:>7} {r['errors']:>6} {r['server_rss_mb_before']:>9.0f} → {r['server_rss_mb_after']:<8.0f} {str(r['server_mean_batch_all_requests']):>10}")
-        print(f"engine {results[0]['engine'] if results else '?'}, one 224x224 JPEG per request; {load_note()} at the end")
+            print(f"{r['phase']:<36} {r['requests_per_s']!s:>7} {lat['p50']!s:>7} {lat['p95']!s:>7} {lat['p99']!s:>7} {lat['max']!s:>7} {r['errors']:>6} {r['peak_rss_mb']:>11.0f}")
+        flood = [r for r in phases if "idle_connections_opened" in r]
+        if flood:
+            print(f"flood: {flood[0]['idle_connections_opened']} stalled connections opened in {flood[0]['seconds_to_open']} s; "
+                  f"{flood[0]['idle_closed_by_server_during_run']} closed by the server during the measurement")
+        print(f"engine {info.get('engine', '?')}, one 224x224 JPEG per request, batch wait {args.batch_wait_ms:g} ms, "
+              f"mean batch {stats.get('mean_batch')}; {load_note()} at the end; whole run {time.perf_counter() - t_start:.0f} s")
+        for r in phases:
+            for sample in r["error_samples"]:
+                print(f"  error ({r['phase']}): {sample}")
         if args.out:
-            Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "results": results}, indent=2) + "\n")
+            Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "engine": info.get("engine"), "model_id": info.get("model_id"), "server_stats": stats, "phases": phases}, indent=2) + "\n")
     finally:
         if args.keep_temp:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    return 1 if any(r["errors"] for r in results) else 0
+    return 1 if any(r["errors"] for r in phases) else 0
 
 
 if __name__ == "__main__":

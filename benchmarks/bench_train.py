@@ -191,7 +191,7 @@ def warm_page_cache(root: Path) -> int:
 
 def measure_import_seconds(repeats: int = 2) -> float:
     """Wall time of a fresh interpreter importing what `imgclf train` imports (best of N)."""
-    code = "import imgclf.cli.main, imgclf.api, imgclf.runs.folders, imgclf.data.datasets, imgclf.evaluation.metrics"
+    code = "import imgclf.cli.main, imgclf.runs.train_run, imgclf.runs.folders, imgclf.data.datasets, imgclf.evaluation.metrics"
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -233,8 +233,8 @@ def run_cli_train(data: Path, backbone: str, weights: str, recipe: str, epochs: 
     return {
         "wall_s": wall,
         "accuracy": metrics["accuracy"],
-        # from the run folder: run_train's own clock (logged last), the HTML report step, and
-        # config.json's wall_seconds (run_train up to before the report)
+        # from the run folder: imgclf.runs.train_run.train_run's own clock (logged last), the
+        # HTML report step, and config.json's wall_seconds (train_run up to before the report)
         "run_train_s": _log_seconds(train_log, r"wall time ([\d.]+) s"),
         "report_s": _log_seconds(train_log, r"report written: .*\(([\d.]+) s\)"),
         "inner_wall_s": config.get("wall_seconds"),
@@ -245,7 +245,7 @@ def run_cli_train(data: Path, backbone: str, weights: str, recipe: str, epochs: 
 
 
 def run_inprocess(data: Path, backbone: str, weights: str, recipe: str, epochs: int, lr: float, cache: Path) -> dict:
-    from imgclf.api import ImageClassifier
+    from imgclf.train.classifier import ImageClassifier
 
     t = time.perf_counter()
     clf = ImageClassifier(backbone=backbone, weights=weights, recipe=recipe, epochs=epochs, lr=lr, patience=0, cache_dir=cache, progress=False)
@@ -418,7 +418,7 @@ def train_markdown(res: dict) -> str:
             continue
         parts = [f"- {key}: {r['wall_s']:.1f} s process wall"]
         if r.get("run_train_s") is not None:
-            parts.append(f"{r['run_train_s']:.1f} s inside `run_train` by its own clock (so {r['wall_s'] - r['run_train_s']:.1f} s interpreter start, imports before it and exit)")
+            parts.append(f"{r['run_train_s']:.1f} s inside `train_run` by its own clock (so {r['wall_s'] - r['run_train_s']:.1f} s interpreter start, imports before it and exit)")
         if r.get("report_s") is not None:
             parts.append(f"report.html {r['report_s']:.1f} s")
         if r.get("feature_s") is not None:

@@ -74,8 +74,33 @@ def test_weights_file_with_pickled_objects_is_refused(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"x": Evil()}, f)
     spec = get_backbone_spec("mobilenet_v3_large")
-    with pytest.raises(ValueError, match="not a loadable weights-only state dict"):
+    with pytest.raises(ValueError, match="holds pickled objects, which imgclf never loads") as e:
         build_feature_extractor(spec, resolve_weights(spec, str(path)))
+    assert "weights_only" not in str(e.value)  # never pass on advice to turn the safety off
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "pickled object", "wrong tensors", "bad safetensors"])
+def test_a_bad_weights_file_is_one_line_before_any_work(tmp_path, capsys, kind):
+    from imgclf.cli.main import main
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / ("w.safetensors" if kind == "bad safetensors" else "w.pth")
+    if kind in ("random bytes", "bad safetensors"):
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "pickled object":
+        torch.save({"x": Evil()}, path)
+    else:
+        torch.save({"x": torch.zeros(3)}, path)
+    # the dataset does not even exist: the weights are checked first, and no run folder is made
+    rc = main(["train", str(tmp_path / "no-data"), "--recipe", "fast", "--weights", str(path), "--project", str(tmp_path / "runs"), "--no-progress"])
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("imgclf: error:") and str(path) in err[0], err
+    assert "weights_only" not in err[0] and "pwned" not in out.out + out.err and len(err[0]) < 400
+    assert not (tmp_path / "runs").exists()
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):

@@ -1,6 +1,7 @@
 """A real browser against a real server: `imgclf serve` on a loopback port, Chromium
 (driven by Playwright, no browser download) uploads an image through the page and reads
-the predicted class; curl-style rejections against the same live server.
+the predicted class; /docs renders Swagger UI with every non-loopback request blocked;
+curl-style rejections against the same live server.
 
 Set IMGCLF_SCREENSHOT_DIR to keep the page's screenshots."""
 
@@ -137,3 +138,46 @@ def test_live_server_answers_curl_style_requests(server, shapes_root, tmp_path):
         assert r.status_code == 413 and r.json()["error"]["code"] == "file-too-large"
         assert c.get("healthz").json()["status"] == "ok"
         assert c.get("docs").status_code == 200
+
+
+def test_api_docs_render_with_the_network_cut_off(server):
+    """/docs in a browser that may reach nothing but the server: Swagger UI (served by the
+    server from the installed package) lists the operations, and the page's CSP ('self' only)
+    blocks nothing it needs."""
+    from urllib.parse import urlsplit
+
+    base, proc = server
+    blocked, console_errors = [], []
+    from playwright.sync_api import sync_playwright
+
+    def only_loopback(route):
+        url = route.request.url
+        if url.startswith(("data:", "blob:")) or urlsplit(url).hostname in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            blocked.append(url)
+            route.abort()
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.route("**/*", only_loopback)
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: console_errors.append(str(e)))
+            page.goto(base + "docs", timeout=30_000)
+            page.wait_for_selector(".opblock-summary-path[data-path='/v1/predict']", timeout=60_000)
+            paths = [e.get_attribute("data-path") for e in page.query_selector_all(".opblock-summary-path")]
+            assert {"/v1/predict", "/v1/model", "/healthz"} <= set(paths), paths
+            assert "imgclf" in page.text_content(".info .title")
+            page.click(".opblock-summary-path[data-path='/healthz']")  # expand, try it out, execute: answered by this server
+            page.click(".opblock.is-open .try-out__btn")
+            page.click(".opblock.is-open .execute")
+            status_cell = ".opblock.is-open .live-responses-table tbody .response-col_status"
+            page.wait_for_selector(status_cell, timeout=30_000)
+            assert page.text_content(status_cell).strip() == "200"
+        finally:
+            browser.close()
+    assert not blocked, blocked  # nothing outside was even asked for
+    assert not console_errors, console_errors  # no CSP violation, no script error
+    assert proc.poll() is None

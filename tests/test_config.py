@@ -53,7 +53,7 @@ def test_recipes_only_override_declared_settings_and_unknown_names_are_refused()
     ("lr", -1.0, "lr must be > 0"),
     ("label_smoothing", 1.0, "label_smoothing must be < 1"),
     ("finetune_bn", "x", "finetune_bn must be one of frozen, train"),
-    ("threshold_policy", "sensitivity:2", "threshold_policy sensitivity:VALUE needs a value in [0, 1]"),
+    ("threshold_policy", "sensitivity:2", "threshold_policy 'sensitivity:2': use youden, balanced, sensitivity:S or fixed:T"),
     ("tta", "d8", "tta must be one of"),
     ("epochs", 2.5, "epochs must be int"),
 ])

@@ -31,10 +31,10 @@ def test_recipes_are_defaults_that_flags_override():
 
 def test_seed_recipe_keeps_the_x255_bug_and_says_so(shapes_root, tmp_path, caplog):
     clf = ImageClassifier(recipe="seed", progress=False).fit(shapes_root)
-    prep = clf.meta_["preprocessing"]
-    assert tuple(prep["mean"]) == (0.0, 0.0, 0.0) and tuple(prep["std"]) == (255.0, 255.0, 255.0) and prep["policy"] == "squash"
+    prep = clf.meta_.preprocessing
+    assert tuple(prep.mean) == (0.0, 0.0, 0.0) and tuple(prep.std) == (255.0, 255.0, 255.0) and prep.policy == "squash"
     assert any("x/255" in r.getMessage() for r in caplog.records)
-    assert any("sigmoid" in r.getMessage() for r in caplog.records) and clf.meta_["head"]["kind"] == "tutorial"
+    assert any("sigmoid" in r.getMessage() for r in caplog.records) and clf.meta_.head["kind"] == "tutorial"
     assert len(clf.history_) == 5  # fixed 5 epochs, no early stopping
     clf.save(tmp_path / "m")
     again = ImageClassifier.load(tmp_path / "m")
@@ -75,7 +75,7 @@ def test_finetune_changes_exactly_the_unfrozen_blocks_and_keeps_frozen_bn(shapes
     # --finetune-bn frozen (default): the tail's BN statistics are kept, its scale/shift train
     assert not any("running_" in k for k in changed)
     assert any(k.endswith("_bn1.weight") or k.endswith("_bn1.bias") for k in changed)
-    assert clf.meta_["backbone_tuned"]["unfreeze"] == 2
+    assert clf.meta_.backbone_tuned["unfreeze"] == 2
     # the bundle carries the tuned tensors and reproduces predictions
     clf.save(tmp_path / "m")
     paths = sorted((shapes_root / "test").rglob("*.jpg"))
@@ -125,7 +125,7 @@ def test_binary_model_stores_and_uses_its_threshold(tmp_path):
 
     root = make_shapes_dataset(tmp_path / "bin", {"train": 10, "validation": 5, "test": 5}, classes=("circle", "square"))
     clf = ImageClassifier(threshold_policy="sensitivity:1.0", epochs=5, cache_dir=tmp_path / "c").fit(root)
-    assert clf.meta_["threshold"] == clf.threshold_ and 0 <= clf.threshold_ <= 1
+    assert clf.meta_.threshold == clf.threshold_ and 0 <= clf.threshold_ <= 1
     clf.save(tmp_path / "m")
     loaded = ImageClassifier.load(tmp_path / "m", cache_dir=tmp_path / "c")
     assert loaded.threshold_ == clf.threshold_
@@ -215,7 +215,7 @@ def test_finetune_that_does_not_help_keeps_the_frozen_model(shapes_root, tmp_pat
     clf = ImageClassifier(recipe="finetune", unfreeze=1, finetune_epochs=1, finetune_lr=0.5, finetune_views=1, cache_dir=tmp_path / "c")
     clf.fit(shapes_root)  # a huge stage-2 learning rate can only hurt
     stage2 = clf.fit_summary_["stages"][1]
-    assert stage2["kept_start"] and clf._tuned is None and clf.meta_["frozen_backbone"] is True
+    assert stage2["kept_start"] and clf._tuned is None and clf.meta_.frozen_backbone is True
 
 
 def test_finetune_with_cutmix_and_mixup_runs_end_to_end(shapes_root, tmp_path):

@@ -148,6 +148,18 @@ def test_report_command_regenerates(leaky_run, capsys, tmp_path):
     assert rc == 2 and "not a run folder" in capsys.readouterr().err
 
 
+def test_damaged_model_json_leaves_out_the_model_and_says_why(leaky_run, tmp_path, caplog):
+    run = tmp_path / "damaged"
+    shutil.copytree(leaky_run[0], run)
+    meta = json.loads((run / "model.json").read_text())
+    del meta["head"]
+    (run / "model.json").write_text(json.dumps(meta))
+    text = write_run_report(run, gradcam_images=0).read_text(encoding="utf-8")
+    assert any("missing keys head" in r.getMessage() and "leaves out the model" in r.getMessage() for r in caplog.records)
+    configuration = text[text.index('<section id="configuration">'):text.index('<section id="training">')]
+    assert "<h3>Model</h3>" not in configuration and "Resolved training settings" not in configuration
+
+
 def test_binary_report_without_model_or_dataset(tmp_path):
     """A run folder whose dataset is gone and model cannot load still gets a full report."""
     rng = np.random.default_rng(0)

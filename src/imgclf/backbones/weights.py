@@ -58,9 +58,9 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = "ima
     if w.lower() != "imagenet":
         p = Path(w).expanduser()
         if not p.is_file():
-            raise ValueError(f"--weights {w}: no such file (give 'imagenet', 'none' or a .pth/.pt/.safetensors path)")
+            raise WeightsFileError(f"weights {w}: no such file (give 'imagenet', 'none' or a .pth/.pt/.safetensors path)")
         if p.suffix.lower() not in {".pth", ".pt", ".safetensors", ".bin"}:
-            raise ValueError(f"--weights {w}: expected a .pth, .pt, .bin or .safetensors state dict")
+            raise WeightsFileError(f"weights {w}: expected a .pth, .pt, .bin or .safetensors state dict")
         p = p.resolve()
         return WeightsRef("file", f"sha256:{file_sha256(p)}", str(p), f"local file {p}")
 
@@ -118,25 +118,38 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = "ima
     raise AssertionError(spec.family)
 
 
+class WeightsFileError(ValueError):
+    """A weights file that cannot be used: the user's input, not an engine problem."""
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load tensors from a state-dict file without unpickling arbitrary objects."""
+    """Load tensors from a state-dict file without unpickling arbitrary objects.
+
+    A file holding pickled objects is refused with imgclf's own message: PyTorch's
+    suggests turning its safety off, which imgclf never does.
+    """
     path = str(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        sd = load_file(path, device="cpu")
+        try:
+            sd = load_file(path, device="cpu")
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise WeightsFileError(f"{path}: not a readable safetensors file ({first})") from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle refusals, truncation, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: not a loadable weights-only state dict ({first})") from None
+        except Exception:  # noqa: BLE001 - pickle refusals, truncation, random bytes
+            raise WeightsFileError(
+                f"{path}: not a plain state dict of tensors (damaged, or it holds pickled objects, which imgclf never "
+                "loads); save it with torch.save(model.state_dict(), ...) or as .safetensors") from None
     # common checkpoint wrappers
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
+        raise WeightsFileError(f"{path}: not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -155,7 +168,7 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], *, ignore_prefixes
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if bad_shape:
             parts.append(f"{len(bad_shape)} with wrong shape (e.g. {bad_shape[0]})")
-        raise ValueError(f"{source}: weights do not fit this backbone: " + "; ".join(parts))
+        raise WeightsFileError(f"{source}: weights do not fit this backbone: " + "; ".join(parts))
     module.load_state_dict(sd, strict=False)
 
 

@@ -35,6 +35,17 @@ def runtime_options(args) -> dict:
     return given(args, RUNTIME_FIELDS, CLI_RUNTIME_DEFAULTS)
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print on a UTF-8 stdout: a file name that is not UTF-8 reaches Python
+    with surrogate escapes (``os.fsdecode``), which a strict stream refuses; its bytes are
+    shown as ``\\xNN`` instead, so one odd name never costs the user the whole report."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no file name produced
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def one_line(e: BaseException) -> str:
     s = str(e).strip() or type(e).__name__
     return s.splitlines()[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from imgclf.cli.common import printable
+
 
 def register(subparsers, commands) -> None:
     p = subparsers.add_parser("inspect", help="counts, image statistics and problems of a dataset", description="Counts per split and class, image sizes, unreadable/truncated/non-image files, exact and near duplicates (perceptual hash) and cross-split leakage. Reads only.")
@@ -21,5 +23,5 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        print(format_report(report))
+        print(printable(format_report(report)))
     return 0

@@ -11,7 +11,7 @@ from imgclf.cli.common import add_runtime_flags, runtime_options
 from imgclf.config import layout
 from imgclf.config.cli_args import add_setting_flags
 from imgclf.config.settings import RUN_FIELDS
-from imgclf.fileio import is_within
+from imgclf.fileio import check_output_path, is_within
 
 log = logging.getLogger("imgclf")
 
@@ -63,14 +63,24 @@ def _run_test_split(model, data, class_names):
     return [Sample(Path(p), index[c], "test") for p, c in read_split_csv(split_path)["test"] if c in index]
 
 
+def _check_out(out: str) -> None:
+    """Refuse an unusable --out (a folder, a device, a FIFO...) before the model is loaded, not after the work."""
+    try:
+        check_output_path(out)
+    except ValueError as e:
+        raise ValueError(f"--out {e}") from None
+
+
 def cmd_evaluate(args) -> int:
     from imgclf.evaluation.metrics import format_metrics
     from imgclf.fileio import write_json
     from imgclf.model.classifier import Classifier
 
+    if args.out:
+        _check_out(args.out)
+        if is_within(Path(args.out), Path(args.data)):
+            raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
     clf = Classifier.load(args.model, weights=args.weights, tta=args.tta, **runtime_options(args))
-    if args.out and is_within(Path(args.out), Path(args.data)):
-        raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
     bootstrap = RUN_FIELDS["bootstrap"].default if args.bootstrap is None else args.bootstrap
     samples = _run_test_split(args.model, args.data, clf.class_names_)
     if samples is not None:
@@ -96,7 +106,10 @@ def cmd_predict(args) -> int:
     from imgclf.fileio import atomic_write_bytes
     from imgclf.fileio import csv_text
 
-    paths, problems = collect_image_paths(args.paths)
+    if args.out:
+        _check_out(args.out)
+    unreadable: list[tuple[Path, str]] = []  # folders that could not be listed: a row each, with the reason
+    paths, problems = collect_image_paths(args.paths, unreadable=unreadable)
     if not paths:
         raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(args.paths)))
     inside = [p for p in args.paths if args.out and Path(p).is_dir() and is_within(Path(args.out), Path(p))]
@@ -107,6 +120,7 @@ def cmd_predict(args) -> int:
     runtime = runtime_options(args)
     clf = predictor_for(args.model, runtime.pop("engine", "auto"), weights=args.weights, parity_images=paths, tta=args.tta, **runtime)
     rows = clf.predict_table(paths)
+    rows += [{"path": str(folder), "predicted": None, **{c: None for c in clf.class_names_}, "error": reason} for folder, reason in unreadable]
     fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
     if fmt == "json":
         text = json.dumps({"model": str(args.model), "class_names": clf.class_names_, "predictions": rows}, indent=2) + "\n"

@@ -7,11 +7,13 @@ what it measured, what it skipped, its log, report and plots.
 
 MODEL_META = "model.json"  # bundle metadata: backbone entry, weights identity, preprocessing, classes, head
 MODEL_TENSORS = "model.safetensors"  # head (and fine-tuned backbone) tensors, pickle-free
+STATUS = "run.json"  # running → complete | failed (with the error), see imgclf.model.run_status
 CONFIG = "config.json"  # resolved settings, command line, dataset, environment, wall time
 SPLIT = "split.csv"  # split, class, path of every image used
 EPOCH_METRICS = "metrics.csv"  # one row per epoch and stage
 TEST_METRICS = "test_metrics.json"  # metrics on the test split (schema: imgclf.evaluation.metrics)
 TEST_PREDICTIONS = "test_predictions.csv"  # per test image: path, true, predicted, probabilities
+CHECKPOINT = "checkpoint-{stage}.safetensors"  # per training stage (head, finetune): state after the last complete epoch, for --resume; removed when the run completes
 SKIPPED = "skipped.csv"  # unreadable files and why
 LOG = "train.log"
 REPORT = "report.html"

@@ -49,17 +49,27 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, ge: float 
     return field(default=default, metadata=meta)
 
 
-def _check_policy(value: str) -> str | None:
-    kind, _, arg = value.partition(":")
-    if kind in ("youden", "balanced") and not arg:
-        return None
-    if kind in ("sensitivity", "fixed") and arg:
+def parse_threshold_policy(policy: str) -> tuple[str, float | None]:
+    """``youden`` | ``balanced`` | ``sensitivity:S`` | ``fixed:T`` → (name, number or None)."""
+    name, _, arg = policy.partition(":")
+    if name in ("youden", "balanced") and not arg:
+        return name, None
+    if name in ("sensitivity", "fixed") and arg:
         try:
             v = float(arg)
         except ValueError:
-            return f"{kind}:VALUE needs a number, got {arg!r}"
-        return None if 0 <= v <= 1 else f"{kind}:VALUE needs a value in [0, 1], got {arg}"
-    return f"must be youden, balanced, sensitivity:S or fixed:T, got {value!r}"
+            v = -1.0
+        if 0.0 <= v <= 1.0:
+            return name, v
+    raise SettingError(f"threshold_policy {policy!r}: use youden, balanced, sensitivity:S or fixed:T with S, T in [0, 1]")
+
+
+def _check_policy(value: str) -> str | None:
+    try:
+        parse_threshold_policy(value)
+    except SettingError as e:
+        return str(e).split(" ", 1)[1]  # the message without the leading setting name
+    return None
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ class RunOptions:
     validation: str | None = setting(None, "a folder of class sub-folders to use as the validation split (nothing is carved from train then)", group="data")
     bootstrap: int = setting(1000, "bootstrap resamples for the 95% confidence intervals, 0 = none", ge=0, group="decision")
     report: bool = setting(True, "write plots and report.html into the run folder", group="output")
+    resume: str | None = setting(None, "continue the interrupted run folder RESUME from its last complete epoch, with the settings in its config.json (flags given must match them) on the same data", group="output")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -207,6 +218,21 @@ FIELD_TYPES: dict[str, Any] = {**_types(TrainSettings), **_types(RuntimeOptions)
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
 RUNTIME_FIELDS = {f.name: f for f in dataclasses.fields(RuntimeOptions)}
 RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunOptions)}
+
+
+def register_settings(cls) -> dict[str, dataclasses.Field]:
+    """Make a settings dataclass declared in a higher layer (the server's ServeConfig) known to
+    :func:`check_value` and the generated flags; returns its fields by name.
+
+    Call it right after the class statement, before any instance is made. A name already
+    declared with another type is refused, since types are looked up by setting name.
+    """
+    hints = _types(cls)
+    clashes = sorted(n for n, t in hints.items() if n in FIELD_TYPES and FIELD_TYPES[n] != t)
+    if clashes:
+        raise TypeError(f"{cls.__name__}: setting(s) {', '.join(clashes)} already declared with another type")
+    FIELD_TYPES.update(hints)
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def coerce(value, f: dataclasses.Field):

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 from PIL import Image, ImageEnhance
 
-AUGMENT_PRESETS = ("none", "light", "strong")
+from imgclf.config import settings as declared
+from imgclf.config.settings import AUGMENT_PRESETS
+
 
 
 @dataclass(frozen=True)
@@ -47,19 +49,15 @@ def preset(name: str) -> AugmentConfig:
         return AugmentConfig(hflip=True, vflip=True, rot90=True, crop_scale=0.8, color_jitter=0.1)
     if name == "strong":
         return AugmentConfig(hflip=True, vflip=True, rot90=True, crop_scale=0.5, color_jitter=0.25)
-    raise ValueError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}, not {name!r}")
+    raise ValueError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {name!r}")
 
 
 def build_augment(name: str = "none", **overrides) -> AugmentConfig:
-    """A preset with individual flags overriding it (None = keep the preset's value)."""
+    """A preset with individual settings overriding it (None = keep the preset's value); the
+    values were checked against their declarations (:mod:`imgclf.config.settings`)."""
     cfg = preset(name)
     changes = {k: v for k, v in overrides.items() if v is not None}
-    cfg = replace(cfg, **changes)
-    if not 0 < cfg.crop_scale <= 1:
-        raise ValueError("--crop-scale must be in (0, 1]")
-    if not 0 <= cfg.color_jitter < 1:
-        raise ValueError("--color-jitter must be in [0, 1)")
-    return cfg
+    return replace(cfg, **changes)
 
 
 def _rng(seed: int, content_hash: str, view: int) -> np.random.Generator:
@@ -149,6 +147,7 @@ TTA_VIEWS = {
     )
 }
 TTA_PRESETS = {"none": ("identity",), "flips": ("identity", "hflip", "vflip", "rot180"), "d4": tuple(TTA_VIEWS)}
+assert tuple(TTA_PRESETS) == declared.TTA_PRESETS  # the names the tta setting accepts
 
 
 class FixedView:
@@ -168,5 +167,5 @@ class FixedView:
 def tta_views(name: str) -> list[FixedView | None]:
     """Views for ``--tta none|flips|d4`` (None = the plain view)."""
     if name not in TTA_PRESETS:
-        raise ValueError(f"--tta must be one of {', '.join(TTA_PRESETS)}, not {name!r}")
+        raise ValueError(f"tta must be one of {', '.join(TTA_PRESETS)}, got {name!r}")
     return [None if n == "identity" else FixedView(n) for n in TTA_PRESETS[name]]

@@ -14,6 +14,14 @@ folder belong to that class. Hidden entries, stray files (``README.txt``,
 ``Thumbs.db``), non-image files and unknown top-level folders are skipped and
 listed in ``Dataset.ignored`` so nothing is dropped silently.
 
+Folder symlinks are followed, but each real folder is walked once and each real
+image file counted once (a folder's first path in sorted order wins; for a file,
+a path that is not a symlink wins over links to it): a link back up the tree is
+not followed and a second path to a counted file is skipped, both listed in
+``ignored`` and explained in ``warnings``. A folder that cannot be listed
+(no read permission) is named with the OS's reason in ``warnings`` and
+``Dataset.unreadable``, never mistaken for an empty folder.
+
 A missing validation/test split is carved from train per class (stratified) by
 hand rather than with scikit-learn, so the split only depends on the sorted file
 list, the fractions and the seed: ``random.Random(f"{seed}:{class}")`` shuffles
@@ -33,6 +41,7 @@ import io
 import logging
 import os
 import random
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +103,9 @@ class Dataset:
     split_source: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    # (folder, reason) for folders whose images were skipped because they could not be listed
+    # (e.g. no read permission); a run writes them to skipped.csv beside undecodable files
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """split -> class -> number of images (every class listed, zeros included)."""
@@ -117,12 +129,21 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _list_folder(folder: Path) -> list[os.DirEntry]:
+    """The folder's entries sorted by name; OSError (e.g. PermissionError) propagates."""
+    with os.scandir(folder) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
 def _sorted_entries(folder: Path) -> list[os.DirEntry]:
     try:
-        with os.scandir(folder) as it:
-            return sorted(it, key=lambda e: e.name)
+        return _list_folder(folder)
     except OSError as exc:
-        raise DatasetError(f"{folder}: cannot list folder ({exc.strerror or exc})") from None
+        raise DatasetError(f"{folder}: cannot list folder ({_reason(exc)})") from None
 
 
 def _entry_is_dir(entry: os.DirEntry) -> bool:
@@ -132,44 +153,167 @@ def _entry_is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _collect_class_images(folder: Path, ignored: list[Path]) -> list[Path]:
-    """All image files under ``folder`` (recursively), sorted; skipped files go to ``ignored``."""
-    images: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        base = Path(dirpath)
-        for d in sorted(dirnames):
-            if _is_hidden(d):
-                ignored.append(base / d)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for name in sorted(filenames):
-            p = base / name
-            if is_image_file(p):
-                images.append(p)
-            else:
-                ignored.append(p)
-    return sorted(images, key=lambda p: p.as_posix())
+class _Walk:
+    """One scan's memory of what it has seen, shared by all of that scan's folder walks.
+
+    Folder symlinks are followed (a class folder may link to images kept
+    elsewhere), so one real folder can be reached by several paths, or endlessly
+    when a link points back up the tree. Each folder and each image file is known
+    by the ``(st_dev, st_ino)`` it resolves to and is walked or counted once: the
+    first path reaching a folder wins (walks are sorted, so the winner is
+    deterministic); for a file, a path that is not itself a symlink wins over
+    links to it (so a link cannot move a picture into the linking class), then the
+    first. Every other path is skipped, added to ``ignored`` and explained in
+    ``warnings``, so a loop can neither recurse forever nor put one picture in two
+    splits or two classes. Folders that cannot be listed go to ``unreadable`` with
+    the OS's reason (and to ``warnings``) instead of silently adding nothing.
+    """
+
+    def __init__(self, ignored: list[Path], warnings: list[str]):
+        self.ignored = ignored
+        self.warnings = warnings
+        self.unreadable: list[tuple[Path, str]] = []
+        self._folders: dict[tuple[int, int], Path] = {}
+        self._files: dict[tuple[int, int], list[tuple[bool, Path]]] = {}
+
+    def _skip(self, path: Path, message: str) -> None:
+        self.ignored.append(path)
+        self.warnings.append(f"{path}: {message}")
+
+    def claim_folder(self, path: Path) -> bool:
+        """Register ``path`` to be walked; False (reported) when its real folder was reached before."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            self.unreadable.append((path, f"cannot read folder ({_reason(exc)})"))
+            self.warnings.append(f"{path}: cannot read folder ({_reason(exc)}); its images are skipped")
+            return False
+        key = (st.st_dev, st.st_ino)
+        first = self._folders.get(key)
+        if first is None:
+            self._folders[key] = path
+            return True
+        if first in path.parents:
+            self._skip(path, f"symlink loop back to {first}; not followed")
+        else:
+            self._skip(path, f"same folder as {first}; not scanned twice")
+        return False
+
+    def walked(self, folder: Path) -> bool:
+        """Was ``folder``'s real folder claimed already (by this path or another)?"""
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) in self._folders
+
+    def claim_image(self, entry: os.DirEntry, path: Path) -> bool:
+        """Should this image-named entry be listed? Not when it is not a regular file (a FIFO
+        would block the decoder; reported). An entry that cannot be stat'ed (broken link) is
+        kept, so its error shows where undecodable files do. Real files are remembered for
+        ``duplicates``."""
+        try:
+            st = entry.stat()  # follows symlinks: the file that would be decoded
+        except OSError:
+            return True
+        if not stat.S_ISREG(st.st_mode):
+            self._skip(path, "not a regular file; skipped")
+            return False
+        try:
+            is_link = entry.is_symlink()
+        except OSError:
+            is_link = True
+        self._files.setdefault((st.st_dev, st.st_ino), []).append((is_link, path))
+        return True
+
+    def duplicates(self) -> set[Path]:
+        """Paths listed so far that are a second path to a listed file (reported); drop them."""
+        losers: set[Path] = set()
+        for claims in self._files.values():
+            if len(claims) < 2:
+                continue
+            winner = min(claims, key=lambda claim: claim[0])[1]  # not a link first, then walk order
+            for _, path in claims:
+                if path != winner and path not in losers:
+                    losers.add(path)
+                    self._skip(path, f"same file as {winner}; counted once")
+        return losers
+
+    def list_folder(self, folder: Path) -> list[os.DirEntry] | None:
+        """The folder's sorted entries, or None (reported in ``unreadable``) when it cannot be listed."""
+        try:
+            return _list_folder(folder)
+        except OSError as exc:
+            self.unreadable.append((folder, f"cannot read folder ({_reason(exc)})"))
+            self.warnings.append(f"{folder}: cannot read folder ({_reason(exc)}); its images are skipped")
+            return None
+
+    def unreadable_under(self, folder: Path) -> list[tuple[Path, str]]:
+        """Unreadable folders at or below ``folder``."""
+        return [(p, why) for p, why in self.unreadable if p == folder or folder in p.parents]
+
+    def images(self, top: Path, recursive: bool = True) -> list[Path]:
+        """Image files in the already claimed folder ``top`` (and below it, each real folder
+        once), sorted by path; hidden entries and non-image files go to ``ignored``. Second
+        paths to one file are still listed: ``duplicates`` says which to drop once every walk
+        of the scan is done."""
+        images: list[Path] = []
+        pending = [top]
+        while pending:  # depth first, in name order
+            folder = pending.pop()
+            subfolders: list[Path] = []
+            for entry in self.list_folder(folder) or []:
+                path = folder / entry.name
+                if _is_hidden(entry.name):
+                    self.ignored.append(path)
+                elif _entry_is_dir(entry):
+                    if recursive and self.claim_folder(path):
+                        subfolders.append(path)
+                elif not is_image_file(path):
+                    self.ignored.append(path)
+                elif self.claim_image(entry, path):
+                    images.append(path)
+            pending.extend(reversed(subfolders))
+        return sorted(images, key=lambda p: p.as_posix())
 
 
-def scan_class_folders(folder: Path, ignored: list[Path], warnings: list[str]) -> dict[str, list[Path]]:
-    """Class sub-folders of ``folder`` -> sorted image paths; stray files beside them are ignored."""
-    classes: dict[str, list[Path]] = {}
+def _class_folders(folder: Path, walk: _Walk) -> dict[str, Path]:
+    """Class sub-folders of ``folder`` (claimed in ``walk``); stray files beside them are ignored."""
+    classes: dict[str, Path] = {}
     loose_images = 0
     for entry in _sorted_entries(folder):
         path = folder / entry.name
         if _is_hidden(entry.name):
-            ignored.append(path)
+            walk.ignored.append(path)
         elif _entry_is_dir(entry):
-            classes[entry.name] = _collect_class_images(path, ignored)
+            if walk.claim_folder(path):
+                classes[entry.name] = path
         else:
-            ignored.append(path)
+            walk.ignored.append(path)
             if is_image_file(path):
                 loose_images += 1
     if loose_images:
-        warnings.append(
+        walk.warnings.append(
             f"{folder}: {loose_images} image(s) lie directly in this folder, outside any class "
             f"folder, and were ignored (expected {folder}/<class>/<image>)"
         )
     return classes
+
+
+def _scan_class_folders(folder: Path, walk: _Walk) -> dict[str, list[Path]]:
+    walk.claim_folder(folder)
+    found = {name: walk.images(path) for name, path in _class_folders(folder, walk).items()}
+    duplicates = walk.duplicates()
+    return {name: [p for p in paths if p not in duplicates] for name, paths in found.items()}
+
+
+def scan_class_folders(folder: Path, ignored: list[Path], warnings: list[str]) -> dict[str, list[Path]]:
+    """Class sub-folders of ``folder`` -> sorted image paths; stray files beside them are ignored.
+
+    Unreadable folders are reported in ``warnings``; links back into folders already
+    scanned are not followed (see ``_Walk``).
+    """
+    return _scan_class_folders(Path(folder), _Walk(ignored, warnings))
 
 
 def scan_layout(
@@ -183,12 +327,17 @@ def scan_layout(
     Raises ``DatasetError`` for structural problems (see module docstring).
     Shared by ``load_dataset`` and ``imgclf inspect`` so both see the same files.
     """
-    layout, found, ignored, warnings, _ = _scan(Path(root))
+    layout, found, ignored, warnings, _, _ = _scan(Path(root))
     return layout, found, ignored, warnings
 
 
 def _scan(root: Path):
-    """``scan_layout`` plus the split folder actually used for each split."""
+    """``scan_layout`` plus the split folder actually used for each split and the unreadable folders.
+
+    Every split and class folder is claimed before any class is walked, so a link
+    from one class into another class (or up to a split or the root) is skipped
+    rather than relabelling the other class's images.
+    """
     if not root.exists():
         raise DatasetError(f"{root}: dataset folder does not exist")
     if not root.is_dir():
@@ -196,7 +345,9 @@ def _scan(root: Path):
 
     ignored: list[Path] = []
     warnings: list[str] = []
+    walk = _Walk(ignored, warnings)
     entries = _sorted_entries(root)
+    walk.claim_folder(root)
     split_dirs: dict[str, Path] = {}
     for entry in entries:
         if _is_hidden(entry.name) or not _entry_is_dir(entry):
@@ -211,7 +362,7 @@ def _scan(root: Path):
             )
         split_dirs[split] = root / entry.name
 
-    found: dict[str, dict[str, list[Path]]] = {}
+    class_dirs: dict[str, dict[str, Path]] = {}
     if "train" in split_dirs:
         layout = "splits"
         for entry in entries:
@@ -227,8 +378,15 @@ def _scan(root: Path):
                     f"validation/val/valid, test)"
                 )
         for split in SPLIT_NAMES:
+            if split not in split_dirs:
+                continue
+            if not walk.claim_folder(split_dirs[split]):
+                if split == "train":
+                    raise DatasetError(warnings[-1])
+                del split_dirs[split]
+        for split in SPLIT_NAMES:
             if split in split_dirs:
-                found[split] = scan_class_folders(split_dirs[split], ignored, warnings)
+                class_dirs[split] = _class_folders(split_dirs[split], walk)
     else:
         layout = "flat"
         if split_dirs:
@@ -237,7 +395,15 @@ def _scan(root: Path):
                 f"{root}: has {names} folder(s) but no 'train' folder, so it is read as a flat "
                 f"layout and {names} are treated as CLASSES; add a 'train' folder for a splits layout"
             )
-        found["train"] = scan_class_folders(root, ignored, warnings)
+        class_dirs["train"] = _class_folders(root, walk)
+    found: dict[str, dict[str, list[Path]]] = {
+        split: {name: walk.images(path) for name, path in classes.items()} for split, classes in class_dirs.items()
+    }
+    duplicates = walk.duplicates()
+    found = {
+        split: {name: [p for p in paths if p not in duplicates] for name, paths in classes.items()}
+        for split, classes in found.items()
+    }
 
     train_dir = split_dirs.get("train", root)
     train = found["train"]
@@ -246,8 +412,17 @@ def _scan(root: Path):
             f"{train_dir}: no class folders found (expected {train_dir}/<class>/<image>)"
         )
     for name, paths in train.items():
-        if not paths:
-            raise DatasetError(f"{train_dir / name}: class folder contains no images")
+        if paths:
+            continue
+        unreadable = walk.unreadable_under(train_dir / name)
+        if unreadable and unreadable[0][0] == train_dir / name:
+            raise DatasetError(f"{train_dir / name}: {unreadable[0][1]}, so this class has no images")
+        if unreadable:
+            raise DatasetError(
+                f"{train_dir / name}: class folder contains no readable images; "
+                f"{len(unreadable)} sub-folder(s) could not be read, e.g. {unreadable[0][0]}: {unreadable[0][1]}"
+            )
+        raise DatasetError(f"{train_dir / name}: class folder contains no images")
     if len(train) < 2:
         raise DatasetError(
             f"{train_dir}: only one class folder ('{next(iter(train))}'); a classifier needs at least two"
@@ -267,7 +442,7 @@ def _scan(root: Path):
                     f"{split_dirs[split]}: class '{name}' has no images in {split}"
                 )
     ignored.sort(key=lambda p: p.as_posix())
-    return layout, found, ignored, warnings, split_dirs
+    return layout, found, ignored, warnings, split_dirs, walk.unreadable
 
 
 # --------------------------------------------------------------------------- splitting
@@ -315,7 +490,7 @@ def load_dataset(
     val_fraction = _check_fraction("val_fraction", val_fraction)
     test_fraction = _check_fraction("test_fraction", test_fraction)
     root = Path(root)
-    layout, found, ignored, warnings, split_dirs = _scan(root)
+    layout, found, ignored, warnings, split_dirs, unreadable = _scan(root)
     class_names = sorted(found["train"])
 
     per_split: dict[str, dict[str, list[Path]]] = {
@@ -372,6 +547,7 @@ def load_dataset(
         split_source=source,
         warnings=warnings,
         ignored=ignored,
+        unreadable=unreadable,
     )
 
 
@@ -443,80 +619,105 @@ def read_split_csv(
 
 
 def collect_image_paths(
-    inputs: list[str | os.PathLike], recursive: bool = True
+    inputs: list[str | os.PathLike],
+    recursive: bool = True,
+    *,
+    unreadable: list[tuple[Path, str]] | None = None,
 ) -> tuple[list[Path], list[str]]:
     """Expand files and folders into image paths for prediction; problems are returned, not raised.
 
     Folders contribute their image-extension files (sorted; recursively unless
-    ``recursive=False``; hidden entries skipped). Named files must have an image
-    extension. Duplicates are dropped, first occurrence wins, input order kept,
-    so one bad argument never hides the results for the others.
+    ``recursive=False``; hidden entries skipped; each real folder walked once, so a
+    symlink loop is reported, not followed). Named files must have an image
+    extension. Each real file is kept once, first occurrence wins, input order
+    kept, so one bad argument never hides the results for the others. Folders that
+    cannot be listed are named in ``problems`` with the reason and, when
+    ``unreadable`` is given, appended to it as ``(folder, reason)`` so a caller can
+    report them beside the images that failed to decode.
     """
     paths: list[Path] = []
     problems: list[str] = []
-    seen: set[str] = set()
+    seen: dict[object, Path] = {}
 
     def add(p: Path) -> None:
-        key = os.path.normcase(os.path.abspath(p))
-        if key not in seen:
-            seen.add(key)
+        try:
+            st = os.stat(p)
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:  # kept: its read error becomes its prediction row's error
+            key = os.path.normcase(os.path.abspath(p))
+        first = seen.get(key)
+        if first is None:
+            seen[key] = p
             paths.append(p)
+        elif os.path.abspath(first) != os.path.abspath(p):
+            problems.append(f"{p}: same file as {first}; predicted once")
 
+    walk = _Walk([], problems)  # shared, so a folder reached from two inputs (or a loop) is walked once
+    candidates: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            if recursive:
-                found = _collect_class_images(p, [])
-            else:
-                found = [p / e.name for e in _safe_scandir(p) if e.is_file() and is_image_file(e.name)]
-            if not found:
+            if walk.walked(p):  # inside an input already walked: its images are listed
+                continue
+            found = walk.images(p, recursive=recursive) if walk.claim_folder(p) else []
+            if not found and not walk.unreadable_under(p):
                 problems.append(f"{p}: folder contains no images ({', '.join(sorted(_EXTS))})")
-            for f in found:
-                add(f)
+            candidates.extend(found)
         elif p.is_file():
             if is_image_file(p):
-                add(p)
+                candidates.append(p)
             else:
                 problems.append(f"{p}: not an image file name (expected one of {', '.join(sorted(_EXTS))})")
         elif p.exists() or p.is_symlink():
             problems.append(f"{p}: not a regular file or folder (or a broken link)")
         else:
             problems.append(f"{p}: no such file or folder")
+    duplicates = walk.duplicates()
+    for p in candidates:
+        if p not in duplicates:
+            add(p)
+    if unreadable is not None:
+        unreadable.extend(walk.unreadable)
     return paths, problems
 
 
-def _safe_scandir(folder: Path) -> list[os.DirEntry]:
-    try:
-        return _sorted_entries(folder)
-    except DatasetError:  # unlistable: reported as "no images"
-        return []
-
-
-def labelled_eval_samples(data: str | os.PathLike, class_names: list[str]):
-    """Samples to evaluate: ``DATA/test/<class>/*`` if DATA has a test folder, else ``DATA/<class>/*``.
-
-    Unlike training, one class folder is enough (e.g. a folder of malignant cases only).
-    """
+def _labelled_eval_scan(data: str | os.PathLike, class_names: list[str]) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """``labelled_eval_samples`` plus the folders that could not be read."""
     root = Path(data)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     folder = root / "test" if (root / "test").is_dir() else root
     ignored: list[Path] = []
     warnings: list[str] = []
-    folders = scan_class_folders(folder, ignored, warnings)
+    walk = _Walk(ignored, warnings)
+    folders = _scan_class_folders(folder, walk)
     for w in warnings:
         log.warning("%s", w)
     if not any(folders.values()):
+        if walk.unreadable:
+            raise DatasetError(f"{folder}: no readable images in class sub-folders; {walk.unreadable[0][0]}: {walk.unreadable[0][1]}")
         raise DatasetError(f"{folder}: no images in class sub-folders (expected {folder}/<class>/<image>)")
     index = {c: i for i, c in enumerate(class_names)}
     unknown = [c for c in folders if c not in index]
     if unknown:
         raise DatasetError(f"{folder}: class folder(s) {', '.join(unknown)} unknown to the model (classes: {', '.join(class_names)})")
-    return [Sample(Path(p), index[c], "test") for c in sorted(folders) for p in folders[c]]
+    return [Sample(Path(p), index[c], "test") for c in sorted(folders) for p in folders[c]], walk.unreadable
+
+
+def labelled_eval_samples(data: str | os.PathLike, class_names: list[str]):
+    """Samples to evaluate: ``DATA/test/<class>/*`` if DATA has a test folder, else ``DATA/<class>/*``.
+
+    Unlike training, one class folder is enough (e.g. a folder of malignant cases only).
+    Unreadable folders and skipped links are logged as warnings.
+    """
+    return _labelled_eval_scan(data, class_names)[0]
 
 
 def with_validation_folder(ds: Dataset, folder: str | os.PathLike) -> Dataset:
-    samples = labelled_eval_samples(folder, ds.class_names)
+    """``ds`` with its validation split replaced by the labelled folder ``folder``;
+    that folder's unreadable sub-folders join ``ds.unreadable``."""
+    samples, unreadable = _labelled_eval_scan(folder, ds.class_names)
     samples = [dataclasses.replace(s, split="validation") for s in samples]
-    new = dataclasses.replace(ds, samples={**ds.samples, "validation": samples}, split_source={**ds.split_source, "validation": f"folder {folder}"})
+    new = dataclasses.replace(ds, samples={**ds.samples, "validation": samples}, split_source={**ds.split_source, "validation": f"folder {folder}"},
+                              unreadable=[*ds.unreadable, *unreadable])
     return new

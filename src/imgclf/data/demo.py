@@ -12,8 +12,8 @@ hairs, blur) and the two classes follow the textbook "ABCD" cues:
 Sizes overlap, the malignant cues vary in strength (a per-image "severity",
 skewed towards mild cases) and 15 % of benign lesions are atypical (drawn like a
 mild malignant one), so no single cue separates the classes perfectly: the task
-is learnable but not trivial (EfficientNet-Lite0 + the default recipe: 0.95 test
-accuracy on the default demo set, seed 0).
+is learnable but not trivial (the test accuracy the recipes reach on it is in
+benchmarks/README.md).
 
 Everything is numpy-vectorised + Pillow; each image's random generator is
 seeded from ``(seed, split, class, index)`` so the same seed gives

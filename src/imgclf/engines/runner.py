@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imgclf.backbones.modules import build_feature_extractor
 from imgclf.backbones.specs import BackboneSpec, WeightsRef
-from imgclf.backbones.weights import tensors_digest, weights_fingerprint
+from imgclf.backbones.weights import WeightsFileError, tensors_digest, weights_fingerprint
 from imgclf.config.settings import ENGINES
 from imgclf.engines.cache import cache_key
 from imgclf.engines.runtimes import (
@@ -102,8 +102,8 @@ class BackboneRunner:
         if self.engine != "auto":
             order = [self.engine]
         elif self.precision == "fp32":
-            order = ["onnxruntime", "openvino", "torch"]  # ORT fp32 was fastest fp32 here
-        else:  # bf16: ORT has no bf16 CPU kernels, and torch bf16 beats ORT fp32
+            order = ["onnxruntime", "openvino", "torch"]  # fastest fp32 first; see benchmarks/README.md
+        else:  # bf16: ORT has no bf16 CPU kernels, so only the engines that run bf16
             order = ["openvino", "torch"]
         errors = []
         for name in order:
@@ -117,6 +117,8 @@ class BackboneRunner:
                 if name == "openvino":
                     return OpenVinoEngine(onnx_path, self.precision)
                 return OnnxRuntimeEngine(onnx_path)
+            except WeightsFileError:  # the user's file, not the engine: every engine would fail the same way
+                raise
             except Exception as e:  # an engine missing or failing must not stop the run
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 errors.append(f"{name}: {first}")

@@ -80,7 +80,7 @@ def classification_metrics(y_true, probs, class_names: list[str], *, threshold: 
     if threshold is not None and not (0.0 <= float(threshold) <= 1.0):
         raise ValueError(f"threshold must be between 0 and 1, not {threshold}")
     if bootstrap < 0:
-        raise ValueError(f"--bootstrap must be >= 0, not {bootstrap}")
+        raise ValueError(f"bootstrap must be >= 0, got {bootstrap}")
     if len(y_true) == 0:
         return {
             "n": 0, "accuracy": None, "balanced_accuracy": None, "per_class": {}, "confusion_matrix": None,

@@ -20,19 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-def parse_policy(policy: str) -> tuple[str, float | None]:
-    name, _, arg = policy.partition(":")
-    if name in ("youden", "balanced") and not arg:
-        return name, None
-    if name in ("sensitivity", "fixed") and arg:
-        try:
-            v = float(arg)
-        except ValueError:
-            v = -1.0
-        if 0.0 <= v <= 1.0:
-            return name, v
-    raise ValueError(f"--threshold-policy {policy!r}: use youden, balanced, sensitivity:S or fixed:T with S, T in [0, 1]")
+from imgclf.config.settings import parse_threshold_policy as parse_policy
 
 
 def choose_threshold(y_true, p_positive, policy: str) -> float:

@@ -56,7 +56,7 @@ def classifier_graph(clf, tta: str | None = None):
     (uint8 NCHW in, probabilities out), with the model's test-time views unless ``tta``."""
     clf._check_fitted()
     clf.head_.eval()
-    setting = tta if tta is not None else (getattr(clf, "tta", None) or clf.meta_.get("tta") or "none")
+    setting = tta if tta is not None else (getattr(clf, "tta", None) or clf.meta_.tta)
     graph = _classifier_graph(clf.backbone_runner().torch_module(), clf.head_, tta_view_names(setting))
     graph.tta = setting
     return graph

@@ -30,6 +30,7 @@ from imgclf.engines.onnx import INPUT_NAME, OPSET, OUTPUT_NAME
 from imgclf.evaluation.thresholds import apply_threshold, prediction_rows
 from imgclf.fileio import file_sha256
 from imgclf.model.bundle import BundleError, resolve_bundle_dir
+from imgclf.model.metadata import ModelMeta
 
 log = logging.getLogger("imgclf")
 
@@ -66,9 +67,9 @@ def bundle_hashes(model_dir: str | os.PathLike) -> dict:
     return {"model_json_sha256": js, "model_safetensors_sha256": st, "bundle_id": sha256_bytes(f"{js}:{st}".encode())[:16]}
 
 
-def tta_suffix(meta: dict, tta: str) -> str:
+def tta_suffix(meta: ModelMeta, tta: str) -> str:
     """Model ids of exports with other test-time views than the model's own differ."""
-    return "" if tta == (meta.get("tta") or "none") else f"-tta-{tta}"
+    return "" if tta == meta.tta else f"-tta-{tta}"
 
 
 def resize_policy_text(prep) -> str:
@@ -104,12 +105,23 @@ class Decision:
     positive_index: int | None = None
 
     @classmethod
+    def for_model(cls, meta: ModelMeta) -> "Decision":
+        """The decision rule recorded in a model's metadata."""
+        return cls.from_values(meta.class_names, meta.threshold, meta.positive_class)
+
+    @classmethod
     def from_meta(cls, meta: dict) -> "Decision":
-        names = tuple(meta["class_names"])
-        raw = meta.get("threshold")
+        """The decision rule of a ``model.json``-shaped dict (``class_names``, optional
+        ``threshold`` and ``positive_class``), e.g. an export sidecar's fields."""
+        return cls.from_values(meta["class_names"], meta.get("threshold"), meta.get("positive_class"))
+
+    @classmethod
+    def from_values(cls, class_names, raw, positive_class: str | None = None) -> "Decision":
+        """``raw``: None (argmax), a number or a ``{"value", "positive_class"}`` dict."""
+        names = tuple(class_names)
         if raw is None:
             return cls(names)
-        default_positive = meta.get("positive_class") or (names[1] if len(names) == 2 else None)
+        default_positive = positive_class or (names[1] if len(names) == 2 else None)
         if isinstance(raw, dict):
             value = raw.get("value", raw.get("threshold"))
             positive = raw.get("positive_class", default_positive)
@@ -152,13 +164,13 @@ class Decision:
 # --------------------------------------------------------------------------- writing it
 
 
-def metadata_props(meta: dict, prep, decision: Decision, model_id: str, quantization: str, graph) -> dict[str, str]:
+def metadata_props(meta: ModelMeta, prep, decision: Decision, model_id: str, quantization: str, graph) -> dict[str, str]:
     """The ``imgclf.*`` metadata_props of an exported graph."""
-    n = len(meta["class_names"])
+    n = len(meta.class_names)
     return {
         f"{META_PREFIX}format": EXPORT_FORMAT,
         f"{META_PREFIX}model_id": model_id,
-        f"{META_PREFIX}class_names": json.dumps(list(meta["class_names"])),
+        f"{META_PREFIX}class_names": json.dumps(list(meta.class_names)),
         f"{META_PREFIX}input_size": str(prep.input_size),
         f"{META_PREFIX}input": json.dumps({"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "shape": ["batch", 3, prep.input_size, prep.input_size], "channels": "RGB", "range": "0..255"}),
         f"{META_PREFIX}output": json.dumps({"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", n], "meaning": "softmax class probabilities in class_names order"}),
@@ -168,9 +180,9 @@ def metadata_props(meta: dict, prep, decision: Decision, model_id: str, quantiza
         f"{META_PREFIX}threshold": json.dumps(decision.to_dict()),
         f"{META_PREFIX}decision": decision.description,
         f"{META_PREFIX}tta": json.dumps({"setting": graph.tta, "views_averaged_in_graph": list(graph.views)}),
-        f"{META_PREFIX}backbone": str(meta["backbone"]["name"]),
-        f"{META_PREFIX}backbone_tuned": json.dumps(meta.get("backbone_tuned")),
-        f"{META_PREFIX}weights_identity": str(meta["weights"].get("identity")),
+        f"{META_PREFIX}backbone": meta.backbone_name,
+        f"{META_PREFIX}backbone_tuned": json.dumps(meta.backbone_tuned),
+        f"{META_PREFIX}weights_identity": str(meta.weights_identity),
         f"{META_PREFIX}quantization": quantization,
         f"{META_PREFIX}version": __version__,
     }
@@ -189,14 +201,14 @@ def with_metadata(onnx_bytes: bytes, props: dict[str, str], doc: str) -> bytes:
     return model.SerializeToString()
 
 
-def sidecar_dict(meta, prep, decision, props, digest, size, hashes, parity, quantization) -> dict:
+def sidecar_dict(meta: ModelMeta, prep, decision, props, digest, size, hashes, parity, quantization) -> dict:
     """The ``model.onnx.json`` of a graph with metadata ``props`` and sha256 ``digest``."""
     return {
         "format": EXPORT_FORMAT,
         "onnx_sha256": digest,
         "onnx_size": size,
         "model_id": props[f"{META_PREFIX}model_id"],
-        "class_names": list(meta["class_names"]),
+        "class_names": list(meta.class_names),
         "input": json.loads(props[f"{META_PREFIX}input"]),
         "output": json.loads(props[f"{META_PREFIX}output"]),
         "input_size": prep.input_size,
@@ -204,9 +216,9 @@ def sidecar_dict(meta, prep, decision, props, digest, size, hashes, parity, quan
         "preprocessing": prep.to_dict(),
         "threshold": decision.to_dict(),
         "decision": decision.description,
-        "backbone": meta["backbone"],
-        "weights": meta["weights"],
-        "head": meta["head"],
+        "backbone": meta.backbone,
+        "weights": meta.weights,
+        "head": meta.head,
         "source": hashes,
         "parity": parity,
         "quantization": quantization,

@@ -131,15 +131,15 @@ def export_onnx(
     clf = Classifier.load(d, weights=weights, engine="torch", precision="fp32", cache_dir=cache_dir, use_cache=False)
     meta = clf.meta_
     prep = clf.backbone_runner().spec.preprocessing
-    decision = Decision.from_meta(meta)
+    decision = Decision.for_model(meta)
     arrays, items = load_arrays(items, prep)
     if not len(arrays):
         raise ExportError(f"none of the parity images ({source}) could be decoded; pass --images DIR")
     graph = classifier_graph(clf, tta)
 
-    log.info("exporting %s (%s + %s head, %d classes, test-time views: %s) to ONNX", d, meta["backbone"]["name"], meta["head"]["kind"], len(meta["class_names"]), ", ".join(graph.views))
+    log.info("exporting %s (%s + %s head, %d classes, test-time views: %s) to ONNX", d, meta.backbone_name, meta.head["kind"], len(meta.class_names), ", ".join(graph.views))
     props = metadata_props(meta, prep, decision, hashes["bundle_id"] + tta_suffix(meta, graph.tta), "none", graph)
-    doc = f"imgclf classifier {', '.join(meta['class_names'])}: uint8 RGB NCHW {prep.input_size}x{prep.input_size} in ({resize_policy_text(prep)}), probabilities out"
+    doc = f"imgclf classifier {', '.join(meta.class_names)}: uint8 RGB NCHW {prep.input_size}x{prep.input_size} in ({resize_policy_text(prep)}), probabilities out"
     data = with_metadata(export_graph_bytes(graph, prep.input_size), props, doc)
 
     parity = check_parity(data, graph, arrays, source=source)

@@ -88,21 +88,21 @@ def quantize_int8(fp32_bytes, d, target, meta, prep, decision, hashes, parity_ar
 
     model_id = hashes["bundle_id"] + tta_suffix(meta, graph.tta) + "-int8"
     props = metadata_props(meta, prep, decision, model_id, "int8 static QDQ (per-channel int8 weights, uint8 activations, MinMax calibration)", graph)
-    doc = f"imgclf classifier (int8) {', '.join(meta['class_names'])}: uint8 RGB NCHW {prep.input_size}x{prep.input_size} in, probabilities out"
+    doc = f"imgclf classifier (int8) {', '.join(meta.class_names)}: uint8 RGB NCHW {prep.input_size}x{prep.input_size} in, probabilities out"
     qbytes = with_metadata(qbytes, props, doc)
 
     # accuracy on the test split: fp32 graph vs int8 graph, the same images
     if test_data is not None:
         from imgclf.data.datasets import labelled_eval_samples
 
-        test_items = [(s.path, meta["class_names"][s.label]) for s in labelled_eval_samples(test_data, list(meta["class_names"]))]
+        test_items = [(s.path, meta.class_names[s.label]) for s in labelled_eval_samples(test_data, list(meta.class_names))]
     else:
         test_items = split_images(d, "test")
     xt, test_items = load_arrays(test_items, prep)
     s32, s8 = ort_session(fp32_bytes), ort_session(qbytes)
     acc32 = acc8 = agree = maxdiff = None
     if len(xt):
-        y = np.array([list(meta["class_names"]).index(c) if c in meta["class_names"] else -1 for _, c in test_items])
+        y = np.array([meta.class_names.index(c) if c in meta.class_names else -1 for _, c in test_items])
         p32, p8 = run_session(s32, xt), run_session(s8, xt)
         i32, i8 = decision.indices(p32), decision.indices(p8)
         acc32, acc8 = float((i32 == y).mean()), float((i8 == y).mean())

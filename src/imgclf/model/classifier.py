@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.backbones.specs import BackboneSpec, Preprocessing, WeightsRef, get_backbone_spec
+from imgclf.backbones.specs import BackboneSpec, WeightsRef, get_backbone_spec
 from imgclf.backbones.weights import resolve_weights, tensors_digest
 from imgclf.config.names import DEFAULT_BACKBONE
 from imgclf.data.augment import tta_views
@@ -75,6 +75,14 @@ class Classifier:
     def _resolve_spec(self) -> BackboneSpec:
         """The registry entry of ``self.backbone`` (the training class may adjust it)."""
         return get_backbone_spec(self.backbone)
+
+    def prepare_backbone(self) -> BackboneRunner:
+        """Resolve backbone and weights; a weights *file* is loaded into the model now, so a
+        file that is damaged or does not fit fails before any work, not per engine later."""
+        runner = self.backbone_runner()
+        if runner.weights.kind == "file":
+            runner.torch_module()
+        return runner
 
     # ------------------------------------------------------------------ backbone
 
@@ -231,17 +239,16 @@ class Classifier:
         moved); its identity must still match the one the model was trained with.
         """
         meta, head_tensors, backbone_tensors = load_bundle(path)
-        b = meta["backbone"]
         clf = cls.__new__(cls)
-        Classifier.__init__(clf, backbone=b["name"], engine=engine, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress, seed=int(meta.get("seed", 0)))
-        spec = get_backbone_spec(b["name"])
-        prep = Preprocessing.from_dict(meta["preprocessing"])
+        Classifier.__init__(clf, backbone=meta.backbone_name, engine=engine, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress, seed=meta.seed)
+        spec = get_backbone_spec(meta.backbone_name)
+        prep = meta.preprocessing
         if prep != spec.preprocessing:
-            if meta.get("settings", {}).get("input_scaling") != "x/255":
+            if meta.settings.get("input_scaling") != "x/255":
                 log.warning("model.json preprocessing differs from the registry's current entry; using the model's")
             spec = dataclasses.replace(spec, preprocessing=prep)
         clf._spec = spec
-        recorded = meta["weights"]
+        recorded = meta.weights
         kind = recorded.get("kind")
         if weights is not None:
             ref = resolve_weights(spec, weights, seed=clf.seed)
@@ -258,23 +265,22 @@ class Classifier:
                 f"{path}: backbone weights differ from training ({ref.identity} here, {recorded.get('identity')} in the model)"
             )
         clf._weights_ref = ref
-        tuned_meta = meta.get("backbone_tuned")
-        if tuned_meta:
-            if not backbone_tensors or tensors_digest(backbone_tensors) != tuned_meta.get("digest"):
+        if meta.backbone_tuned:
+            if not backbone_tensors or tensors_digest(backbone_tensors) != meta.backbone_tuned.get("digest"):
                 raise BundleError(f"{path}: fine-tuned backbone tensors are missing or do not match model.json")
             clf._tuned = backbone_tensors
-        head = head_from_config(meta["head"])
+        head = head_from_config(meta.head)
         try:
             head.load_state_dict(head_tensors, strict=True)
         except RuntimeError as e:
             raise BundleError(f"{path}: head tensors do not match model.json ({str(e).splitlines()[0]})") from None
         head.eval()
         clf.head_ = head
-        clf.class_names_ = list(meta["class_names"])
+        clf.class_names_ = list(meta.class_names)
         clf.meta_ = meta
-        clf.threshold_ = meta.get("threshold")
-        clf.tta = tta if tta is not None else meta.get("tta", "none")
+        clf.threshold_ = meta.threshold
+        clf.tta = tta if tta is not None else meta.tta
         tta_views(clf.tta)
-        clf.recipe = meta.get("recipe", "fast")
-        clf.settings = dict(meta.get("settings", {}))
+        clf.recipe = meta.recipe
+        clf.settings = dict(meta.settings)
         return clf

@@ -8,11 +8,13 @@ import logging
 import os
 from pathlib import Path
 
+from imgclf.config import layout
 from imgclf.export.images import find_parity_images
 from imgclf.export.metadata import META_PREFIX, ONNX_NAME, ExportError, StaleExportError, bundle_hashes
 from imgclf.export.onnx import export_onnx
 from imgclf.fileio import default_cache_dir
-from imgclf.model.bundle import resolve_bundle_dir
+from imgclf.model.bundle import BundleError, resolve_bundle_dir
+from imgclf.model.metadata import read_model_meta
 from imgclf.predict.base import Predictor
 from imgclf.predict.onnx_predictor import OnnxClassifier
 
@@ -23,8 +25,8 @@ PREDICT_ENGINES = ("auto", "onnx", "torch", "openvino", "onnxruntime")
 
 def _model_tta(d: Path) -> str:
     try:
-        return json.loads((d / "model.json").read_text()).get("tta") or "none"
-    except (OSError, ValueError, AttributeError):
+        return read_model_meta(d / layout.MODEL_META).tta
+    except BundleError:  # the model's own loading says what is wrong with it
         return "none"
 
 

@@ -44,7 +44,7 @@ class OnnxClassifier:
         self.class_names_ = list(side["class_names"])
         self.preprocessing = PixelPolicy(**side["preprocessing"])
         self.input_size = int(side["input_size"])
-        self.decision = Decision.from_meta({"class_names": self.class_names_, "threshold": side.get("threshold")})
+        self.decision = Decision.from_values(self.class_names_, side.get("threshold"))
         self.model_id = side["model_id"]
         self.quantization = side.get("quantization")
         self.engine = "onnxruntime" + ("-int8" if self.quantization else "")

@@ -25,7 +25,7 @@ class TorchClassifier:
         self.class_names_ = list(self.clf.class_names_)
         self.preprocessing = self.clf.backbone_runner().spec.preprocessing
         self.input_size = self.preprocessing.input_size
-        self.decision = Decision.from_meta(self.clf.meta_)
+        self.decision = Decision.for_model(self.clf.meta_)
         self.model_id = bundle_hashes(d)["bundle_id"]
         self.engine = "torch"
         self.path = d
@@ -41,5 +41,5 @@ class TorchClassifier:
         return {
             "model_id": self.model_id, "engine": self.engine, "class_names": self.class_names_, "input_size": self.input_size,
             "resize_policy": resize_policy_text(p), "preprocessing": p.to_dict(), "threshold": self.decision.to_dict(),
-            "decision": self.decision.description, "backbone": self.clf.meta_["backbone"]["name"], "source": str(self.path), "quantization": None,
+            "decision": self.decision.description, "backbone": self.clf.meta_.backbone_name, "source": str(self.path), "quantization": None,
         }

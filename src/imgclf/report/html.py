@@ -94,6 +94,20 @@ def _read_json(path: Path, required: bool = False):
         raise ValueError(f"{path}: cannot be read as JSON ({str(e).splitlines()[0]})") from None
 
 
+def _read_model_meta(path: Path):
+    """The run's :class:`~imgclf.model.metadata.ModelMeta`, or None when there is no usable
+    ``model.json`` (the report then leaves out the model's configuration, and says why)."""
+    from imgclf.model.metadata import BundleError, read_model_meta
+
+    if not path.is_file():
+        return None
+    try:
+        return read_model_meta(path)
+    except BundleError as e:
+        log.warning("%s; the report leaves out the model's configuration", e)
+        return None
+
+
 def _read_csv(path: Path) -> list[dict] | None:
     if not path.is_file():
         return None
@@ -229,7 +243,7 @@ def _summary(ctx: dict) -> str:
     m, cfg = ctx["metrics"], ctx["config"]
     classes = ctx["class_names"]
     out = ['<section id="summary"><h2>Summary</h2>']
-    backbone = (ctx["model"] or {}).get("backbone", {}).get("name") or (cfg.get("args") or {}).get("backbone", "?")
+    backbone = ctx["model"].backbone_name if ctx["model"] else (cfg.get("args") or {}).get("backbone", "?")
     out.append(
         f'<p class="big">{len(classes)} classes ({_e(", ".join(classes))}), backbone <b>{_e(backbone)}</b>, '
         f'{_e(m.get("n", 0))} test images.</p>'
@@ -355,26 +369,25 @@ def _dataset(ctx: dict) -> str:
 
 
 def _configuration(ctx: dict) -> str:
-    cfg, model = ctx["config"], ctx["model"] or {}
+    cfg, model = ctx["config"], ctx["model"]
     out = ['<section id="configuration"><h2>Configuration</h2>']
-    b = model.get("backbone") or {}
-    if b:
-        w = model.get("weights") or {}
+    if model is not None:
+        b, w = model.backbone, model.weights
         out.append("<h3>Model</h3>")
         out.append(_kv({
-            "backbone": b.get("name"),
+            "backbone": model.backbone_name,
             "architecture": b.get("arch"),
             "features": f"{b.get('feature_point')} ({b.get('feature_dim')}-d)",
             "pretrained weights": w.get("description"),
-            "weights identity": w.get("identity"),
-            "preprocessing": model.get("preprocessing"),
-            "head": model.get("head"),
-            "frozen backbone": model.get("frozen_backbone"),
-            "fine-tuned backbone": model.get("backbone_tuned"),
-            "recipe": model.get("recipe"),
-            "decision threshold": model.get("threshold"),
-            "threshold policy": model.get("threshold_policy"),
-            "test-time augmentation": model.get("tta"),
+            "weights identity": model.weights_identity,
+            "preprocessing": model.preprocessing.to_dict(),
+            "head": model.head,
+            "frozen backbone": model.frozen_backbone,
+            "fine-tuned backbone": model.backbone_tuned,
+            "recipe": model.recipe,
+            "decision threshold": model.threshold,
+            "threshold policy": model.threshold_policy,
+            "test-time augmentation": model.tta,
         }))
     args = {k: v for k, v in (cfg.get("args") or {}).items() if k not in ("func",)}
     if args:
@@ -385,8 +398,8 @@ def _configuration(ctx: dict) -> str:
             for k, v in args.items()
         )
         out.append(f'<div class="chips">{chips}</div>')
-    if model.get("settings"):
-        out.append("<details><summary>Resolved training settings (model.json)</summary>" + _kv(model["settings"]) + "</details>")
+    if model is not None and model.settings:
+        out.append("<details><summary>Resolved training settings (model.json)</summary>" + _kv(model.settings) + "</details>")
     out.append("</section>")
     return "".join(out)
 
@@ -569,7 +582,6 @@ def _worst(ctx: dict, n: int) -> list[dict]:
 def _gradcam_grid(ctx: dict, run_dir: Path, clf, plots_dir: Path) -> tuple[Path | None, str]:
     """Worst-mistakes grid with Grad-CAM overlays; returns (png, note for the reader)."""
     from imgclf.evaluation import plots
-    from imgclf.backbones.specs import Preprocessing
     from imgclf.data.imaging import load_rgb
     from imgclf.data.preprocess import resize_and_crop
 
@@ -585,9 +597,7 @@ def _gradcam_grid(ctx: dict, run_dir: Path, clf, plots_dir: Path) -> tuple[Path 
         except Exception as e:  # noqa: BLE001 - the report still shows the images
             note = f"Grad-CAM not available: the model could not be loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__})."
             clf = None
-    prep = None
-    if ctx["model"] and ctx["model"].get("preprocessing"):
-        prep = Preprocessing.from_dict(ctx["model"]["preprocessing"])
+    prep = ctx["model"].preprocessing if ctx["model"] else None
     cells, missing = [], 0
     for w in worst:
         try:
@@ -635,8 +645,8 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
         raise ValueError("--gradcam-images must be >= 0")
     config = _read_json(run_dir / layout.CONFIG, required=True)
     metrics = _read_json(run_dir / layout.TEST_METRICS, required=True)
-    model = _read_json(run_dir / layout.MODEL_META)
-    class_names = list((model or {}).get("class_names") or (config.get("dataset") or {}).get("class_names") or (metrics.get("confusion_matrix") or {}).get("labels") or [])
+    model = _read_model_meta(run_dir / layout.MODEL_META)
+    class_names = list((model.class_names if model else None) or (config.get("dataset") or {}).get("class_names") or (metrics.get("confusion_matrix") or {}).get("labels") or [])
     if not class_names:
         raise ValueError(f"{run_dir}: no class names in model.json, config.json or test_metrics.json")
     paths, y_true, probs = _predictions(_read_csv(run_dir / layout.TEST_PREDICTIONS), class_names)

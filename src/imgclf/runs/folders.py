@@ -20,7 +20,7 @@ log = logging.getLogger("imgclf")
 def new_run_dir(project: str | os.PathLike, name: str) -> Path:
     """Create ``project/name``, or ``name-2``, ``name-3``… if taken (mkdir is the lock)."""
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
-        raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' or '-'")
+        raise ValueError(f"name {name!r}: use letters, digits, '.', '_' or '-'")
     project = Path(project)
     project.mkdir(parents=True, exist_ok=True)
     for k in range(1, 10_000):

@@ -7,7 +7,9 @@ Endpoints (JSON errors everywhere: ``{"error": {"code": ..., "message": ...}}``)
 * ``POST /v1/explain``  one image → Grad-CAM overlay PNG; only when :mod:`imgclf.explain.gradcam`
   can be imported and the model folder (model.json + model.safetensors) is at hand;
 * ``GET /v1/model``     model metadata and the server's limits;
-* ``GET /healthz``      liveness; ``GET /docs`` OpenAPI UI; ``GET /`` the web page.
+* ``GET /healthz``      liveness; ``GET /docs`` Swagger UI (its files served from here, no CDN); ``GET /`` the web page.
+
+Every GET endpoint answers HEAD too (same status and headers, no body), for load balancers.
 
 Safety: binds 127.0.0.1 unless told otherwise; the request body is streamed through an
 in-memory multipart parser with per-file, per-request and file-count limits (nothing is
@@ -17,12 +19,20 @@ count is checked from the header before decoding; a bad image is a 4xx JSON answ
 optional API key (``X-API-Key``) is compared in constant time; models are loaded only
 from a verified ONNX export or a safetensors bundle.
 
+Slow and silent clients: request headers must arrive within ``header_timeout_s`` and the
+body may not pause longer than ``body_timeout_s``; past ``max_connections`` the connection
+waiting longest for a request is closed; past ``max_requests`` in progress new requests get
+503 at once, except ``/healthz``, which always answers. A client that hangs up mid-upload is
+one log line.
+
 Concurrency: decoding runs in worker threads (bounded), inference in one dedicated
 thread; requests that arrive within ``batch_wait_ms`` of each other are run as one batch
 (up to ``max_batch`` images), so the event loop never blocks on the model.
 
-Modules: ``config`` (ServeConfig, limits), ``uploads`` (multipart reading, sniffing,
-decoding), ``batching`` (MicroBatcher), ``security`` (API key, headers, CSP), ``errors``
-(the JSON error shape), ``schemas`` (OpenAPI models), ``explainer`` (Grad-CAM),
-``routes`` (the endpoints), ``app`` (create_app, load_serving_model), ``server`` (serve).
+Modules: ``config`` (ServeConfig: the declared settings and limits), ``uploads`` (multipart
+reading, sniffing, decoding), ``batching`` (MicroBatcher), ``security`` (API key, headers,
+CSP, HEAD bodies), ``limits`` (requests in progress), ``errors`` (the JSON error shape),
+``schemas`` (OpenAPI models), ``docs`` (the offline /docs page), ``explainer`` (Grad-CAM), ``routes`` (the endpoints), ``app``
+(create_app, load_serving_model), ``connections`` (read timeouts and the connection cap in
+uvicorn's protocol), ``server`` (serve).
 """

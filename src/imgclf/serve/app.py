@@ -16,6 +16,7 @@ from imgclf.serve.batching import MicroBatcher
 from imgclf.serve.config import ServeConfig
 from imgclf.serve.errors import install_error_handlers
 from imgclf.serve.explainer import Explainer, explain_module
+from imgclf.serve.limits import RequestLimit
 from imgclf.serve.routes import add_routes, load_web_assets
 from imgclf.serve.security import API_KEY_HEADER, SecurityHeaders
 from imgclf.serve.uploads import SUPPORTED_TYPES
@@ -55,8 +56,10 @@ def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os
             + (f" Requests need the `{API_KEY_HEADER}` header." if config.api_key else "")
         ),
         lifespan=_lifespan,
+        docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,  # /docs: our offline page (serve.docs)
     )
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(RequestLimit, limit=config.request_limit)
+    app.add_middleware(SecurityHeaders)  # added last = outermost: its headers go on the 503s too
     state = app.state
     state.model = model
     state.model_info = info

@@ -6,18 +6,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from imgclf.serve.config import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
+from imgclf.serve.config import SERVE_FIELDS
 
 
 class MicroBatcher:
     """Collect concurrent requests for up to ``wait_ms`` (or ``max_batch`` images), run them
     as one batch in a dedicated inference thread, hand each caller its rows."""
 
-    def __init__(self, fn, *, max_batch: int = DEFAULT_MAX_BATCH, wait_ms: float = DEFAULT_BATCH_WAIT_MS):
+    def __init__(self, fn, *, max_batch: int = SERVE_FIELDS["max_batch"].default, wait_ms: float = SERVE_FIELDS["batch_wait_ms"].default):
         self.fn = fn
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1000.0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgclf-infer")
+        self.executor: ThreadPoolExecutor | None = None  # made on first use, again after close()
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         self.loop = None
@@ -65,7 +65,7 @@ class MicroBatcher:
             self.batches += 1
             self.images += len(batch)
             try:
-                out = await loop.run_in_executor(self.executor, self.fn, batch)
+                out = await loop.run_in_executor(self._pool(), self.fn, batch)
             except Exception as e:  # noqa: BLE001 - handed to every waiter
                 for _, f in live:
                     if not f.done():
@@ -77,7 +77,17 @@ class MicroBatcher:
                     f.set_result(out[k:k + len(b)])
                 k += len(b)
 
+    def _pool(self) -> ThreadPoolExecutor:
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgclf-infer")
+        return self.executor
+
     def close(self):
+        """Stop the inference thread (the app's shutdown). Not final: an app can be started
+        again (a second lifespan, e.g. one test client after another), and the next batch
+        makes a new thread."""
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None

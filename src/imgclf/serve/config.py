@@ -1,41 +1,45 @@
-"""The server's settings and limits (``imgclf serve`` options), kept free of web imports so
-the CLI can show the defaults without loading FastAPI."""
+"""The server's settings and limits, declared once (type, default, bounds, help): ``imgclf serve``
+generates its flags from these declarations and checks values with the same rules as the
+training settings. Kept free of web imports so ``imgclf --help`` does not load FastAPI."""
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
+from imgclf.config.settings import check_value, register_settings, setting
+
 MB = 1 << 20
-DEFAULT_MAX_UPLOAD_MB = 10.0
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_BATCH_WAIT_MS = 5.0
-DEFAULT_MAX_BATCH = 16
-DEFAULT_MAX_FILES = 16
+GROUP = "server"
 
 
-@dataclass
+def _not_blank(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+@dataclass(frozen=True)
 class ServeConfig:
-    api_key: str | None = None
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB  # per image file
-    max_pixels: int = DEFAULT_MAX_PIXELS  # width × height, checked before decoding
-    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
-    max_batch: int = DEFAULT_MAX_BATCH
-    max_files: int = DEFAULT_MAX_FILES  # images per request
-    decode_threads: int = max(2, os.cpu_count() or 2)
+    """What ``imgclf serve`` accepts and how long it waits; checked when made (SettingError names the setting)."""
+
+    api_key: str | None = setting(None, "require this key in the X-API-Key header of /v1/* requests (default: $IMGCLF_API_KEY if set)", check=_not_blank, group=GROUP)
+    max_upload_mb: float = setting(10.0, "largest accepted image file, MB", gt=0, group=GROUP)
+    max_pixels: int = setting(40_000_000, "largest accepted image, width x height, checked before decoding", ge=1, group=GROUP)
+    max_files: int = setting(16, "images per request", ge=1, group=GROUP)
+    batch_wait_ms: float = setting(5.0, "how long to wait for concurrent requests to batch together, ms", ge=0, le=1000, group=GROUP)
+    max_batch: int = setting(16, "most images per inference batch", ge=1, group=GROUP)
+    decode_threads: int = setting(max(2, os.cpu_count() or 2), "threads decoding uploads (default: the CPU count, at least 2)", ge=1, group=GROUP)
+    max_requests: int | None = setting(None, "requests handled at once; more are answered 503 at once, GET /healthz never is (unset: 64 or 4 x --max-batch, whichever is larger)", ge=1, group=GROUP)
+    max_connections: int = setting(512, "open connections; one more closes the longest-waiting connection that has no request in progress", ge=2, group=GROUP)
+    header_timeout_s: float = setting(10.0, "seconds a client has to send a request's headers, from connecting or from the previous answer", gt=0, group=GROUP)
+    body_timeout_s: float = setting(30.0, "most seconds between two pieces of a request body", gt=0, group=GROUP)
+    keep_alive_s: float = setting(5.0, "seconds an idle connection stays open after an answer", gt=0, group=GROUP)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_value(f, getattr(self, f.name))
 
     def validate(self) -> "ServeConfig":
-        """Check each setting; the error names the command-line option."""
-        if not self.max_upload_mb > 0:
-            raise ValueError("--max-upload-mb must be > 0")
-        if self.max_pixels < 1:
-            raise ValueError("--max-pixels must be >= 1")
-        if not 0 <= self.batch_wait_ms <= 1000:
-            raise ValueError("--batch-wait-ms must be between 0 and 1000")
-        if self.max_batch < 1:
-            raise ValueError("--max-batch must be >= 1")
-        if self.max_files < 1:
-            raise ValueError("--max-files must be >= 1")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("--api-key must not be empty")
+        """Check every setting again (the checks already ran when the object was made)."""
+        self.__post_init__()
         return self
 
     @property
@@ -45,3 +49,11 @@ class ServeConfig:
     @property
     def max_body_bytes(self) -> int:
         return self.max_file_bytes * self.max_files + 64 * 1024  # multipart framing and small fields
+
+    @property
+    def request_limit(self) -> int:
+        """Requests in progress at once (``max_requests``, or its default)."""
+        return self.max_requests if self.max_requests is not None else max(64, 4 * self.max_batch)
+
+
+SERVE_FIELDS = register_settings(ServeConfig)

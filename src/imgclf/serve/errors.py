@@ -1,11 +1,13 @@
 """The one error shape of the API: ``{"error": {"code", "message"}}``, for our own refusals,
-Starlette's 404/405, request validation and anything unexpected (never a traceback)."""
+Starlette's 404/405, request validation and anything unexpected (never a traceback); a client
+that hangs up mid-request is one log line, not an error."""
 
 import logging
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("imgclf")
 
@@ -37,6 +39,15 @@ async def _validation_error(request, exc):
     return error_json(422, "invalid-request", f"{where}: {first.get('msg', 'invalid request')}")
 
 
+async def _client_gone(request, exc):
+    """The client closed the connection before sending its whole request (a cancelled upload,
+    a closed tab, a timed-out slow client): an everyday event, worth one line, not a traceback.
+    Nobody reads the answer; the status only keeps the ASGI exchange complete."""
+    client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+    log.info("%s %s: %s disconnected before the request was complete; request dropped", request.method, request.url.path, client)
+    return error_json(400, "client-disconnected", "the client disconnected before the request was complete")
+
+
 async def _internal_error(request, exc):
     log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
     return error_json(500, "internal", "internal server error; see the server log")
@@ -46,4 +57,5 @@ def install_error_handlers(app) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)

@@ -37,7 +37,7 @@ class Explainer:
         self.bundle_dir = bundle_dir
         self.weights = weights
         self.cache_dir = cache_dir
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgclf-explain")
+        self.executor: ThreadPoolExecutor | None = None  # made on first use, again after close()
         self._classifier = None
 
     def classifier(self):
@@ -58,7 +58,12 @@ class Explainer:
 
     async def explain(self, image, class_name: str | None) -> tuple[bytes, str, float]:
         """:meth:`render` on the explain thread."""
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgclf-explain")
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.render, image, class_name)
 
     def close(self):
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the explain thread (the app's shutdown); the next request after a restart makes a new one."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None

@@ -13,6 +13,7 @@ from fastapi import Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from imgclf._version import __version__
+from imgclf.serve.docs import DOCS_ASSETS_URL, DOCS_URL, docs, docs_asset
 from imgclf.serve.errors import ApiError
 from imgclf.serve.schemas import ERROR_RESPONSES, PredictResponse, multipart_doc
 from imgclf.serve.security import PAGE_CSP, check_key
@@ -114,7 +115,13 @@ async def favicon():
     return Response(status_code=204)
 
 
-async def explain_endpoint(request: Request, class_name: str | None = Query(None, description="class to explain (default: the predicted one)")):
+def _class_name_query(class_names: list[str]):
+    """The ``class_name`` query parameter of /v1/explain, its schema listing this model's classes
+    (so the document says which values are accepted; anything else is a 400 ``unknown-class``)."""
+    return Query(None, description="class to explain (default: the predicted one)", json_schema_extra={"enum": list(class_names)})
+
+
+async def explain_endpoint(request: Request, class_name: str | None):
     names = request.app.state.class_names
     if class_name is not None and class_name not in names:
         raise ApiError(400, "unknown-class", f"class_name {class_name!r} is not a class of this model ({', '.join(names)})")
@@ -129,17 +136,35 @@ async def explain_endpoint(request: Request, class_name: str | None = Query(None
     return Response(png, media_type="image/png", headers={"X-Class": cls, "X-Probability": f"{prob:.6f}", "Access-Control-Expose-Headers": "X-Class, X-Probability"})
 
 
+def _get_and_head(app, path: str, endpoint, *, dependencies=None, **doc) -> None:
+    """GET ``path``, and HEAD answered by the same function (load balancers probe with HEAD;
+    FastAPI routes only the methods named). The body is dropped by
+    :class:`~imgclf.serve.security.SecurityHeaders`; HEAD stays out of the OpenAPI document."""
+    app.get(path, dependencies=dependencies, **doc)(endpoint)
+    app.head(path, dependencies=dependencies, include_in_schema=False)(endpoint)
+
+
 def add_routes(app, *, explain: bool) -> None:
-    """Register the endpoints on ``app``; ``/v1/explain`` only when ``explain``."""
-    key = [Depends(check_key)]
-    app.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, dependencies=key, openapi_extra=multipart_doc(True), summary="Classify one or more images")(predict)
-    app.get("/v1/model", dependencies=key, responses={401: ERROR_RESPONSES[401]}, summary="Model metadata and server limits")(model_info)
-    app.get("/healthz", summary="Liveness")(healthz)
-    app.get("/", include_in_schema=False)(index)
-    app.get("/static/{name}", include_in_schema=False)(static)
-    app.get("/favicon.ico", include_in_schema=False)(favicon)
+    """Register the endpoints on ``app``; ``/v1/explain`` only when ``explain``. The OpenAPI
+    document describes this server as configured: the API key scheme and its 401 only when it
+    has a key, the explain ``class_name`` values of its model."""
+    state = app.state
+    keyed = bool(state.config.api_key)
+    key = [Depends(check_key)] if keyed else []
+    errors = ERROR_RESPONSES if keyed else {s: r for s, r in ERROR_RESPONSES.items() if s != 401}
+    app.post("/v1/predict", response_model=PredictResponse, responses=errors, dependencies=key, openapi_extra=multipart_doc(True, max_files=state.config.max_files), summary="Classify one or more images")(predict)
+    _get_and_head(app, "/v1/model", model_info, dependencies=key, responses={401: ERROR_RESPONSES[401]} if keyed else {}, summary="Model metadata and server limits")
+    _get_and_head(app, "/healthz", healthz, summary="Liveness")
+    _get_and_head(app, "/", index, include_in_schema=False)
+    _get_and_head(app, "/static/{name}", static, include_in_schema=False)
+    _get_and_head(app, "/favicon.ico", favicon, include_in_schema=False)
+    _get_and_head(app, DOCS_URL, docs, include_in_schema=False)
+    _get_and_head(app, DOCS_ASSETS_URL + "/{name}", docs_asset, include_in_schema=False)
     if explain:
+        async def explain_class(request: Request, class_name: str | None = _class_name_query(state.class_names)):
+            return await explain_endpoint(request, class_name)
+
         app.post(
-            "/v1/explain", dependencies=key, responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay on the model's input crop"}, **ERROR_RESPONSES},
+            "/v1/explain", dependencies=key, responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay on the model's input crop"}, **errors},
             openapi_extra=multipart_doc(False), response_class=Response, summary="Grad-CAM overlay PNG for one image",
-        )(explain_endpoint)
+        )(explain_class)

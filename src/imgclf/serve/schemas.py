@@ -3,6 +3,8 @@ the multipart request bodies (read by hand, so described here rather than inferr
 
 from pydantic import BaseModel
 
+from imgclf.serve.uploads import SUPPORTED_TYPES
+
 
 class ErrorBody(BaseModel):
     code: str
@@ -40,8 +42,9 @@ ERROR_RESPONSES = {s: {"model": ErrorResponse, "description": d} for s, d in (
 )}
 
 
-def multipart_doc(many: bool, extra: dict | None = None) -> dict:
-    """``openapi_extra`` for a route that reads images from multipart field ``file``."""
-    file_schema = {"type": "string", "format": "binary"}
-    props = {"file": {"type": "array", "items": file_schema} if many else file_schema}
+def multipart_doc(many: bool, extra: dict | None = None, *, max_files: int = 1) -> dict:
+    """``openapi_extra`` for a route that reads images from multipart field ``file``: one image,
+    or (``many``) 1 to ``max_files`` of them, as the server enforces."""
+    file_schema = {"type": "string", "format": "binary", "description": f"image file ({SUPPORTED_TYPES}; the type is read from the content)"}
+    props = {"file": {"type": "array", "items": file_schema, "minItems": 1, "maxItems": max_files} if many else file_schema}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {**props, **(extra or {})}, "required": ["file"]}}}}}

@@ -34,7 +34,8 @@ async def check_key(request: Request, key: str | None = Security(api_key_header)
 
 
 class SecurityHeaders:
-    """Pure ASGI middleware (does not buffer bodies): hardening headers on every answer."""
+    """Pure ASGI middleware (does not buffer bodies): hardening headers on every answer, and no
+    body on answers to HEAD (uvicorn drops it too; this keeps the app right under any server)."""
 
     def __init__(self, app):
         self.app = app
@@ -42,6 +43,8 @@ class SecurityHeaders:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+
+        head_only = scope.get("method") == "HEAD"
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -53,6 +56,8 @@ class SecurityHeaders:
                 if scope.get("path", "").startswith("/v1/") and b"cache-control" not in names:
                     headers.append((b"cache-control", b"no-store"))
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and head_only and message.get("body"):
+                message = {**message, "body": b""}  # HEAD: GET's headers (Content-Length included), no body
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

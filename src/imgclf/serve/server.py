@@ -1,5 +1,6 @@
 """Running the server: bind the socket first (a taken port is a one-line error, port 0
-works), then load the model and hand both to uvicorn."""
+works), then load the model and hand both to uvicorn, with the connection guards of
+:mod:`imgclf.serve.connections` in place of uvicorn's connection-counting limit."""
 
 import ipaddress
 import logging
@@ -9,6 +10,7 @@ import uvicorn
 
 from imgclf.serve.app import create_app, load_serving_model
 from imgclf.serve.config import ServeConfig
+from imgclf.serve.connections import guarded_protocol
 
 log = logging.getLogger("imgclf")
 
@@ -43,6 +45,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(app, config: ServeConfig, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings for ``app``: h11 with read timeouts and a connection cap; no
+    ``limit_concurrency``, which counts idle connections too (the app limits requests in
+    progress itself, see :mod:`imgclf.serve.limits`)."""
+    return uvicorn.Config(
+        app, http=guarded_protocol(config), log_level=log_level, access_log=log_level in ("debug", "info"),
+        timeout_keep_alive=config.keep_alive_s, server_header=False,
+    )
+
+
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None, engine: str = "auto", weights=None, cache_dir=None, log_level: str = "info", announce=print, explain: bool = True) -> None:
     """Load the model, bind, and run uvicorn until interrupted."""
     config = (config or ServeConfig()).validate()
@@ -59,7 +71,6 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConf
             f"on http://{shown}:{actual}/ (API docs /docs){'; Grad-CAM at /v1/explain' if app.state.explainer is not None else ''}"
             f"{'; API key required' if config.api_key else ''}; Ctrl+C stops"
         )
-        ucfg = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("debug", "info"), limit_concurrency=max(64, 4 * config.max_batch), timeout_keep_alive=5, server_header=False)
-        uvicorn.Server(ucfg).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, config, log_level)).run(sockets=[sock])
     finally:
         sock.close()

@@ -13,12 +13,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from imgclf._version import __version__
 from imgclf.backbones.blocks import BlocksUnknownError
 from imgclf.backbones.specs import BackboneSpec, Preprocessing, get_backbone_spec
+from imgclf.config import layout
 from imgclf.config.recipes import default_unfreeze, make_settings
 from imgclf.config.settings import RUNTIME_FIELDS, TRAIN_FIELDS, SettingError, TrainSettings, make_runtime
 from imgclf.data.augment import AugmentedView, build_augment
@@ -27,6 +29,8 @@ from imgclf.engines.runner import BackboneRunner
 from imgclf.evaluation.thresholds import choose_threshold, parse_policy
 from imgclf.model.classifier import Classifier
 from imgclf.model.heads import head_config
+from imgclf.model.metadata import ModelMeta
+from imgclf.train.checkpoint import EpochCheckpoint
 from imgclf.train.finetune import finetune, split_blocks
 from imgclf.train.loops import TrainConfig, fit_head
 
@@ -96,11 +100,14 @@ class ImageClassifier(Classifier):
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, data: str | os.PathLike | Dataset, validation: str | os.PathLike | None = None, *, on_epoch: Callable[[dict], None] | None = None) -> "ImageClassifier":
+    def fit(self, data: str | os.PathLike | Dataset, validation: str | os.PathLike | None = None, *, on_epoch: Callable[[dict], None] | None = None,
+            checkpoint_dir: str | os.PathLike | None = None) -> "ImageClassifier":
         """Train on ``data`` (a dataset root in either layout, or a loaded Dataset).
 
         ``validation`` optionally names a folder of class sub-folders that replaces the
-        dataset's own (or carved) validation split.
+        dataset's own (or carved) validation split. ``checkpoint_dir``: each stage saves its
+        state there after every epoch (``layout.CHECKPOINT``) and continues from a state it
+        finds there, so a killed fit repeated with the same settings and data resumes.
         """
         t0 = time.perf_counter()
         st = self.settings
@@ -137,7 +144,10 @@ class ImageClassifier(Classifier):
                 for v in range(1, views)
             ])
         t_feat = time.perf_counter() - t0
-        head, history, summary = fit_head(xt, yt, xv, yv, n_classes, self.train_config, on_epoch=on_epoch)
+        def stage_checkpoint(stage: str) -> EpochCheckpoint | None:
+            return None if checkpoint_dir is None else EpochCheckpoint(Path(checkpoint_dir) / layout.CHECKPOINT.format(stage=stage))
+
+        head, history, summary = fit_head(xt, yt, xv, yv, n_classes, self.train_config, on_epoch=on_epoch, checkpoint=stage_checkpoint("head"))
         summaries = [summary]
 
         if unfreeze:
@@ -145,6 +155,7 @@ class ImageClassifier(Classifier):
             tuned, hist2, sum2 = finetune(
                 runner, head, [str(train[i].path) for i in ok_t], yt, [str(val[i].path) for i in ok_v], yv, n_classes, cfg2,
                 unfreeze=unfreeze, augment=self.augment_config, views=st.finetune_views, tail_bn=st.finetune_bn, on_epoch=on_epoch,
+                cache_dir=runner.cache_root if self.use_cache else None, checkpoint=stage_checkpoint("finetune"),
             )
             if tuned:
                 runner.apply_tuned(tuned)
@@ -184,32 +195,32 @@ class ImageClassifier(Classifier):
         log.info("decision threshold %.4f on P(%s), chosen on validation by %s", t, self.class_names_[1], policy)
         return t
 
-    def _make_meta(self, runner: BackboneRunner, unfreeze: int) -> dict:
+    def _make_meta(self, runner: BackboneRunner, unfreeze: int) -> ModelMeta:
         spec = runner.spec
-        return {
-            "imgclf_version": __version__,
-            "backbone": spec.describe(),
-            "weights": runner.weights.to_dict(),
-            "preprocessing": spec.preprocessing.to_dict(),
-            "class_names": list(self.class_names_),
-            "head": head_config(self.train_config.head, spec.feature_dim, len(self.class_names_)),
-            "frozen_backbone": self._tuned is None,
-            "backbone_tuned": None if self._tuned is None else {"unfreeze": unfreeze, "digest": runner.tuned_digest, "tensors": len(self._tuned)},
-            "recipe": self.recipe,
-            "settings": {**self.settings.to_dict(), "augment_config": self.augment_config.to_dict()},
-            "train_config": self.train_config.to_dict(),
-            "threshold": self.threshold_,
-            "threshold_policy": self.settings.threshold_policy if self.threshold_ is not None else None,
-            "positive_class": self.class_names_[1] if len(self.class_names_) == 2 else None,
-            "tta": self.tta,
-            "seed": self.seed,
-        }
+        return ModelMeta(
+            imgclf_version=__version__,
+            backbone=spec.describe(),
+            weights=runner.weights.to_dict(),
+            preprocessing=spec.preprocessing,
+            class_names=tuple(self.class_names_),
+            head=head_config(self.train_config.head, spec.feature_dim, len(self.class_names_)),
+            frozen_backbone=self._tuned is None,
+            backbone_tuned=None if self._tuned is None else {"unfreeze": unfreeze, "digest": runner.tuned_digest, "tensors": len(self._tuned)},
+            recipe=self.recipe,
+            settings={**self.settings.to_dict(), "augment_config": self.augment_config.to_dict()},
+            train_config=self.train_config.to_dict(),
+            threshold=self.threshold_,
+            threshold_policy=self.settings.threshold_policy if self.threshold_ is not None else None,
+            positive_class=self.class_names_[1] if len(self.class_names_) == 2 else None,
+            tta=self.tta,
+            seed=self.seed,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs) -> "ImageClassifier":
         """A saved model (see :meth:`Classifier.load`), with its training settings restored."""
         clf = super().load(path, **kwargs)
-        recorded = clf.meta_.get("settings", {})
+        recorded = clf.meta_.settings
         known = {k: v for k, v in recorded.items() if k in TRAIN_FIELDS and k != "recipe"}
         clf.settings = make_settings(recorded.get("recipe"), **known)
         clf.augment_config = build_augment(clf.settings.augment, **{k: known.get(k) for k in ("hflip", "vflip", "rot90", "crop_scale", "color_jitter")})

@@ -2,27 +2,31 @@
 
 Speed on a CPU comes from not recomputing what does not change: the frozen prefix
 (all blocks before the last K) runs once per image and augmented view, its output is
-kept in memory (bf16), and each epoch only runs the trainable tail — bf16 autocast and
-where the CPU has native bf16 (measured here: contiguous layout trained the Lite0 tail
-slightly faster than channels-last, 93 vs 86 img/s). The frozen prefix itself runs on
+kept in memory (bf16), and each epoch only runs the trainable tail — bf16 autocast
+where the CPU has native bf16, in the contiguous layout (channels-last did not train the
+tail faster once bf16 is on; see benchmarks/README.md). The frozen prefix itself runs on
 the same fast engine as feature extraction (exported to ONNX once, OpenVINO bf16).
+With the feature cache on, the activations are also kept on disk (:class:`PrefixCache`),
+so a resumed or repeated stage 2 reads them back instead of running the prefix again.
 BatchNorm layers of frozen blocks stay in
 eval mode (their statistics never move). By default (``--finetune-bn frozen``) so do the
 tail's: their scale and shift train but their running statistics are kept, as Keras
-advises for fine-tuning. Measured on flowers12 with Lite0 (3 blocks): with batch
-statistics (``train``) the first stage-2 epoch's training loss jumped from the head's
-0.001 to 0.7–1.2 (the pretrained features shift under batch-of-32 statistics) and no
-epoch beat the frozen model on validation; with frozen statistics it started at 0.02
-and reached a validation accuracy of 1.0 (from 0.993).
+advises for fine-tuning: under batch statistics (``train``) the pretrained features
+shift, the training loss jumps at the start of stage 2 and the tuned model struggles to
+beat the frozen one (measurements in benchmarks/README.md, "History of stage 2").
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,9 +35,11 @@ from torch import nn
 from imgclf.config.settings import TAIL_BN_MODES
 from imgclf.data.augment import AugmentConfig, AugmentedView
 from imgclf.backbones.blocks import backbone_blocks
-from imgclf.fileio import content_hash
+from imgclf.engines.cache import cache_key
+from imgclf.fileio import atomic_write_bytes, content_hash
 from imgclf.data.preprocess import decode_array as _decode
 from imgclf.data.preprocess import decoded_batches
+from imgclf.train.checkpoint import EpochCheckpoint
 from imgclf.train.loops import TrainConfig, fit_loop, seed_everything
 
 log = logging.getLogger("imgclf")
@@ -95,20 +101,84 @@ class PrefixModule(nn.Module):
         return self.prefix(self.fx.normalize(x))
 
 
-def compute_prefix(engine, paths: list[str], prep, transform, hashes: list[str] | None = None, batch_size: int = 32) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
+class PrefixCache:
+    """Frozen-prefix activations on disk, one checksummed bf16 file per (key, image content hash).
+
+    The key (:func:`prefix_cache_key`) names everything an activation depends on, so an
+    entry is reused only where it would be recomputed bit for bit: a resumed run (or a
+    second run with other stage-2 settings) reads them instead of running the prefix again.
+    A truncated, corrupt or foreign file is detected (magic, shape, length, checksum),
+    deleted and recomputed, as in the feature cache (:class:`imgclf.engines.cache.FeatureCache`).
+    """
+
+    def __init__(self, root: str | os.PathLike, key: str, shape: tuple[int, ...]):
+        self.dir = Path(root) / "prefix" / key
+        self.shape = tuple(int(d) for d in shape)
+        self.header = _PREFIX_MAGIC + struct.pack(f"<I{len(self.shape)}I", len(self.shape), *self.shape)
+        self.nbytes = 2 * math.prod(self.shape)
+
+    def _path(self, h: str) -> Path:
+        return self.dir / h[:2] / f"{h}.bf16"
+
+    def get(self, h: str) -> torch.Tensor | None:
+        p = self._path(h)
+        try:
+            raw = p.read_bytes()
+        except OSError:
+            return None
+        n = len(self.header)
+        payload = raw[n + 16:]
+        if raw[:n] != self.header or len(payload) != self.nbytes or hashlib.blake2b(payload, digest_size=16).digest() != raw[n:n + 16]:
+            log.warning("prefix cache: corrupt entry %s, recomputing", p)
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            return None
+        return torch.frombuffer(bytearray(payload), dtype=torch.bfloat16).reshape(self.shape)
+
+    def put(self, h: str, activation: torch.Tensor) -> None:
+        if tuple(activation.shape) != self.shape:
+            raise ValueError(f"prefix activation of shape {tuple(activation.shape)} does not match the cache's {self.shape}")
+        payload = activation.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+        atomic_write_bytes(self._path(h), self.header + hashlib.blake2b(payload, digest_size=16).digest() + payload)
+
+
+_PREFIX_MAGIC = b"IMGCLF-P1"
+
+
+def prefix_cache_key(runner, engine, prefix_name: str, transform=None) -> str:
+    """Backbone, weights/preprocessing fingerprint, precision, prefix end, engine and view."""
+    return cache_key(runner.spec.name, runner.fingerprint, runner.precision, "prefix", prefix_name.replace("/", "_"), engine.name, engine.precision, transform=transform)
+
+
+def compute_prefix(engine, paths: list[str], prep, transform, hashes: list[str] | None = None, batch_size: int = 32,
+                   cache: PrefixCache | None = None) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
     """Frozen-prefix activations (bf16 in memory) for one view of ``paths``; decoding runs ahead.
 
-    An augmented view needs the files' content ``hashes`` (its seed).
+    An augmented view needs the files' content ``hashes`` (its seed), and so does ``cache``
+    (entries are looked up and stored by content hash; only the misses are computed).
     """
-    outs, ok, errors = [], [], {}
+    found: dict[int, torch.Tensor] = {}
+    if cache is not None and hashes:
+        for i, h in enumerate(hashes):
+            if h and (a := cache.get(h)) is not None:
+                found[i] = a
+    todo = [i for i in range(len(paths)) if i not in found]
+    computed: dict[int, torch.Tensor] = {}
+    errors: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         decode = lambda i: _decode(paths[i], prep, transform, hashes[i] if hashes else "")  # noqa: E731
-        for idx, batch, errs in decoded_batches(list(range(len(paths))), decode, batch_size, pool):
+        for idx, batch, errs in decoded_batches(todo, decode, batch_size, pool):
             errors.update(errs)
             if batch is not None:
-                outs.append(torch.from_numpy(np.asarray(engine(batch))).to(torch.bfloat16))
-                ok.extend(idx)
-    return (torch.cat(outs) if outs else None), ok, errors
+                out = torch.from_numpy(np.asarray(engine(batch))).to(torch.bfloat16)
+                for k, i in enumerate(idx):
+                    computed[i] = out[k]
+                    if cache is not None and hashes and hashes[i]:
+                        cache.put(hashes[i], out[k])
+    ok = sorted([*found, *computed])
+    return (torch.stack([found[i] if i in found else computed[i] for i in ok]) if ok else None), ok, errors
 
 
 def _safe_hash(path: str) -> str:
@@ -133,11 +203,15 @@ def finetune(
     views: int,
     tail_bn: str = "frozen",
     on_epoch: Callable[[dict], None] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Fine-tune the last ``unfreeze`` blocks + ``head`` in place.
 
     ``tail_bn``: ``frozen`` keeps the tail's BatchNorm statistics (scale/shift train),
-    ``train`` lets them follow the batches.
+    ``train`` lets them follow the batches. ``cache_dir``: where frozen-prefix activations
+    are kept on disk (:class:`PrefixCache`; None: computed every time, held in memory only).
+    ``checkpoint``: saved after every epoch and resumed from (see :func:`fit_loop`).
     Returns (tuned backbone tensors keyed as in ``fx.state_dict()``, history, summary);
     the tensors are empty when no fine-tuned epoch beat the starting (frozen) model on
     validation (``cfg.monitor``), in which case that model is kept. The runner's torch module is
@@ -156,7 +230,8 @@ def finetune(
     # memory budget for the cached prefix activations (an empty prefix is the identity)
     with torch.inference_mode():
         s = prep.input_size
-        per_item = PrefixModule(fx, prefix)(torch.zeros(1, 3, s, s, dtype=torch.uint8))[0].numel() * 2  # bf16 bytes
+        item_shape = tuple(PrefixModule(fx, prefix)(torch.zeros(1, 3, s, s, dtype=torch.uint8))[0].shape)
+    per_item = math.prod(item_shape) * 2  # bf16 bytes
     slots = PREFIX_CACHE_MB * 2**20 // per_item  # activations that fit in the budget
     fit_views = (slots - len(val_paths)) // max(1, len(train_paths))
     if fit_views < 1:
@@ -175,23 +250,31 @@ def finetune(
         runner.exported_onnx_path("prefix", prefix_name),
         f"frozen prefix (up to {prefix_name})",
     )
-    plain, keep, _ = compute_prefix(engine, train_paths, prep, None)
-    train_views = [plain]
-    if views > 1:
+    def disk_cache(transform=None) -> PrefixCache | None:
+        return None if cache_dir is None else PrefixCache(cache_dir, prefix_cache_key(runner, engine, prefix_name, transform), item_shape)
+
+    hashes = val_hashes = None
+    if views > 1 or cache_dir is not None:
         with ThreadPoolExecutor(max_workers=2) as pool:
             hashes = list(pool.map(_safe_hash, train_paths))
+            val_hashes = list(pool.map(_safe_hash, val_paths)) if cache_dir is not None else None
+    plain, keep, _ = compute_prefix(engine, train_paths, prep, None, hashes, cache=disk_cache())
+    train_views = [plain]
+    if views > 1:
         pos_plain = {i: k for k, i in enumerate(keep)}
     for v in range(1, views):
-        h, ok, _ = compute_prefix(engine, train_paths, prep, AugmentedView(augment, v, cfg.seed), hashes)
+        view = AugmentedView(augment, v, cfg.seed)
+        h, ok, _ = compute_prefix(engine, train_paths, prep, view, hashes, cache=disk_cache(view))
         if ok != keep:  # a view that failed to decode falls back to the image's plain view
             pos = {i: k for k, i in enumerate(ok)}
             h = torch.stack([h[pos[i]] if i in pos else plain[pos_plain[i]] for i in keep])
         train_views.append(h)
-    hv, ok_v, _ = compute_prefix(engine, val_paths, prep, None)
+    hv, ok_v, _ = compute_prefix(engine, val_paths, prep, None, val_hashes, cache=disk_cache())
     prefix_s = time.perf_counter() - t0
     n_prefix = len(keep) * views + len(ok_v)
-    log.info("fine-tune: frozen prefix (up to %s) computed once on %s (%s) for %d image views in %.1f s (%.1f img/s), %.0f MB cached",
-             prefix_name, engine.name, engine.precision, n_prefix, prefix_s, n_prefix / max(prefix_s, 1e-9), n_prefix * per_item / 2**20)
+    log.info("fine-tune: frozen prefix (up to %s) on %s (%s) for %d image views in %.1f s (%.1f img/s), %.0f MB held in memory%s",
+             prefix_name, engine.name, engine.precision, n_prefix, prefix_s, n_prefix / max(prefix_s, 1e-9), n_prefix * per_item / 2**20,
+             "" if cache_dir is None else f" and kept on disk in {Path(cache_dir) / 'prefix'}")
 
     xt = torch.stack(train_views)  # (V, n, C, H, W) bf16
     yt = torch.from_numpy(np.asarray(y_train, np.int64)[keep])
@@ -217,7 +300,8 @@ def finetune(
     base_lrs = [g["lr"] for g in groups]
 
     t1 = time.perf_counter()
-    history, summary = fit_loop(model, xt, yt, xv, yv, n_classes, cfg, param_groups=groups, on_epoch=on_epoch, stage="finetune", keep_start_if_best=True)
+    history, summary = fit_loop(model, xt, yt, xv, yv, n_classes, cfg, param_groups=groups, on_epoch=on_epoch, stage="finetune", keep_start_if_best=True,
+                                checkpoint=checkpoint)
     train_s = time.perf_counter() - t1
     imgs = len(yt) * summary["epochs_run"]
     summary.update({

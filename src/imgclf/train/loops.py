@@ -9,6 +9,7 @@ augmented feature views per image). Same seed + same features ⇒ same weights.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 from collections.abc import Callable
@@ -22,6 +23,9 @@ from torch.nn import functional as F
 
 from imgclf.config.settings import TRAIN_FIELDS, TrainSettings, check_value
 from imgclf.model.heads import build_head
+from imgclf.train.checkpoint import EpochCheckpoint, LoopState, capture_global_rng, labels_digest, restore_global_rng
+
+log = logging.getLogger("imgclf")
 
 
 def calibrated_nll(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -174,7 +178,8 @@ def make_loss(cfg: TrainConfig, weights: torch.Tensor | None) -> nn.Module:
 
 
 def make_optimizer(param_groups, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam/AdamW; the fused CPU kernel where this torch has it (2x faster on a small head)."""
+    """Adam/AdamW; the fused CPU kernel where this torch has it, because it is faster on a
+    small head (see benchmarks/README.md)."""
     groups = list(param_groups)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     try:
@@ -293,6 +298,7 @@ def fit_loop(
     on_epoch: Callable[[dict], None] | None = None,
     stage: str = "head",
     keep_start_if_best: bool = False,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> tuple[list[dict], dict]:
     """Shared epoch loop: optimiser, schedule, validation, early stopping, checkpoint.
 
@@ -300,6 +306,10 @@ def fit_loop(
     Trains ``model`` in place and leaves the selected (best or last) weights loaded.
     ``keep_start_if_best``: the starting weights (epoch 0) compete for "best", so a
     stage that only hurts validation loss returns the model it was given.
+    ``checkpoint``: after every epoch the loop's whole state is saved there, and at the end
+    the selected model with history and summary; a saved state found there at the start is
+    continued from (a finished stage is not trained again), so a killed run resumed with the
+    same settings and data ends with the same model as one never interrupted.
     """
     weights = class_weights(yt.numpy(), n_classes, cfg.class_weight)
     steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
@@ -320,10 +330,36 @@ def fit_loop(
         cal = calibrated_nll(probs, yv.numpy())[0] if calibrated else None
         return ((cal if calibrated else loss), acc), loss, acc, cal
 
-    if keep_start_if_best and has_val and cfg.checkpoint == "best":
+    identity = {
+        "stage": stage, "config": cfg.to_dict(), "n_classes": n_classes, "train_shape": list(xt.shape), "val_shape": list(xv.shape),
+        "labels": labels_digest(yt, yv), "keep_start_if_best": keep_start_if_best,
+        "parameters": [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups],
+    }
+    saved = checkpoint.load(identity) if checkpoint is not None else None
+    if saved is not None and saved.done:
+        log.info("%s: finished before the interruption (checkpoint %s); not trained again", stage, checkpoint.path)
+        model.load_state_dict(saved.model)
+        model.eval()
+        return saved.history, saved.summary
+    first_epoch = 1
+    if saved is not None:
+        model.load_state_dict(saved.model)
+        optimizer.load_state_dict(saved.optimizer)
+        if scheduler is not None:
+            scheduler.load_state_dict(saved.scheduler)
+        gen.set_state(saved.generator)
+        restore_global_rng(saved.rng)
+        history = saved.history
+        best, best_epoch, stale, best_state = saved.best, saved.best_epoch, saved.stale, saved.best_state
+        first_epoch = saved.epoch + 1
+        log.info("%s: resuming after epoch %d of %d from checkpoint %s", stage, saved.epoch, cfg.epochs, checkpoint.path)
+    elif keep_start_if_best and has_val and cfg.checkpoint == "best":
         best = val_score()[0]
         best_state = copy.deepcopy(model.state_dict())
-    for epoch in range(1, cfg.epochs + 1):
+    stopped = bool(cfg.patience and stale >= cfg.patience)  # a resumed stage may have stopped early already
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if stopped:
+            break
         tr_loss, tr_acc = train_one_epoch(model, view_batches(xt, yt, cfg, gen), optimizer, loss_fn, cfg, gen, scheduler)
         if has_val:
             score, va_loss, va_acc, va_cal = val_score()
@@ -338,10 +374,15 @@ def fit_loop(
             stale += 1
         row = {"stage": stage, "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "val_calibrated_loss": va_cal, "best": improved, "lr": optimizer.param_groups[-1]["lr"]}
         history.append(row)
+        stopped = bool(cfg.patience and stale >= cfg.patience)
+        if checkpoint is not None:
+            checkpoint.save(LoopState(
+                epoch=epoch, done=False, model=model.state_dict(), history=history, best=best, best_epoch=best_epoch, stale=stale,
+                best_state=best_state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler is not None else None,
+                generator=gen.get_state(), rng=capture_global_rng(),
+            ), identity)
         if on_epoch:
             on_epoch(row)
-        if cfg.patience and stale >= cfg.patience:
-            break
     if cfg.checkpoint == "best" and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -357,6 +398,9 @@ def fit_loop(
         "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
         "stopped_early": len(history) < cfg.epochs,
     }
+    if checkpoint is not None:
+        checkpoint.save(LoopState(epoch=len(history), done=True, model=model.state_dict(), history=history, best=best, best_epoch=best_epoch,
+                                  stale=stale, summary=summary), identity)
     return history, summary
 
 
@@ -368,8 +412,11 @@ def fit_head(
     n_classes: int,
     cfg: TrainConfig,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> tuple[nn.Sequential, list[dict], dict]:
-    """Train a head on cached features; ``x_train`` is (n, D) or (views, n, D)."""
+    """Train a head on cached features; ``x_train`` is (n, D) or (views, n, D).
+
+    ``checkpoint``: saved after every epoch and resumed from (see :func:`fit_loop`)."""
     cfg.validate()
     seed_everything(cfg.seed)
     xt = torch.from_numpy(np.asarray(x_train, np.float32))
@@ -381,5 +428,5 @@ def fit_head(
     head = build_head(cfg.head, xt.shape[-1], n_classes)
     if hasattr(head, "norm"):
         head.norm.fit(xt.reshape(-1, xt.shape[-1]))
-    history, summary = fit_loop(head, xt, yt, xv, yv, n_classes, cfg, on_epoch=on_epoch, stage="head")
+    history, summary = fit_loop(head, xt, yt, xv, yv, n_classes, cfg, on_epoch=on_epoch, stage="head", checkpoint=checkpoint)
     return head, history, summary

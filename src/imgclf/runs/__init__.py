@@ -1,0 +1,1 @@
+"""Run folders: layout, status, logs, and train_run() which produces one."""

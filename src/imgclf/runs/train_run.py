@@ -1,0 +1,255 @@
+"""``train_run()``: one training run from dataset to a complete run folder, callable from Python.
+
+Reads top to bottom in the order it runs (as torchvision's reference trainer does):
+check the settings and paths, load the dataset, resolve the backbone, make the run
+folder, save the configuration, fit, save the model, evaluate on test, write the
+per-image and per-epoch tables, the report. The CLI's ``train`` and ``demo`` call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from imgclf.config import layout
+from imgclf.config.recipes import make_settings
+from imgclf.config.settings import RunOptions, RuntimeOptions, TrainSettings, make_run_options, make_runtime
+from imgclf.data.datasets import load_dataset, read_split_csv, with_validation_folder, write_split_csv
+from imgclf.evaluation.metrics import format_metrics
+from imgclf.evaluation.thresholds import apply_threshold
+from imgclf.model.run_status import COMPLETE, RUNNING, mark_finished, mark_running, read_status
+from imgclf.model.run_status import _alive as is_alive  # the same pid check that warns about unfinished runs
+from imgclf.fileio import default_cache_dir, is_within, write_csv, write_json
+from imgclf.report.html import write_run_report
+from imgclf.runs.environment import environment_info
+from imgclf.runs.folders import attach_run_log, detach, new_run_dir
+from imgclf.train.classifier import ImageClassifier
+
+log = logging.getLogger("imgclf")
+
+METRICS_COLUMNS = ["stage", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_calibrated_loss", "best", "lr"]
+
+
+def format_counts(counts: dict[str, dict[str, int]], class_names: list[str]) -> str:
+    """Images per class and split, as a console table."""
+    splits = [s for s in ("train", "validation", "test") if s in counts]
+    width = max(5, *(len(c) for c in class_names))
+    lines = [f"{'class':<{width}}" + "".join(f"{s:>12}" for s in splits) + f"{'total':>10}"]
+    for c in class_names:
+        row = [counts[s].get(c, 0) for s in splits]
+        lines.append(f"{c:<{width}}" + "".join(f"{v:>12d}" for v in row) + f"{sum(row):>10d}")
+    tot = [sum(counts[s].values()) for s in splits]
+    lines.append(f"{'total':<{width}}" + "".join(f"{v:>12d}" for v in tot) + f"{sum(tot):>10d}")
+    return "\n".join(lines)
+
+
+def prediction_rows(clf) -> list[dict]:
+    """Per-image test results of the last evaluation: path, true and predicted class, probabilities."""
+    ev = clf.last_eval_
+    names = clf.class_names_
+    return [
+        {"path": p, "true": names[int(t)], "predicted": names[int(k)], **{c: f"{v:.6f}" for c, v in zip(names, pr)}}
+        for p, t, pr, k in zip(ev["paths"], ev["y_true"], ev["probs"], apply_threshold(ev["probs"], clf.threshold_))
+    ]
+
+
+def _print_epoch(echo: Callable[[str], None]):
+    echo(f"{'stage':>8} {'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8}")
+
+    def on_epoch(row):
+        mark = " *" if row["best"] else ""
+        echo(f"{row['stage']:>8} {row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_accuracy']:>9.4f} {row['val_loss']:>9.4f} {row['val_accuracy']:>8.4f}{mark}")
+
+    return on_epoch
+
+
+def _quiet(_text: str) -> None:
+    pass
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return [run_dir / layout.CHECKPOINT.format(stage=stage) for stage in ("head", "finetune")]
+
+
+def resumable_config(run_dir: str | os.PathLike, root: Path) -> dict:
+    """The recorded config.json of an interrupted run folder on dataset ``root``; ValueError (one line) otherwise."""
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / layout.CONFIG).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"--resume {run_dir}: not a training run folder (no readable {layout.CONFIG})") from None
+    if not isinstance(config, dict) or config.get("command") != "train" or not all(isinstance(config.get(k), dict) for k in ("settings", "run", "runtime", "dataset")):
+        raise ValueError(f"--resume {run_dir}: {layout.CONFIG} is not a training run's configuration")
+    status = read_status(run_dir) or {"status": RUNNING}
+    if status["status"] == COMPLETE:
+        raise ValueError(f"--resume {run_dir}: this run is complete; nothing to resume")
+    if status["status"] == RUNNING and is_alive(status):
+        raise ValueError(f"--resume {run_dir}: this run is still training (pid {status['pid']}); wait for it or stop it first")
+    if config["dataset"].get("root") != str(root.resolve()):
+        raise ValueError(f"--resume {run_dir}: the run was trained on {config['dataset'].get('root')}, not {root.resolve()}; resume it on the same data")
+    return config
+
+
+def resumed_options(recorded: dict, run_dir, settings, run, runtime, options: dict, run_given: dict, runtime_given: dict):
+    """The recorded (settings, run options, runtime options) of a resumed run; ValueError naming
+    every given value that differs from the recorded one (progress bars may change)."""
+    from imgclf.config.settings import RUN_FIELDS, RUNTIME_FIELDS, TRAIN_FIELDS, SettingError, coerce
+
+    rec_settings = TrainSettings(**{k: v for k, v in recorded["settings"].items() if k in TRAIN_FIELDS})
+    rec_run = RunOptions(**{**{k: v for k, v in recorded["run"].items() if k in RUN_FIELDS}, "resume": str(run_dir)})
+    rec_runtime = RuntimeOptions(**{k: v for k, v in recorded["runtime"].items() if k in RUNTIME_FIELDS})
+    given = {
+        "settings": (rec_settings, TRAIN_FIELDS, settings.to_dict() if settings is not None else options),
+        "run": (rec_run, RUN_FIELDS, run.to_dict() if run is not None else run_given),
+        "runtime": (rec_runtime, RUNTIME_FIELDS, runtime.to_dict() if runtime is not None else runtime_given),
+    }
+    not_objects = {"settings": options, "run": run_given, "runtime": runtime_given}
+    differ = []
+    for what, (rec, fields, values) in given.items():
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise SettingError(f"unknown {what}: {', '.join(unknown)}")
+        for k, v in values.items():
+            if k in ("resume", "progress") or (v is None and values is not_objects[what]):  # None given by name: not given
+                continue
+            if coerce(v, fields[k]) != getattr(rec, k):
+                differ.append(f"{k}={v!r} (recorded: {getattr(rec, k)!r})")
+    if differ:
+        raise ValueError(f"--resume {run_dir}: the run's recorded settings are used; these differ: {'; '.join(differ)}")
+    progress = runtime.progress if runtime is not None else runtime_given.get("progress", rec_runtime.progress)
+    return rec_settings, rec_run, dataclasses.replace(rec_runtime, progress=progress)
+
+
+def check_same_split(ds, run_dir: Path) -> None:
+    """A resumed run must see the images and split it started with (``split.csv``)."""
+    try:
+        recorded = read_split_csv(run_dir / layout.SPLIT)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume {run_dir}: {layout.SPLIT} unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    now = {split: [(Path(os.path.abspath(s.path)), ds.class_names[s.label]) for s in ds.samples.get(split, [])] for split in recorded}
+    changed = [split for split in recorded if [(Path(p), c) for p, c in recorded[split]] != now[split]]
+    if changed:
+        raise ValueError(f"--resume {run_dir}: the dataset changed since the run started ({', '.join(changed)} split differs from {layout.SPLIT}); start a new run")
+
+
+def train_run(
+    data: str | os.PathLike,
+    settings: TrainSettings | None = None,
+    run: RunOptions | None = None,
+    runtime: RuntimeOptions | None = None,
+    *,
+    command_line: dict | None = None,
+    echo: Callable[[str], None] | None = None,
+    **options,
+) -> dict:
+    """Train on ``data`` and write a complete run folder; returns the test metrics (with ``run``).
+
+    ``options`` are declared settings, run options or runtime options by name (checked
+    here, before any work), e.g. ``train_run("DATA", recipe="fast", epochs=10,
+    project="runs")``; or pass the resolved objects. ``command_line`` is what the CLI
+    was given (recorded in config.json); ``echo`` prints progress lines (None: silent).
+    """
+    from imgclf.config.settings import RUN_FIELDS, RUNTIME_FIELDS
+
+    t0 = time.perf_counter()
+    echo = echo or _quiet
+    run_given = {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}
+    runtime_given = {k: options.pop(k) for k in list(options) if k in RUNTIME_FIELDS}
+    root = Path(data)
+    resume_dir = run.resume if run is not None else run_given.get("resume")
+    recorded = None
+    if resume_dir:  # the run folder's recorded settings are this run's
+        recorded = resumable_config(resume_dir, root)
+        settings, run, runtime = resumed_options(recorded, resume_dir, settings, run, runtime, options, run_given, runtime_given)
+    run = run or make_run_options(**run_given)
+    runtime = runtime or make_runtime(**runtime_given)
+    settings = settings or make_settings(**options)
+    cache_dir = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
+    if is_within(Path(run.project), root):
+        raise ValueError(f"project {run.project} is inside the dataset {root}; imgclf never writes into the dataset folder")
+    if is_within(cache_dir, root):
+        raise ValueError(f"cache_dir {cache_dir} is inside the dataset {root}; imgclf never writes into the dataset folder")
+
+    clf = ImageClassifier(settings=settings, **runtime.to_dict())
+    clf.prepare_backbone()  # backbone, weights and unfreeze checked before the dataset scan and before a run folder exists
+    clf.stage2_blocks()
+    ds = load_dataset(root, val_fraction=0.0 if run.validation else settings.val_fraction, test_fraction=settings.test_fraction, seed=settings.seed)
+    if run.validation:  # the validation folder replaces carving: train keeps all its images
+        ds = with_validation_folder(ds, run.validation)
+    if recorded is not None:
+        run_dir = Path(resume_dir)
+        check_same_split(ds, run_dir)
+    else:
+        run_dir = new_run_dir(run.project, run.name)
+    status = mark_running(run_dir)
+    handler = attach_run_log(run_dir)
+    try:
+        log.info("run folder: %s", run_dir)
+        log.info("dataset %s (%s layout), %d classes: %s", root, ds.layout, len(ds.class_names), ", ".join(ds.class_names))
+        for split, src in ds.split_source.items():
+            log.info("  %s: %s", split, src)
+        for p in ds.ignored:
+            log.info("ignored stray entry %s", p)
+        echo(format_counts(ds.counts(), ds.class_names))
+        config = {**recorded, "resumed": [*recorded.get("resumed", []), {
+            "at": status["started"], "args": command_line if command_line is not None else {**options, **run_given, **runtime_given},
+        }]} if recorded is not None else {
+            "command": "train",
+            "args": command_line if command_line is not None else {**options, **run.to_dict()},
+            "settings": settings.to_dict(),
+            "run": run.to_dict(),
+            "runtime": runtime.to_dict(),
+            "dataset": {"root": str(root.resolve()), "layout": ds.layout, "class_names": ds.class_names, "split_source": ds.split_source,
+                        "split_seed": settings.seed, "counts": ds.counts()},
+            "environment": environment_info(),
+        }
+        write_json(run_dir / layout.CONFIG, config)
+        if recorded is None:
+            write_split_csv(ds, run_dir / layout.SPLIT)
+        else:
+            log.info("resuming run %s (%s)", run_dir, "checkpoints: " + (", ".join(p.name for p in _checkpoints(run_dir) if p.exists()) or "none, the run starts again from its first epoch"))
+
+        clf.fit(ds, on_epoch=_print_epoch(echo), checkpoint_dir=run_dir)
+        for st in clf.fit_summary_["stages"]:
+            log.info("%s: best epoch %d of %d (%s)", st["stage"], st["best_epoch"], st["epochs_run"], st["monitor"])
+        write_csv(run_dir / layout.EPOCH_METRICS, clf.history_, METRICS_COLUMNS)
+        clf.save(run_dir)
+
+        metrics = clf.evaluate(bootstrap=run.bootstrap)
+        metrics["run"] = str(run_dir)
+        write_json(run_dir / layout.TEST_METRICS, metrics)
+        write_csv(run_dir / layout.TEST_PREDICTIONS, prediction_rows(clf), ["path", "true", "predicted", *clf.class_names_])
+        skipped = [(str(p), e) for p, e in ds.unreadable] + clf.skipped_ + [(s["path"], s["error"]) for s in metrics["skipped"]]
+        write_csv(run_dir / layout.SKIPPED, [{"path": p, "error": e} for p, e in skipped], ["path", "error"])
+        ex = clf.last_extraction_
+        config["fit_summary"] = clf.fit_summary_
+        config["backbone_engine"] = {"engine": ex.engine, "precision": ex.precision}
+        config["wall_seconds"] = round(time.perf_counter() - t0, 3)
+        write_json(run_dir / layout.CONFIG, config)
+
+        if run.report:
+            try:
+                echo(f"report: {write_run_report(run_dir, clf=clf)}")
+            except Exception as e:  # noqa: BLE001 - the run succeeded; `imgclf report RUN` can redo it
+                log.warning("report.html not written (%s); regenerate with: imgclf report %s", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, run_dir)
+        echo(format_metrics(metrics))
+        if skipped:
+            echo(f"skipped {len(skipped)} unreadable file(s) or folder(s): listed in {run_dir / layout.SKIPPED}")
+        log.info("wall time %.1f s", time.perf_counter() - t0)
+        for checkpoint in _checkpoints(run_dir):  # the bundle is the result now; a complete run is never resumed
+            checkpoint.unlink(missing_ok=True)
+        mark_finished(run_dir, status)
+        echo(f"run folder: {run_dir}")
+        return metrics
+    except BaseException as e:
+        done = mark_finished(run_dir, status, e)
+        # into train.log only: the console gets the CLI's one error line
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed: %s", (done["error"],), None))
+        raise
+    finally:
+        detach(handler)

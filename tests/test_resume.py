@@ -1,0 +1,257 @@
+"""A killed training run resumes from its last complete epoch and ends with the same model.
+
+The end-to-end cases train the tiny ``timm:test_efficientnet`` (random weights, offline) with
+both stages on the shapes set: one uninterrupted run, then runs interrupted at a chosen
+epoch (a real SIGKILL in a child process during stage 2; an exception during stage 1) and
+resumed with ``--resume``; model tensors, per-epoch history and test metrics must be equal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imgclf.config import layout
+from imgclf.train.checkpoint import CheckpointMismatch, EpochCheckpoint
+
+COMMON = dict(
+    backbone="timm:test_efficientnet", weights="none", recipe="finetune", epochs=3, finetune_epochs=3, finetune_views=2,
+    mixup=0.2, finetune_cutmix=1.0, finetune_monitor="val_loss", bootstrap=0, report=False, progress=False,
+)
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Same model tensors, same per-epoch history, same test metrics."""
+    ta, tb = load_file(a / layout.MODEL_TENSORS), load_file(b / layout.MODEL_TENSORS)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    assert (a / layout.EPOCH_METRICS).read_text() == (b / layout.EPOCH_METRICS).read_text()
+    ma, mb = (json.loads((d / layout.TEST_METRICS).read_text()) for d in (a, b))
+    ma.pop("run"), mb.pop("run")
+    assert ma == mb
+    assert json.loads((a / layout.MODEL_META).read_text())["backbone_tuned"] == json.loads((b / layout.MODEL_META).read_text())["backbone_tuned"]
+
+
+@pytest.fixture(scope="module")
+def resume_env(shapes_root, tmp_path_factory):
+    """The uninterrupted reference run; the session's feature cache (and the prefix cache in it) is shared by the others."""
+    from imgclf.runs.train_run import train_run
+
+    base = tmp_path_factory.mktemp("resume")
+    options = dict(COMMON, project=str(base / "runs"))
+    m = train_run(shapes_root, name="full", **options)
+    full = Path(m["run"])
+    assert json.loads((full / layout.STATUS).read_text())["status"] == "complete"
+    assert not any((full / layout.CHECKPOINT.format(stage=s)).exists() for s in ("head", "finetune"))  # removed once complete
+    return base, options, full
+
+
+def test_sigkill_during_stage_two_then_resume_gives_the_same_model(resume_env, shapes_root, monkeypatch):
+    import imgclf.model.classifier as model_classifier
+    import imgclf.train.finetune as finetune_module
+    from imgclf.runs.train_run import train_run
+
+    base, options, full = resume_env
+    # a real kill: the child process SIGKILLs itself right after the checkpoint of stage-2 epoch 2 is on disk
+    script = textwrap.dedent(f"""
+        import os, signal
+        from imgclf.train.checkpoint import EpochCheckpoint
+        from imgclf.runs.train_run import train_run
+        save = EpochCheckpoint.save
+        def save_then_die(self, state, identity):
+            save(self, state, identity)
+            if identity["stage"] == "finetune" and state.epoch == 2 and not state.done:
+                os.kill(os.getpid(), signal.SIGKILL)
+        EpochCheckpoint.save = save_then_die
+        train_run({str(shapes_root)!r}, name="killed", **{options!r})
+    """)
+    child = subprocess.run([sys.executable, "-c", script], env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    killed = base / "runs" / "killed"
+    assert json.loads((killed / layout.STATUS).read_text())["status"] == "running"
+    assert not (killed / layout.MODEL_TENSORS).exists()
+    head_ck = EpochCheckpoint(killed / layout.CHECKPOINT.format(stage="head"))
+    ft_ck = EpochCheckpoint(killed / layout.CHECKPOINT.format(stage="finetune"))
+    assert head_ck.path.exists() and ft_ck.path.exists()
+
+    # resuming reads features and prefix activations from the caches: no backbone work for training
+    calls = []
+    extract = model_classifier.extract_features
+
+    def counting_extract(paths, runner, **kw):
+        res = extract(paths, runner, **kw)
+        calls.append((runner.tuned_digest, res.computed))
+        return res
+
+    def no_prefix_put(self, h, activation):
+        raise AssertionError("stage-2 prefix activations recomputed on resume")
+
+    monkeypatch.setattr(model_classifier, "extract_features", counting_extract)
+    monkeypatch.setattr(finetune_module.PrefixCache, "put", no_prefix_put)
+    lines = []
+    m = train_run(shapes_root, resume=str(killed), echo=lines.append)
+    assert Path(m["run"]) == killed
+    assert all(computed == 0 for digest, computed in calls if digest is None), calls  # frozen-backbone features: all cached
+    printed = [ln.split() for ln in lines if ln.split()[:1] in (["head"], ["finetune"])]
+    assert [(r[0], r[1]) for r in printed] == [("finetune", "3")]  # only the epoch after the checkpoint was trained
+    _same_run(full, killed)
+    status = json.loads((killed / layout.STATUS).read_text())
+    assert status["status"] == "complete"
+    config = json.loads((killed / layout.CONFIG).read_text())
+    assert len(config["resumed"]) == 1 and config["fit_summary"]["epochs_run"] == 3 + 3
+    assert not head_ck.path.exists() and not ft_ck.path.exists()
+
+
+def test_failed_stage_one_resumes_and_refusals_are_one_line(resume_env, shapes_root, monkeypatch, capsys):
+    from imgclf.cli.main import main
+    from imgclf.runs.train_run import train_run
+    from imgclf.train import checkpoint as checkpoint_module
+
+    base, options, full = resume_env
+    save = checkpoint_module.EpochCheckpoint.save
+
+    def save_then_interrupt(self, state, identity):
+        save(self, state, identity)
+        if identity["stage"] == "head" and state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(shapes_root, name="stopped", **options)
+    monkeypatch.undo()
+    stopped = base / "runs" / "stopped"
+    assert json.loads((stopped / layout.STATUS).read_text())["status"] == "failed"
+
+    # refused, each with one line and before any work: other settings, other data
+    rc = main(["-q", "train", str(shapes_root), "--resume", str(stopped), "--epochs", "9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "epochs=9 (recorded: 3)" in err[0], err
+    with pytest.raises(ValueError, match="not .*resume it on the same data"):
+        train_run(base, resume=str(stopped))
+    assert json.loads((stopped / layout.STATUS).read_text())["status"] == "failed"  # untouched by a refusal
+
+    m = train_run(shapes_root, resume=str(stopped), epochs=3, backbone="timm:test_efficientnet")  # flags equal to the recorded ones are fine
+    _same_run(full, Path(m["run"]))
+
+    # a complete run is not resumed; a folder that is not a run is refused
+    with pytest.raises(ValueError, match="complete; nothing to resume"):
+        train_run(shapes_root, resume=str(stopped))
+    with pytest.raises(ValueError, match="not a training run folder"):
+        train_run(shapes_root, resume=str(base))
+
+
+def test_resume_refuses_a_changed_split(resume_env, shapes_root, tmp_path):
+    """Same dataset root, other images: the recorded split.csv no longer matches."""
+    import shutil
+
+    from imgclf.runs.train_run import check_same_split
+    from imgclf.data.datasets import load_dataset
+
+    base, options, full = resume_env
+    copy = tmp_path / "shapes"
+    shutil.copytree(shapes_root, copy)
+    ds = load_dataset(copy, seed=0)
+    with pytest.raises(ValueError, match="dataset changed"):
+        check_same_split(ds, full)
+    check_same_split(load_dataset(shapes_root, seed=0), full)  # the run's own data passes
+
+
+def _features(seed=0, n=60, d=16, k=3):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    x = rng.normal(size=(n, d)).astype(np.float32) + y[:, None].astype(np.float32)
+    return x, y
+
+
+def test_fit_head_resumes_exactly_and_survives_a_corrupt_checkpoint(tmp_path, caplog):
+    """Stage 1 alone: interrupt after epoch 2, resume, compare; a corrupt file restarts the stage."""
+    from imgclf.train.loops import TrainConfig, fit_head
+
+    xt, yt = _features(0)
+    xv, yv = _features(1, n=30)
+    cfg = TrainConfig(epochs=5, patience=0, mixup=0.3, schedule="cosine", warmup_epochs=1.0, optimizer="adamw", weight_decay=0.01, batch_size=32)
+    ref, ref_hist, ref_sum = fit_head(xt, yt, xv, yv, 3, cfg)
+
+    ck = EpochCheckpoint(tmp_path / "checkpoint-head.safetensors")
+
+    def stop_after_2(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_head(xt, yt, xv, yv, 3, cfg, on_epoch=stop_after_2, checkpoint=ck)
+    torch.manual_seed(123)  # the resumed process starts with other global RNG states
+    seen = []
+    head, hist, summary = fit_head(xt, yt, xv, yv, 3, cfg, on_epoch=lambda r: seen.append(r["epoch"]), checkpoint=ck)
+    assert seen == [3, 4, 5]
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), head.state_dict().values()))
+    assert hist == ref_hist and summary == ref_sum
+
+    # a finished stage is restored, not trained again
+    seen.clear()
+    again, _, _ = fit_head(xt, yt, xv, yv, 3, cfg, on_epoch=lambda r: seen.append(r["epoch"]), checkpoint=ck)
+    assert seen == [] and all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), again.state_dict().values()))
+
+    # other settings: refused
+    with pytest.raises(CheckpointMismatch, match="config"):
+        fit_head(xt, yt, xv, yv, 3, TrainConfig(epochs=8, patience=0), checkpoint=ck)
+
+    # a flipped byte: reported, ignored, the stage runs from epoch 1 to the same result
+    raw = bytearray(ck.path.read_bytes())
+    raw[-5] ^= 0xFF
+    ck.path.write_bytes(bytes(raw))
+    seen.clear()
+    head, _, _ = fit_head(xt, yt, xv, yv, 3, cfg, on_epoch=lambda r: seen.append(r["epoch"]), checkpoint=ck)
+    assert seen == list(range(1, 6)) and any("unreadable" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), head.state_dict().values()))
+
+
+def test_early_stop_is_not_undone_by_a_resume(tmp_path):
+    """A stage that stopped early at its checkpointed epoch stays stopped when resumed there."""
+    from imgclf.train.loops import TrainConfig, fit_head
+
+    xt, yt = _features(0)
+    xv, yv = _features(1, n=30)
+    cfg = TrainConfig(epochs=40, patience=2, lr=0.05)
+    _, ref_hist, _ = fit_head(xt, yt, xv, yv, 3, cfg)
+    assert len(ref_hist) < 40
+    last = len(ref_hist)
+    ck = EpochCheckpoint(tmp_path / "ck.safetensors")
+
+    def stop_at_last(row):
+        if row["epoch"] == last:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_head(xt, yt, xv, yv, 3, cfg, on_epoch=stop_at_last, checkpoint=ck)
+    seen = []
+    _, hist, _ = fit_head(xt, yt, xv, yv, 3, cfg, on_epoch=lambda r: seen.append(r), checkpoint=ck)
+    assert seen == [] and hist == ref_hist
+
+
+def test_prefix_cache_detects_corruption(tmp_path, caplog):
+    from imgclf.train.finetune import PrefixCache
+
+    cache = PrefixCache(tmp_path, "k", (4, 3, 3))
+    a = torch.randn(4, 3, 3).to(torch.bfloat16)
+    cache.put("ab" * 10, a)
+    assert torch.equal(cache.get("ab" * 10), a)
+    assert PrefixCache(tmp_path, "k", (4, 9)).get("ab" * 10) is None  # another shape is foreign, not reshaped
+    cache.put("cd" * 10, a)
+    p = cache._path("cd" * 10)
+    raw = bytearray(p.read_bytes())
+    raw[-1] ^= 1
+    p.write_bytes(bytes(raw))
+    assert cache.get("cd" * 10) is None and not p.exists()
+    assert any("corrupt entry" in r.getMessage() for r in caplog.records)
