@@ -2,7 +2,7 @@
 """Load test of ``imgclf serve`` on 127.0.0.1: bounded loads of 1, 8 and 32 concurrent clients,
 then a slow-client flood.
 
-    .venv/bin/python benchmarks/bench_serve.py                      # ~3 min on 2 cores (training included)
+    .venv/bin/python benchmarks/bench_serve.py                      # ~2 min on 2 cores (training included)
     .venv/bin/python benchmarks/bench_serve.py --clients 4 16 --seconds 20
     .venv/bin/python benchmarks/bench_serve.py --model runs/train --out serve.json
 
@@ -12,7 +12,8 @@ if missing) in its own process on 127.0.0.1; nothing leaves the machine. Then:
 1. warm-up: 10 sequential requests, then ``--warmup-seconds`` of 8 clients;
 2. for each ``--clients`` value, that many asyncio clients each POST one 224×224 JPEG to
    /v1/predict in a loop for ``--seconds`` (each client also stops after ``MAX_REQUESTS_PER_CLIENT``);
-3. the flood: ``--idle-connections`` sockets connect, send half a request (a request line and
+3. /healthz latency from one keep-alive client for a few seconds (the baseline), then the flood:
+   ``--idle-connections`` sockets connect, send half a request (a request line and
    one header, no blank line) and then nothing, held open while one client measures GET /healthz
    for ``--flood-seconds`` (keep this under the server's ``--header-timeout-s``, 10 s by default,
    or the server rightly closes the idle ones mid-measurement; how many it closed is reported).
@@ -258,10 +259,14 @@ def main(argv=None) -> int:
             for clients in args.clients:
                 log(f"{clients} clients for {args.seconds:g} s ({load_note()})")
                 res = asyncio.run(predict_load(base, bodies, clients, args.seconds))
-                res.update({"phase": f"predict, {clients} clients", "clients": clients, "rss_mb": round(proc_status_mb(proc.pid, "VmRSS"), 1),
+                res.update({"phase": f"predict, {clients} client{'s' if clients > 1 else ''}", "clients": clients, "rss_mb": round(proc_status_mb(proc.pid, "VmRSS"), 1),
                             "peak_rss_mb": round(proc_status_mb(proc.pid, "VmHWM"), 1), "load": load_note()})
                 phases.append(res)
             if args.idle_connections:
+                res = healthz_while_flooded(base, port, 0, min(args.flood_seconds, 4.0))  # the same client, no flood: the baseline
+                res.update({"phase": "healthz, no stalled connections", "clients": 1,
+                            "rss_mb": round(proc_status_mb(proc.pid, "VmRSS"), 1), "peak_rss_mb": round(proc_status_mb(proc.pid, "VmHWM"), 1), "load": load_note()})
+                phases.append(res)
                 log(f"flood: {args.idle_connections} stalled connections, /healthz for {args.flood_seconds:g} s ({load_note()})")
                 res = healthz_while_flooded(base, port, args.idle_connections, args.flood_seconds)
                 res.update({"phase": f"healthz, {res['idle_connections_opened']} stalled connections", "clients": 1,
@@ -274,7 +279,7 @@ def main(argv=None) -> int:
         for r in phases:
             lat = r["latency_ms"]
             print(f"{r['phase']:<36} {r['requests_per_s']!s:>7} {lat['p50']!s:>7} {lat['p95']!s:>7} {lat['p99']!s:>7} {lat['max']!s:>7} {r['errors']:>6} {r['peak_rss_mb']:>11.0f}")
-        flood = [r for r in phases if "idle_connections_opened" in r]
+        flood = [r for r in phases if r.get("idle_connections_opened")]
         if flood:
             print(f"flood: {flood[0]['idle_connections_opened']} stalled connections opened in {flood[0]['seconds_to_open']} s; "
                   f"{flood[0]['idle_closed_by_server_during_run']} closed by the server during the measurement")

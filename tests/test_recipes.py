@@ -100,8 +100,10 @@ def test_augmented_views_differ_are_deterministic_and_cached(shapes_root, tmp_pa
     again = extract_features(paths, runner, transform=AugmentedView(cfg, 1, 0))
     assert again.cached == 6 and again.computed == 0
     np.testing.assert_array_equal(again.features, view.features)
-    with pytest.raises(ValueError):
-        build_augment("light", crop_scale=0.0)
+    with pytest.raises(ValueError, match="crop_scale must be > 0"):  # checked by its declaration, before any work
+        make_settings(crop_scale=0.0)
+    with pytest.raises(ValueError, match="color_jitter must be < 1"):
+        ImageClassifier(color_jitter=1.0)
 
 
 def test_threshold_policies_on_a_constructed_case():

@@ -345,3 +345,24 @@ def test_cli_help_does_not_load_the_web_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_keep_alive_answers_are_not_held_back_by_nagle():
+    """Connections have TCP_NODELAY: h11 writes an answer's headers and body separately, and with
+    Nagle on the body waits for the client's delayed ACK (~40 ms on every keep-alive request)."""
+    with live_server(ServeConfig()) as (server, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            latencies = []
+            for _ in range(15):
+                t = time.perf_counter()
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                answer = b""
+                while not answer.endswith(b"}"):
+                    chunk = conn.recv(4096)
+                    assert chunk, answer
+                    answer += chunk
+                latencies.append(time.perf_counter() - t)
+                assert answer.startswith(b"HTTP/1.1 200"), answer
+            server_side = [c.transport.get_extra_info("socket") for c in server.server_state.connections]
+            assert server_side and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in server_side)
+    assert sorted(latencies)[len(latencies) // 2] < 0.025, latencies  # with Nagle: never under 40 ms

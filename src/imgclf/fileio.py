@@ -174,7 +174,7 @@ def write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None)
     w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    atomic_write_bytes(Path(path), buf.getvalue().encode())
+    atomic_write_bytes(Path(path), buf.getvalue().encode("utf-8", "surrogateescape"))  # file names keep their bytes
 
 
 def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from imgclf.cli.common import add_runtime_flags, runtime_options
+from imgclf.cli.common import add_runtime_flags, printable, runtime_options
 from imgclf.config import layout
 from imgclf.config.cli_args import add_setting_flags
 from imgclf.config.settings import RUN_FIELDS
@@ -63,12 +63,24 @@ def _run_test_split(model, data, class_names):
     return [Sample(Path(p), index[c], "test") for p, c in read_split_csv(split_path)["test"] if c in index]
 
 
-def _check_out(out: str) -> None:
-    """Refuse an unusable --out (a folder, a device, a FIFO...) before the model is loaded, not after the work."""
+def _check_out(out: str, inputs=(), model: str | None = None) -> None:
+    """Refuse an unusable --out before the model is loaded, not after the work: a folder, a
+    device, a FIFO...; an input file or a path inside an input folder; the model's own files."""
     try:
         check_output_path(out)
     except ValueError as e:
         raise ValueError(f"--out {e}") from None
+    target = Path(out).resolve()
+    for given in inputs:
+        p = Path(given)
+        if p.exists() and target == p.resolve():
+            raise ValueError(f"--out {out} is the input {given}; imgclf never writes over its inputs")
+        if p.is_dir() and is_within(target, p):
+            raise ValueError(f"--out {out} is inside the input folder {given}; imgclf never writes into input folders")
+    if model is not None:
+        folder = Path(model) if Path(model).is_dir() else Path(model).parent
+        if target.parent == folder.resolve() and target.name in layout.RUN_FILES:
+            raise ValueError(f"--out {out} would replace the model's own {target.name}; choose another file")
 
 
 def cmd_evaluate(args) -> int:
@@ -77,7 +89,7 @@ def cmd_evaluate(args) -> int:
     from imgclf.model.classifier import Classifier
 
     if args.out:
-        _check_out(args.out)
+        _check_out(args.out, model=args.model)
         if is_within(Path(args.out), Path(args.data)):
             raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
     clf = Classifier.load(args.model, weights=args.weights, tta=args.tta, **runtime_options(args))
@@ -107,14 +119,11 @@ def cmd_predict(args) -> int:
     from imgclf.fileio import csv_text
 
     if args.out:
-        _check_out(args.out)
+        _check_out(args.out, inputs=args.paths, model=args.model)
     unreadable: list[tuple[Path, str]] = []  # folders that could not be listed: a row each, with the reason
     paths, problems = collect_image_paths(args.paths, unreadable=unreadable)
     if not paths:
         raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(args.paths)))
-    inside = [p for p in args.paths if args.out and Path(p).is_dir() and is_within(Path(args.out), Path(p))]
-    if inside:
-        raise ValueError(f"--out {args.out} is inside the image folder {inside[0]}; imgclf never writes into input folders")
     for p in problems:
         log.warning("%s", p)
     runtime = runtime_options(args)
@@ -127,9 +136,9 @@ def cmd_predict(args) -> int:
     else:
         text = csv_text(rows, ["path", "predicted", *clf.class_names_, "error"])
     if args.out:
-        atomic_write_bytes(Path(args.out), text.encode())
+        atomic_write_bytes(Path(args.out), text.encode("utf-8", "surrogateescape"))  # file names keep their bytes
         n_err = sum(1 for r in rows if r["error"])
         print(f"{len(rows)} predictions ({n_err} with errors) written to {args.out}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(printable(text))
     return 0

@@ -19,3 +19,6 @@ LOG = "train.log"
 REPORT = "report.html"
 PLOTS = "plots"  # folder of PNG figures
 ONNX = "model.onnx"  # default export target inside a run folder
+
+# what a run folder holds, which no command may overwrite from outside (e.g. an --out)
+RUN_FILES = frozenset({MODEL_META, MODEL_TENSORS, STATUS, CONFIG, SPLIT, EPOCH_METRICS, TEST_METRICS, TEST_PREDICTIONS, SKIPPED, LOG, REPORT, ONNX})

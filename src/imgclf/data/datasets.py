@@ -571,7 +571,7 @@ def write_split_csv(dataset: Dataset, path: str | os.PathLike) -> None:
     for split in SPLIT_NAMES:
         for s in dataset.samples.get(split, []):
             writer.writerow([split, dataset.class_names[s.label], str(Path(os.path.abspath(s.path)))])
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8", "surrogateescape"))  # a non-UTF-8 file name keeps its bytes
 
 
 def read_split_csv(
@@ -586,7 +586,7 @@ def read_split_csv(
     base = Path(root) if root is not None else path.parent
     out: dict[str, list[tuple[Path, str]]] = {split: [] for split in SPLIT_NAMES}
     try:
-        fh = open(path, newline="", encoding="utf-8")
+        fh = open(path, newline="", encoding="utf-8", errors="surrogateescape")
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read split CSV ({exc.strerror or exc})") from None
     with fh:

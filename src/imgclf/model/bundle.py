@@ -8,13 +8,15 @@ pixels exactly as training did. Both files are written atomically.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgclf.config import layout
-from imgclf.fileio import atomic_write_bytes
+from imgclf.fileio import atomic_write_bytes, file_sha256
 from imgclf.model.metadata import BUNDLE_FORMAT, BundleError, ModelMeta, read_model_meta
 from imgclf.model.run_status import check_usable
 
@@ -45,7 +47,9 @@ def save_bundle(directory: str | os.PathLike, head: torch.nn.Module, meta: Model
     tensors = {f"head.{k}": v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     for k, v in (backbone_tensors or {}).items():
         tensors[f"backbone.{k}"] = v.detach().contiguous().cpu()
-    atomic_write_bytes(directory / layout.MODEL_TENSORS, save(tensors, metadata={"format": BUNDLE_FORMAT}))
+    data = save(tensors, metadata={"format": BUNDLE_FORMAT})
+    meta = dataclasses.replace(meta, tensors_sha256=hashlib.sha256(data).hexdigest())
+    atomic_write_bytes(directory / layout.MODEL_TENSORS, data)
     atomic_write_bytes(directory / layout.MODEL_META, (json.dumps(meta.to_dict(), indent=2, sort_keys=False) + "\n").encode())
     return directory
 
@@ -57,10 +61,16 @@ def load_bundle(path: str | os.PathLike) -> tuple[ModelMeta, dict[str, torch.Ten
 
     d = resolve_bundle_dir(path)
     meta = read_model_meta(d / layout.MODEL_META)
+    tensors_path = d / layout.MODEL_TENSORS
+    if meta.tensors_sha256 is not None and file_sha256(tensors_path) != meta.tensors_sha256:
+        raise BundleError(f"{tensors_path}: its sha256 differs from the one in model.json (the file was damaged or modified); refusing to load")
     try:
-        tensors = load_file(str(d / layout.MODEL_TENSORS))
+        tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise BundleError(f"{d / 'model.safetensors'}: unreadable ({e})") from None
+        raise BundleError(f"{tensors_path}: unreadable ({e})") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise BundleError(f"{tensors_path}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}); refusing to load")
     head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     backbone = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
     return meta, head, backbone

@@ -31,7 +31,7 @@ class BundleError(ValueError):
 FIELD_ORDER = (
     "format", "imgclf_version", "backbone", "weights", "preprocessing", "class_names", "head",
     "frozen_backbone", "backbone_tuned", "recipe", "settings", "train_config",
-    "threshold", "threshold_policy", "positive_class", "tta", "seed",
+    "threshold", "threshold_policy", "positive_class", "tta", "seed", "tensors_sha256",
 )
 
 
@@ -64,6 +64,7 @@ class ModelMeta:
     positive_class: str | None = None
     tta: str = "none"
     seed: int = 0
+    tensors_sha256: str | None = None  # of model.safetensors, set by save_bundle and checked by load_bundle
     format: str = BUNDLE_FORMAT
     extra: dict = field(default_factory=dict)  # keys this version does not know, written back as read
 
@@ -97,6 +98,8 @@ class ModelMeta:
             "tta": self.tta,
             "seed": self.seed,
         }
+        if self.tensors_sha256 is not None:  # bundles written before it was recorded have none
+            values["tensors_sha256"] = self.tensors_sha256
         return json.loads(json.dumps({**values, **self.extra}))
 
     @classmethod
@@ -161,6 +164,7 @@ class ModelMeta:
             positive_class=optional("positive_class", (str,), "a class name"),
             tta=tta or "none",
             seed=seed,
+            tensors_sha256=optional("tensors_sha256", (str,), "a sha256 hex digest"),
             extra={k: v for k, v in d.items() if k not in FIELD_ORDER},
         )
 

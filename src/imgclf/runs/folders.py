@@ -56,7 +56,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 def attach_run_log(run_dir: Path) -> logging.Handler:
     """Everything the run logs also goes to ``run_dir/train.log``."""
-    h = logging.FileHandler(run_dir / layout.LOG, encoding="utf-8")
+    h = logging.FileHandler(run_dir / layout.LOG, encoding="utf-8", errors="backslashreplace")  # a non-UTF-8 file name must not break logging
     h.setLevel(logging.DEBUG)
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("imgclf").addHandler(h)

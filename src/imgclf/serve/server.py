@@ -32,8 +32,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise ValueError(f"--host {host}: cannot resolve ({e.strerror or e})") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _, proto, _, addr = infos[0]
+    # proto (IPPROTO_TCP), not 0: asyncio turns Nagle off (TCP_NODELAY) only on connections of a
+    # socket that says it is TCP; with Nagle on, h11's separate header and body writes wait for
+    # the client's delayed ACK, ~40 ms on every keep-alive answer.
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
