@@ -134,6 +134,7 @@ def test_failed_stage_one_resumes_and_refusals_are_one_line(resume_env, shapes_r
     assert json.loads((stopped / layout.STATUS).read_text())["status"] == "failed"
 
     # refused, each with one line and before any work: other settings, other data
+    capsys.readouterr()  # only what the command prints below
     rc = main(["-q", "train", str(shapes_root), "--resume", str(stopped), "--epochs", "9"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "epochs=9 (recorded: 3)" in err[0], err

@@ -56,7 +56,8 @@ def read_status(run_dir: str | os.PathLike) -> dict | None:
         return {"status": RUNNING}
 
 
-def _alive(status: dict) -> bool:
+def is_alive(status: dict) -> bool:
+    """Is the process that wrote ``status`` still running on this host?"""
     if status.get("host") != socket.gethostname() or not isinstance(status.get("pid"), int):
         return False
     try:
@@ -78,5 +79,5 @@ def check_usable(run_dir: str | os.PathLike) -> None:
     key = str(Path(run_dir).resolve())
     if key not in _warned:
         _warned.add(key)
-        state = "is still training" if _alive(status) else "never finished (killed or interrupted)"
+        state = "is still training" if is_alive(status) else "never finished (killed or interrupted)"
         log.warning("%s: this run %s; its model was not evaluated and may be incomplete", run_dir, state)

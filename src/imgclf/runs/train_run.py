@@ -22,8 +22,7 @@ from imgclf.config.settings import RunOptions, RuntimeOptions, TrainSettings, ma
 from imgclf.data.datasets import load_dataset, read_split_csv, with_validation_folder, write_split_csv
 from imgclf.evaluation.metrics import format_metrics
 from imgclf.evaluation.thresholds import apply_threshold
-from imgclf.model.run_status import COMPLETE, RUNNING, mark_finished, mark_running, read_status
-from imgclf.model.run_status import _alive as is_alive  # the same pid check that warns about unfinished runs
+from imgclf.model.run_status import COMPLETE, RUNNING, is_alive, mark_finished, mark_running, read_status
 from imgclf.fileio import default_cache_dir, is_within, write_csv, write_json
 from imgclf.report.html import write_run_report
 from imgclf.runs.environment import environment_info
