@@ -21,7 +21,6 @@ from imgclf.fileio import atomic_write_bytes
 log = logging.getLogger("imgclf")
 
 _MAGIC = b"IMGCLF-F1"
-_HEADER = struct.Struct("<9sI16s")  # magic, dim, blake2b-16 digest of the payload
 
 
 def cache_key(backbone: str, fingerprint: str, *qualifiers: str, transform=None) -> str:
@@ -37,50 +36,58 @@ def cache_key(backbone: str, fingerprint: str, *qualifiers: str, transform=None)
     return "-".join(parts)
 
 
-class FeatureCache:
-    """One small file per (feature key, image content hash), validated on read.
+class ChecksummedFileCache:
+    """One small file per content hash: ``header + blake2b-16(payload) + payload``, validated on read.
 
-    A truncated, corrupt or foreign file is detected (length, magic, dimension and a
-    checksum of the payload), deleted, and reported as a miss so it is recomputed.
+    A truncated, corrupt or foreign file is detected (header, length and a checksum of the
+    payload), deleted, and reported as a miss so it is recomputed. Writes are atomic.
     """
 
-    def __init__(self, root: str | os.PathLike, key: str, dim: int):
-        self.dir = Path(root) / "features" / key
-        self.dim = dim
+    def __init__(self, folder: Path, header: bytes, payload_bytes: int, suffix: str, what: str):
+        self.dir = folder
+        self.header = header
+        self.payload_bytes = payload_bytes
+        self.suffix = suffix
+        self.what = what
 
     def _path(self, h: str) -> Path:
-        return self.dir / h[:2] / f"{h}.f32"
+        return self.dir / h[:2] / f"{h}{self.suffix}"
 
-    def get(self, h: str) -> np.ndarray | None:
+    def get_payload(self, h: str) -> bytes | None:
         p = self._path(h)
         try:
             raw = p.read_bytes()
-        except FileNotFoundError:
-            return None
         except OSError:
             return None
-        payload = raw[_HEADER.size:]
-        try:
-            magic, dim, digest = _HEADER.unpack_from(raw)
-        except struct.error:
-            magic, dim, digest = b"", -1, b""
-        if (
-            magic != _MAGIC
-            or dim != self.dim
-            or len(payload) != 4 * self.dim
-            or hashlib.blake2b(payload, digest_size=16).digest() != digest
-        ):
-            log.warning("feature cache: corrupt entry %s, recomputing", p)
+        n = len(self.header)
+        payload = raw[n + 16:]
+        if raw[:n] != self.header or len(payload) != self.payload_bytes or hashlib.blake2b(payload, digest_size=16).digest() != raw[n:n + 16]:
+            log.warning("%s: corrupt entry %s, recomputing", self.what, p)
             try:
                 p.unlink()
             except OSError:
                 pass
             return None
-        return np.frombuffer(payload, dtype="<f4").copy()
+        return payload
+
+    def put_payload(self, h: str, payload: bytes) -> None:
+        if len(payload) != self.payload_bytes:
+            raise ValueError(f"{self.what}: {len(payload)} bytes do not match the entry size {self.payload_bytes}")
+        atomic_write_bytes(self._path(h), self.header + hashlib.blake2b(payload, digest_size=16).digest() + payload)
+
+
+class FeatureCache(ChecksummedFileCache):
+    """Pooled feature vectors (float32), one file per (feature key, image content hash)."""
+
+    def __init__(self, root: str | os.PathLike, key: str, dim: int):
+        super().__init__(Path(root) / "features" / key, _MAGIC + struct.pack("<I", dim), 4 * dim, ".f32", "feature cache")
+        self.dim = dim
+
+    def get(self, h: str) -> np.ndarray | None:
+        payload = self.get_payload(h)
+        return None if payload is None else np.frombuffer(payload, dtype="<f4").copy()
 
     def put(self, h: str, vec: np.ndarray) -> None:
-        payload = np.ascontiguousarray(vec, dtype="<f4").tobytes()
-        if len(payload) != 4 * self.dim:
+        if vec.size != self.dim:
             raise ValueError(f"feature of size {vec.size} does not match cache dimension {self.dim}")
-        digest = hashlib.blake2b(payload, digest_size=16).digest()
-        atomic_write_bytes(self._path(h), _HEADER.pack(_MAGIC, self.dim, digest) + payload)
+        self.put_payload(h, np.ascontiguousarray(vec, dtype="<f4").tobytes())

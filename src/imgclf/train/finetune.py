@@ -18,7 +18,6 @@ beat the frozen one (measurements in benchmarks/README.md, "History of stage 2")
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -35,8 +34,8 @@ from torch import nn
 from imgclf.config.settings import TAIL_BN_MODES
 from imgclf.data.augment import AugmentConfig, AugmentedView
 from imgclf.backbones.blocks import backbone_blocks
-from imgclf.engines.cache import cache_key
-from imgclf.fileio import atomic_write_bytes, content_hash
+from imgclf.engines.cache import ChecksummedFileCache, cache_key
+from imgclf.fileio import content_hash
 from imgclf.data.preprocess import decode_array as _decode
 from imgclf.data.preprocess import decoded_batches
 from imgclf.train.checkpoint import EpochCheckpoint
@@ -101,47 +100,27 @@ class PrefixModule(nn.Module):
         return self.prefix(self.fx.normalize(x))
 
 
-class PrefixCache:
+class PrefixCache(ChecksummedFileCache):
     """Frozen-prefix activations on disk, one checksummed bf16 file per (key, image content hash).
 
     The key (:func:`prefix_cache_key`) names everything an activation depends on, so an
     entry is reused only where it would be recomputed bit for bit: a resumed run (or a
     second run with other stage-2 settings) reads them instead of running the prefix again.
-    A truncated, corrupt or foreign file is detected (magic, shape, length, checksum),
-    deleted and recomputed, as in the feature cache (:class:`imgclf.engines.cache.FeatureCache`).
     """
 
     def __init__(self, root: str | os.PathLike, key: str, shape: tuple[int, ...]):
-        self.dir = Path(root) / "prefix" / key
         self.shape = tuple(int(d) for d in shape)
-        self.header = _PREFIX_MAGIC + struct.pack(f"<I{len(self.shape)}I", len(self.shape), *self.shape)
-        self.nbytes = 2 * math.prod(self.shape)
-
-    def _path(self, h: str) -> Path:
-        return self.dir / h[:2] / f"{h}.bf16"
+        header = _PREFIX_MAGIC + struct.pack(f"<I{len(self.shape)}I", len(self.shape), *self.shape)
+        super().__init__(Path(root) / "prefix" / key, header, 2 * math.prod(self.shape), ".bf16", "prefix cache")
 
     def get(self, h: str) -> torch.Tensor | None:
-        p = self._path(h)
-        try:
-            raw = p.read_bytes()
-        except OSError:
-            return None
-        n = len(self.header)
-        payload = raw[n + 16:]
-        if raw[:n] != self.header or len(payload) != self.nbytes or hashlib.blake2b(payload, digest_size=16).digest() != raw[n:n + 16]:
-            log.warning("prefix cache: corrupt entry %s, recomputing", p)
-            try:
-                p.unlink()
-            except OSError:
-                pass
-            return None
-        return torch.frombuffer(bytearray(payload), dtype=torch.bfloat16).reshape(self.shape)
+        payload = self.get_payload(h)
+        return None if payload is None else torch.frombuffer(bytearray(payload), dtype=torch.bfloat16).reshape(self.shape)
 
     def put(self, h: str, activation: torch.Tensor) -> None:
         if tuple(activation.shape) != self.shape:
             raise ValueError(f"prefix activation of shape {tuple(activation.shape)} does not match the cache's {self.shape}")
-        payload = activation.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
-        atomic_write_bytes(self._path(h), self.header + hashlib.blake2b(payload, digest_size=16).digest() + payload)
+        self.put_payload(h, activation.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
 
 
 _PREFIX_MAGIC = b"IMGCLF-P1"
