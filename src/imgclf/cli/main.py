@@ -17,7 +17,7 @@ from imgclf.cli.common import Parser, one_line
 
 # Each module has ``register(subparsers, commands)``: it adds its parsers and puts
 # ``name -> function(args) -> int`` into ``commands``.
-COMMAND_MODULES = ("imgclf.cli.train", "imgclf.cli.predict", "imgclf.cli.inspect", "imgclf.cli.explain", "imgclf.cli.report",
+COMMAND_MODULES = ("imgclf.cli.train", "imgclf.cli.predict", "imgclf.cli.inspect", "imgclf.cli.audit", "imgclf.cli.explain", "imgclf.cli.report",
                    "imgclf.cli.export", "imgclf.cli.serve")
 
 

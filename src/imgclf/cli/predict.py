@@ -22,7 +22,8 @@ PREDICT_ENGINE_HELP = ("auto: the model's ONNX export (imgclf export) when a val
 def register(subparsers, commands) -> None:
     p = subparsers.add_parser("evaluate", help="metrics of a saved model on a labelled folder", description="Evaluate MODEL on DATA's test/ split, or on all of DATA when it is a folder of class sub-folders.")
     p.add_argument("model", help="run folder or model.json")
-    p.add_argument("data", help="dataset root with test/, or a folder of class sub-folders")
+    p.add_argument("data", nargs="?", default=None, help="dataset root with test/, or a folder of class sub-folders (or give --manifest instead)")
+    p.add_argument("--manifest", default=None, help="a CSV path,label[,split] (header row; paths relative to its folder): its test rows, or all rows when none is test")
     p.add_argument("--out", default=None, help="write the metrics JSON here")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
     p.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation (default: the model's)")
@@ -32,7 +33,8 @@ def register(subparsers, commands) -> None:
 
     p = subparsers.add_parser("predict", help="predict classes of image files or folders", description="Predict each image (folders are searched recursively). A bad file becomes a row with its error.")
     p.add_argument("model", help="run folder or model.json")
-    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("paths", nargs="*", help="image files and/or folders")
+    p.add_argument("--manifest", default=None, help="also predict the images in this CSV's path column (header row; paths relative to its folder; other columns ignored)")
     p.add_argument("--out", default=None, help="write results here (default: stdout)")
     p.add_argument("--format", default=None, choices=["csv", "json"], help="output format (default: from --out's extension, else csv)")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
@@ -41,8 +43,9 @@ def register(subparsers, commands) -> None:
     commands["predict"] = cmd_predict
 
 
-def _run_test_split(model, data, class_names):
-    """Test samples from split.csv when DATA is the run's own flat training set, else None.
+def _run_test_split(model, data, class_names, manifest=None):
+    """Test samples from split.csv when DATA (or ``manifest``, a CSV without test rows) is the
+    run's own flat training set, else None.
 
     Evaluating a flat set as a whole would score the training images too.
     """
@@ -51,13 +54,14 @@ def _run_test_split(model, data, class_names):
 
     run = resolve_bundle_dir(model)
     cfg_path, split_path = run / layout.CONFIG, run / layout.SPLIT
-    if not (cfg_path.is_file() and split_path.is_file()) or (Path(data) / "test").is_dir():
+    if not (cfg_path.is_file() and split_path.is_file()) or (manifest is None and (Path(data) / "test").is_dir()):
         return None
     try:
-        root = json.loads(cfg_path.read_text())["dataset"]["root"]
-    except (OSError, ValueError, KeyError, TypeError):
+        dataset = json.loads(cfg_path.read_text())["dataset"]
+        root = dataset.get("manifest") if manifest is not None else dataset["root"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if Path(root).resolve() != Path(data).resolve():
+    if not isinstance(root, str) or Path(root).resolve() != Path(manifest if manifest is not None else data).resolve():
         return None
     index = {c: i for i, c in enumerate(class_names)}
     return [Sample(Path(p), index[c], "test") for p, c in read_split_csv(split_path)["test"] if c in index]
@@ -88,20 +92,34 @@ def cmd_evaluate(args) -> int:
     from imgclf.fileio import write_json
     from imgclf.model.classifier import Classifier
 
+    if (args.data is None) == (args.manifest is None):
+        raise ValueError("give exactly one of DATA (a folder) and --manifest FILE.csv")
+    data_root = Path(args.manifest).parent if args.manifest else Path(args.data)
     if args.out:
-        _check_out(args.out, model=args.model)
-        if is_within(Path(args.out), Path(args.data)):
-            raise ValueError(f"--out {args.out} is inside the dataset; imgclf never writes into the dataset folder")
+        _check_out(args.out, inputs=[args.manifest] if args.manifest else (), model=args.model)
+        if is_within(Path(args.out), data_root):
+            raise ValueError(f"--out {args.out} is inside the dataset{' (the manifest folder)' if args.manifest else ''}; imgclf never writes into the dataset folder")
     clf = Classifier.load(args.model, weights=args.weights, tta=args.tta, **runtime_options(args))
     bootstrap = RUN_FIELDS["bootstrap"].default if args.bootstrap is None else args.bootstrap
-    samples = _run_test_split(args.model, args.data, clf.class_names_)
-    if samples is not None:
-        log.info("%s is this run's own (flat) training set: evaluating the run's test split from split.csv", args.data)
+    if args.manifest:
+        from imgclf.data.datasets import manifest_eval_samples
+
+        samples, missing, test_only = manifest_eval_samples(args.manifest, clf.class_names_)
+        own = None if test_only else _run_test_split(args.model, None, clf.class_names_, manifest=args.manifest)
+        if own is not None:
+            log.info("%s is this run's own manifest without test rows: evaluating the run's test split from split.csv", args.manifest)
+            samples, missing = own, []
         m = clf.evaluate_samples(samples, bootstrap=bootstrap)
+        m["skipped"] = [*m["skipped"], *({"path": str(p), "error": e} for p, e in missing)]
     else:
-        m = clf.evaluate(args.data, bootstrap=bootstrap)
+        samples = _run_test_split(args.model, args.data, clf.class_names_)
+        if samples is not None:
+            log.info("%s is this run's own (flat) training set: evaluating the run's test split from split.csv", args.data)
+            m = clf.evaluate_samples(samples, bootstrap=bootstrap)
+        else:
+            m = clf.evaluate(args.data, bootstrap=bootstrap)
     m["model"] = str(args.model)
-    m["data"] = str(args.data)
+    m["data"] = str(args.manifest or args.data)
     print(format_metrics(m))
     if m["skipped"]:
         for s in m["skipped"]:
@@ -118,12 +136,21 @@ def cmd_predict(args) -> int:
     from imgclf.fileio import atomic_write_bytes
     from imgclf.fileio import csv_text
 
+    if not args.paths and not args.manifest:
+        raise ValueError("nothing to predict: give image files/folders and/or --manifest FILE.csv")
+    inputs: list = list(args.paths)
+    if args.manifest:
+        from imgclf.data.datasets import manifest_image_paths
+
+        inputs += manifest_image_paths(args.manifest)
     if args.out:
-        _check_out(args.out, inputs=args.paths, model=args.model)
+        _check_out(args.out, inputs=[*args.paths, *([args.manifest] if args.manifest else [])], model=args.model)
+        if args.manifest and is_within(Path(args.out), Path(args.manifest).parent):
+            raise ValueError(f"--out {args.out} is inside the manifest's folder; imgclf never writes into the dataset folder")
     unreadable: list[tuple[Path, str]] = []  # folders that could not be listed: a row each, with the reason
-    paths, problems = collect_image_paths(args.paths, unreadable=unreadable)
+    paths, problems = collect_image_paths(inputs, unreadable=unreadable)
     if not paths:
-        raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(args.paths)))
+        raise ValueError("no image files to predict: " + ("; ".join(problems) or " ".join(map(str, inputs))))
     for p in problems:
         log.warning("%s", p)
     runtime = runtime_options(args)

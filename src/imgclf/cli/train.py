@@ -16,6 +16,9 @@ log = logging.getLogger("imgclf")
 EPILOG_TRAIN = """\
 dataset layouts: ROOT/{train,validation|val|valid,test}/<class>/<image> or ROOT/<class>/<image>;
 missing validation/test splits are carved from train (stratified, seeded, recorded in split.csv).
+or, instead of DATA, --manifest FILE.csv: header row path,label[,split]; paths relative to the CSV's
+folder or absolute; split train/validation|val|valid/test, empty or no column = carve (nothing is
+written under the CSV's folder).
 outputs: PROJECT/NAME[-k]/ with config.json, split.csv, metrics.csv, model.safetensors,
 model.json, test_metrics.json, skipped.csv and train.log.
 """
@@ -30,7 +33,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers, commands) -> None:
     p = subparsers.add_parser("train", help="train a classifier on a dataset folder", description="Extract (cached) backbone features, train the head, evaluate on test, save a run folder.", epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="dataset root")
+    p.add_argument("data", nargs="?", default=None, help="dataset root (or give --manifest instead)")
     add_train_flags(p)
     commands["train"] = cmd_train
 

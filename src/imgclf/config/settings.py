@@ -163,8 +163,10 @@ class RunOptions:
     project: str = setting("runs", "parent folder of run folders", group="output")
     name: str = setting("train", "run folder name; -2, -3... appended if taken", check=lambda v: None if v and v not in (".", "..") and all(c.isalnum() or c in "._-" for c in v) else "must use letters, digits, '.', '_' or '-'", group="output")
     validation: str | None = setting(None, "a folder of class sub-folders to use as the validation split (nothing is carved from train then)", group="data")
+    manifest: str | None = setting(None, "a CSV with a header row path,label[,split] listing the images (paths relative to the CSV's folder or absolute; an empty or missing split is carved), instead of DATA", group="data")
     bootstrap: int = setting(1000, "bootstrap resamples for the 95% confidence intervals, 0 = none", ge=0, group="decision")
     report: bool = setting(True, "write plots and report.html into the run folder", group="output")
+    exclude: str | None = setting(None, "a file of image paths to leave out of every split (one per line, or a CSV with a path column such as a filtered audit.csv from imgclf audit); relative paths are under the dataset root; listed in skipped.csv", group="data")
     resume: str | None = setting(None, "continue the interrupted run folder RESUME from its last complete epoch, with the settings in its config.json (flags given must match them) on the same data", group="output")
 
     def __post_init__(self):

@@ -8,6 +8,11 @@ Two on-disk layouts are understood:
   matched case-insensitively).
 * ``flat``: ``ROOT/<class>/<image>``; validation and test are carved from it.
 
+A third source is a manifest (``load_manifest``): a CSV with a header row and
+columns ``path,label[,split]``, paths relative to the CSV's folder (which then
+counts as the dataset folder) or absolute; it yields the same ``Dataset``, carved
+by the same rule (layout ``"manifest"``).
+
 Class names are train's class folder names, sorted (plain string order), and a
 class's label is its index in that list. Images nested deeper inside a class
 folder belong to that class. Hidden entries, stray files (``README.txt``,
@@ -59,6 +64,10 @@ __all__ = [
     "Dataset",
     "scan_layout",
     "load_dataset",
+    "load_manifest",
+    "scan_manifest",
+    "manifest_image_paths",
+    "manifest_eval_samples",
     "write_split_csv",
     "read_split_csv",
     "collect_image_paths",
@@ -491,12 +500,6 @@ def load_dataset(
     test_fraction = _check_fraction("test_fraction", test_fraction)
     root = Path(root)
     layout, found, ignored, warnings, split_dirs, unreadable = _scan(root)
-    class_names = sorted(found["train"])
-
-    per_split: dict[str, dict[str, list[Path]]] = {
-        split: {name: list(found.get(split, {}).get(name, [])) for name in class_names}
-        for split in SPLIT_NAMES
-    }
     source: dict[str, str] = {}
     if layout == "splits":
         for split in SPLIT_NAMES:
@@ -504,8 +507,40 @@ def load_dataset(
                 source[split] = f"folder {split_dirs[split].name}"
     else:
         source["train"] = "flat class folders (what is left after carving)"
+    return _split_dataset(
+        root, layout, found, source, "all images" if layout == "flat" else "train", "folder",
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        ignored=ignored, warnings=warnings, unreadable=unreadable,
+    )
 
-    pool_name = "all images" if layout == "flat" else "train"
+
+def _split_dataset(
+    root: Path,
+    layout: str,
+    found: dict[str, dict[str, list[Path]]],
+    source: dict[str, str],
+    pool_name: str,
+    missing_what: str,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    ignored: list[Path],
+    warnings: list[str],
+    unreadable: list[tuple[Path, str]],
+    kept_in_train: dict[str, list[Path]] | None = None,
+) -> Dataset:
+    """Carve the splits missing from ``source`` out of ``found["train"]`` (the pool) and build the Dataset.
+
+    Shared by folder datasets and manifests so both carve identically. ``kept_in_train``:
+    images assigned to train that are not part of the pool (a manifest's explicit train
+    rows when other rows leave their split empty); they join train after carving.
+    """
+    class_names = sorted(set(found["train"]) | set(kept_in_train or {}))
+    per_split: dict[str, dict[str, list[Path]]] = {
+        split: {name: list(found.get(split, {}).get(name, [])) for name in class_names}
+        for split in SPLIT_NAMES
+    }
     carve_plan = [("test", test_fraction), ("validation", val_fraction)]
     carved_any = False
     for split, fraction in carve_plan:
@@ -514,7 +549,7 @@ def load_dataset(
         of = pool_name if not carved_any else f"{pool_name} after carving test"
         if fraction <= 0:
             source[split] = f"none ({'test' if split == 'test' else 'val'}_fraction=0)"
-            warnings.append(f"{root}: no {split} folder and its fraction is 0, so {split} is empty")
+            warnings.append(f"{root}: no {split} {missing_what} and its fraction is 0, so {split} is empty")
             continue
         source[split] = f"stratified {fraction:g} of {of}, seed {seed}"
         carved_any = carved_any or split == "test"
@@ -531,6 +566,8 @@ def load_dataset(
                 warnings.append(
                     f"class '{name}': only {len(kept)} train image(s), none carved into {split}"
                 )
+    for name, paths in (kept_in_train or {}).items():
+        per_split["train"][name] = sorted([*per_split["train"][name], *paths], key=lambda p: p.as_posix())
 
     samples: dict[str, list[Sample]] = {}
     for split in SPLIT_NAMES:
@@ -549,6 +586,267 @@ def load_dataset(
         ignored=ignored,
         unreadable=unreadable,
     )
+
+
+# --------------------------------------------------------------------------- manifest CSV
+
+MANIFEST_COLUMNS = ("path", "label", "split")
+
+
+@dataclass
+class _Manifest:
+    """A manifest's rows sorted into splits, before any carving."""
+
+    path: Path
+    root: Path  # the CSV's folder: relative paths start here and nothing is written under it
+    explicit: dict[str, dict[str, list[Path]]]  # split -> label -> images whose split cell names it
+    unassigned: dict[str, list[Path]]  # label -> images whose split is empty or has no column
+    ignored: list[Path]
+    warnings: list[str]
+    unreadable: list[tuple[Path, str]]
+
+
+def _open_manifest(path: Path):
+    if not path.exists():
+        raise DatasetError(f"{path}: manifest file does not exist")
+    if not path.is_file():
+        raise DatasetError(f"{path}: manifest is not a file")
+    try:
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+        return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
+
+
+def _manifest_rows(path: Path, *, need_label: bool):
+    """``(line, path as written, image path, label, split or None)`` per row, header and rows checked.
+
+    ``need_label=False`` (prediction) reads the path column only.
+    """
+    with _open_manifest(path) as fh:
+        reader = csv.reader(fh)
+        try:
+            header_row = next(reader, None)
+            if header_row is None:
+                raise DatasetError(f"{path}: manifest is empty (expected a header row path,label[,split])")
+            header = [h.strip().lower() for h in header_row]
+            missing = [c for c in (("path", "label") if need_label else ("path",)) if c not in header]
+            if missing:
+                raise DatasetError(
+                    f"{path}:1: manifest header lacks column(s) {', '.join(missing)} "
+                    f"(expected path,label[,split]; got {','.join(header_row)})"
+                )
+            dup = sorted({c for c in header if c in MANIFEST_COLUMNS and header.count(c) > 1})
+            if dup:
+                raise DatasetError(f"{path}:1: manifest header repeats column(s) {', '.join(dup)}")
+            col = {c: header.index(c) for c in MANIFEST_COLUMNS if c in header}
+            n_rows = 0
+            for row in reader:
+                line = reader.line_num
+                if not any(cell.strip() for cell in row):
+                    continue  # blank line
+                n_rows += 1
+                if len(row) != len(header):
+                    raise DatasetError(f"{path}:{line}: {len(row)} field(s), the header has {len(header)}")
+                file_raw = row[col["path"]].strip()
+                label = row[col["label"]].strip() if "label" in col else ""
+                if not file_raw or (need_label and not label):
+                    raise DatasetError(f"{path}:{line}: empty {'path' if not file_raw else 'label'}")
+                split = None
+                split_raw = row[col["split"]].strip() if "split" in col else ""
+                if split_raw and need_label:
+                    split = _ALIAS_TO_SPLIT.get(split_raw.lower())
+                    if split is None:
+                        raise DatasetError(
+                            f"{path}:{line}: unknown split {split_raw!r} (expected train, "
+                            f"validation/val/valid, test, or empty to carve)"
+                        )
+                image = Path(file_raw)
+                if not image.is_absolute():
+                    image = path.parent / image
+                yield line, file_raw, image, label, split
+        except csv.Error as exc:
+            raise DatasetError(f"{path}:{reader.line_num}: unreadable CSV row ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: manifest is not text ({exc.reason})") from None
+    if n_rows == 0:
+        raise DatasetError(f"{path}: manifest has a header but no rows")
+
+
+def manifest_image_paths(manifest: str | os.PathLike) -> list[Path]:
+    """The path column of a manifest (labels and splits ignored), in file order, for prediction."""
+    return [image for _, _, image, _, _ in _manifest_rows(Path(manifest), need_label=False)]
+
+
+def _read_manifest(manifest: str | os.PathLike) -> _Manifest:
+    """Parse and check a ``path,label[,split]`` CSV; every problem names the CSV line.
+
+    Rows whose file does not exist, or is a folder, are skipped into ``unreadable`` (as
+    a folder dataset skips what it cannot read); a listed file without an image
+    extension is skipped into ``ignored`` with a warning, as a stray file in a folder is.
+    """
+    path = Path(manifest)
+    root = path.parent
+    explicit: dict[str, dict[str, list[Path]]] = {}
+    unassigned: dict[str, list[Path]] = {}
+    ignored: list[Path] = []
+    warnings: list[str] = []
+    unreadable: list[tuple[Path, str]] = []
+    seen: dict[object, int] = {}
+    for line, file_raw, image, label, split in _manifest_rows(path, need_label=True):
+        key: object = os.path.normcase(os.path.abspath(image))
+        first = seen.get(key)
+        if first is None:
+            try:
+                st = os.stat(image)
+                key = (st.st_dev, st.st_ino)
+                first = seen.get(key)
+            except OSError:
+                pass
+        if first is not None:
+            raise DatasetError(f"{path}:{line}: {file_raw} is listed again (first on line {first}); list each image once")
+        seen[key] = line
+        if image.is_dir():
+            unreadable.append((image, f"manifest line {line}: a folder, not an image file"))
+            continue
+        if not image.is_file():
+            reason = "no such file" if not (image.exists() or image.is_symlink()) else "not a regular file (or a broken link)"
+            unreadable.append((image, f"manifest line {line}: {reason}"))
+            continue
+        if not is_image_file(image):
+            ignored.append(image)
+            warnings.append(f"{path}:{line}: {image} has no image extension ({', '.join(sorted(_EXTS))}); skipped")
+            continue
+        if split is None:
+            unassigned.setdefault(label, []).append(image)
+        else:
+            explicit.setdefault(split, {}).setdefault(label, []).append(image)
+    if unreadable:
+        warnings.append(f"{path}: {len(unreadable)} listed file(s) missing or not files, skipped (e.g. {unreadable[0][0]})")
+    return _Manifest(path, root, explicit, unassigned, ignored, warnings, unreadable)
+
+
+def _check_manifest_classes(m: _Manifest) -> list[str]:
+    """The class names (labels of train and the carving pool); DatasetError for a class
+    that exists only in validation/test, a train class left without images, or one class."""
+    train = m.explicit.get("train", {})
+    classes = sorted(set(train) | set(m.unassigned))
+    if not classes:
+        if m.unreadable:
+            raise DatasetError(f"{m.path}: no listed train image exists, e.g. {m.unreadable[0][0]} ({m.unreadable[0][1]})")
+        raise DatasetError(f"{m.path}: no train images (rows with split train or an empty split)")
+    for split in ("validation", "test"):
+        for label in sorted(m.explicit.get(split, {})):
+            if label not in classes:
+                raise DatasetError(
+                    f"{m.path}: label '{label}' appears in {split} but not in train (classes come from train)"
+                )
+    if len(classes) < 2:
+        raise DatasetError(f"{m.path}: only one label ('{classes[0]}') in train; a classifier needs at least two")
+    return classes
+
+
+def scan_manifest(
+    manifest: str | os.PathLike,
+) -> tuple[Path, str, dict[str, dict[str, list[Path]]], list[Path], list[str], list[tuple[Path, str]]]:
+    """``scan_layout`` for a manifest: ``(root, "manifest", found, ignored, warnings, unreadable)``.
+
+    ``found["train"]`` holds train rows and rows with no split (the pool carving draws
+    from), as a flat folder's images are reported; ``root`` is the CSV's folder.
+    """
+    m = _read_manifest(manifest)
+    classes = _check_manifest_classes(m)
+    found: dict[str, dict[str, list[Path]]] = {
+        "train": {c: sorted([*m.explicit.get("train", {}).get(c, []), *m.unassigned.get(c, [])], key=lambda p: p.as_posix()) for c in classes}
+    }
+    for split in ("validation", "test"):
+        if split in m.explicit:
+            found[split] = {c: sorted(m.explicit[split].get(c, []), key=lambda p: p.as_posix()) for c in classes}
+    return m.root, "manifest", found, m.ignored, m.warnings, m.unreadable
+
+
+def load_manifest(
+    manifest: str | os.PathLike,
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """A Dataset from a ``path,label[,split]`` CSV (header row), split as ``load_dataset`` splits folders.
+
+    Paths are relative to the CSV's folder (``Dataset.root``) or absolute. Split values
+    take the folder aliases (``val``, ``valid``); a split no row names is carved with
+    the same stratified seeded rule. Rows with an empty split cell (or no split column)
+    are the pool carving draws from and what is left joins train; when no row leaves
+    its split empty, the pool is train, as for folders. Class names are the sorted
+    labels of train and the pool.
+    """
+    val_fraction = _check_fraction("val_fraction", val_fraction)
+    test_fraction = _check_fraction("test_fraction", test_fraction)
+    m = _read_manifest(manifest)
+    classes = _check_manifest_classes(m)
+    train = m.explicit.get("train", {})
+    named = [s for s in SPLIT_NAMES if s in m.explicit]
+    source = {split: f"manifest split column ({split})" for split in named}
+    kept_in_train: dict[str, list[Path]] | None = None
+    if m.unassigned:
+        pool = {c: sorted(m.unassigned.get(c, []), key=lambda p: p.as_posix()) for c in classes}
+        pool_name = "rows with no split" if named else "all rows"
+        if "train" in named:
+            kept_in_train = {c: list(train.get(c, [])) for c in classes}
+            source["train"] = "manifest split column (train) and rows with no split left after carving"
+        else:
+            source["train"] = f"{pool_name} (what is left after carving)"
+        if all(s in named for s in ("validation", "test")):
+            m.warnings.append(f"{m.path}: every split is named in the manifest, so rows with no split join train")
+    else:
+        pool = {c: list(train.get(c, [])) for c in classes}
+        pool_name = "train"
+    for c in classes:
+        if not pool[c] and not (kept_in_train or {}).get(c):
+            raise DatasetError(f"{m.path}: label '{c}' has no train image that exists")
+    def by_path(paths: list[Path]) -> list[Path]:
+        return sorted(paths, key=lambda p: p.as_posix())
+
+    found = {"train": {c: by_path(v) for c, v in pool.items()},
+             **{s: {c: by_path(v) for c, v in m.explicit[s].items()} for s in ("validation", "test") if s in m.explicit}}
+    if kept_in_train is not None:
+        kept_in_train = {c: by_path(v) for c, v in kept_in_train.items()}
+    return _split_dataset(
+        m.root, "manifest", found, source, pool_name, "rows in the manifest",
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        ignored=m.ignored, warnings=m.warnings, unreadable=m.unreadable, kept_in_train=kept_in_train,
+    )
+
+
+def manifest_eval_samples(
+    manifest: str | os.PathLike, class_names: list[str]
+) -> tuple[list[Sample], list[tuple[Path, str]], bool]:
+    """Labelled samples of a manifest to evaluate a model on: ``(samples, skipped, test_only)``.
+
+    The rows whose split is test when any row has one (as ``evaluate`` takes DATA/test),
+    else every row; ``skipped`` are listed files that do not exist. Unlike training, one
+    label is enough; a label unknown to the model is a DatasetError.
+    """
+    m = _read_manifest(manifest)
+    for w in m.warnings:
+        log.warning("%s", w)
+    test_only = "test" in m.explicit
+    if test_only:
+        by_label = m.explicit["test"]
+    else:
+        by_label = {}
+        for rows in [m.unassigned, *m.explicit.values()]:
+            for label, paths in rows.items():
+                by_label.setdefault(label, []).extend(paths)
+    if not any(by_label.values()):
+        raise DatasetError(f"{m.path}: no listed image exists to evaluate" + (f", e.g. {m.unreadable[0][0]} ({m.unreadable[0][1]})" if m.unreadable else ""))
+    index = {c: i for i, c in enumerate(class_names)}
+    unknown = sorted(c for c in by_label if c not in index)
+    if unknown:
+        raise DatasetError(f"{m.path}: label(s) {', '.join(unknown)} unknown to the model (classes: {', '.join(class_names)})")
+    samples = [Sample(p, index[c], "test") for c in sorted(by_label) for p in sorted(by_label[c], key=lambda p: p.as_posix())]
+    return samples, m.unreadable, test_only
 
 
 # --------------------------------------------------------------------------- split CSV

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgclf.data.datasets import SPLIT_NAMES, scan_layout
+from imgclf.data.datasets import SPLIT_NAMES, DatasetError, scan_layout, scan_manifest
 from imgclf.data.imaging import ImageDecodeError, decode_image
 
 __all__ = ["inspect_dataset", "format_report", "perceptual_signature", "NEAR_DUP_MAX_DISTANCE", "NEAR_DUP_MIN_CORRELATION"]
@@ -113,8 +113,9 @@ def _short_list(paths: list[str]) -> str:
 
 
 def inspect_dataset(
-    root: str | os.PathLike,
+    root: str | os.PathLike | None = None,
     *,
+    manifest: str | os.PathLike | None = None,
     progress: bool = False,
     workers: int | None = None,
     split_of: dict[str, str] | None = None,
@@ -128,10 +129,19 @@ def inspect_dataset(
     and leakage are then checked between the splits the run really used (carved ones
     included), and images the run did not use are left out of that check; counts stay
     those of the folders. ``near_duplicates``: also run the perceptual-hash check.
-    Raises ``DatasetError`` if the folder structure itself is unusable.
+    ``manifest``: a ``path,label[,split]`` CSV instead of ``root`` (the report's root is
+    then the CSV's folder; listed files that do not exist are warnings and ``problems``).
+    Raises ``DatasetError`` if the folder structure (or the manifest) itself is unusable.
     """
-    root_path = Path(os.path.abspath(root))  # absolute paths throughout the report
-    layout, found, ignored, warnings = scan_layout(root_path)
+    if (root is None) == (manifest is None):
+        raise DatasetError("give exactly one of a dataset folder and a manifest CSV")
+    missing_listed: list[tuple[Path, str]] = []
+    if manifest is not None:
+        manifest_root, layout, found, ignored, warnings, missing_listed = scan_manifest(Path(os.path.abspath(manifest)))
+        root_path = manifest_root
+    else:
+        root_path = Path(os.path.abspath(root))  # absolute paths throughout the report
+        layout, found, ignored, warnings = scan_layout(root_path)
     warnings = list(warnings)
 
     def rel(p: str) -> str:
@@ -189,6 +199,7 @@ def inspect_dataset(
         modes[r["mode"]] += 1
         if dup_split[i] is not None:
             by_hash[r["hash"]].append(i)
+    problems += [{"path": str(path), "kind": "missing", "message": reason} for path, reason in missing_listed]
     problems.sort(key=lambda d: d["path"])
 
     within: list[dict] = []
@@ -263,6 +274,7 @@ def inspect_dataset(
 
     return {
         "root": str(root_path),
+        **({"manifest": str(Path(os.path.abspath(manifest)))} if manifest is not None else {}),
         "layout": layout,
         "class_names": class_names,
         "counts": counts,
@@ -378,8 +390,9 @@ def format_report(report: dict) -> str:
         return p[len(root):] if p.startswith(root) else p
 
     lines: list[str] = []
-    lines.append(f"Dataset: {report['root']}")
-    layout_note = " (flat: validation/test will be carved from these)" if report["layout"] == "flat" else ""
+    lines.append(f"Dataset: {report['manifest']} (paths relative to {report['root']})" if report.get("manifest") else f"Dataset: {report['root']}")
+    layout_note = {"flat": " (flat: validation/test will be carved from these)",
+                   "manifest": " (train counts include rows with no split; splits no row names will be carved from them)"}.get(report["layout"], "")
     lines.append(f"Layout:  {report['layout']}{layout_note}")
     lines.append(f"Classes: {len(report['class_names'])}")
     lines.append("")

@@ -664,7 +664,9 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
         from imgclf.data.inspection import inspect_dataset
 
         try:
-            ctx["inspection"] = inspect_dataset(root, split_of=_run_split_map(run_dir / layout.SPLIT))
+            manifest = (config.get("dataset") or {}).get("manifest")  # a manifest run: inspect the listed images, not the CSV's folder
+            source = {"manifest": manifest} if manifest and Path(manifest).is_file() else {"root": root}
+            ctx["inspection"] = inspect_dataset(**source, split_of=_run_split_map(run_dir / layout.SPLIT))
         except Exception as e:  # noqa: BLE001 - report the rest
             ctx["inspection_note"] = f"dataset check failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     else:

@@ -19,7 +19,8 @@ from pathlib import Path
 from imgclf.config import layout
 from imgclf.config.recipes import make_settings
 from imgclf.config.settings import RunOptions, RuntimeOptions, TrainSettings, make_run_options, make_runtime
-from imgclf.data.datasets import load_dataset, read_split_csv, with_validation_folder, write_split_csv
+from imgclf.data.datasets import load_dataset, load_manifest, read_split_csv, with_validation_folder, write_split_csv
+from imgclf.data.exclusions import apply_exclusions
 from imgclf.evaluation.metrics import format_metrics
 from imgclf.evaluation.thresholds import apply_threshold
 from imgclf.model.run_status import COMPLETE, RUNNING, is_alive, mark_finished, mark_running, read_status
@@ -136,8 +137,36 @@ def check_same_split(ds, run_dir: Path) -> None:
         raise ValueError(f"--resume {run_dir}: the dataset changed since the run started ({', '.join(changed)} split differs from {layout.SPLIT}); start a new run")
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dataset_root(data, manifest) -> Path:
+    """The folder imgclf must never write into: DATA, or the manifest's folder; exactly one source."""
+    if (data is None) == (not manifest):
+        raise ValueError("give exactly one of DATA (a dataset folder) and --manifest FILE.csv" if data is None else
+                         f"give either DATA ({data}) or --manifest ({manifest}), not both")
+    return Path(manifest).parent if manifest else Path(data)
+
+
+def _check_not_beside_images(ds, places: dict[str, Path]) -> None:
+    """A manifest may list images outside its own folder: no output goes into their folders either."""
+    folders = {Path(os.path.realpath(os.path.dirname(os.path.abspath(s.path)))) for s in ds.all_samples()}
+    for what, place in places.items():
+        resolved = Path(place).resolve()
+        for folder in (resolved, *resolved.parents):
+            if folder in folders:
+                raise ValueError(f"{what} {place} is inside {folder}, a folder of the manifest's images; imgclf never writes into the dataset folder")
+
+
 def train_run(
-    data: str | os.PathLike,
+    data: str | os.PathLike | None = None,
     settings: TrainSettings | None = None,
     run: RunOptions | None = None,
     runtime: RuntimeOptions | None = None,
@@ -146,7 +175,7 @@ def train_run(
     echo: Callable[[str], None] | None = None,
     **options,
 ) -> dict:
-    """Train on ``data`` and write a complete run folder; returns the test metrics (with ``run``).
+    """Train on ``data`` (or the run option ``manifest``, a CSV) and write a complete run folder; returns the test metrics (with ``run``).
 
     ``options`` are declared settings, run options or runtime options by name (checked
     here, before any work), e.g. ``train_run("DATA", recipe="fast", epochs=10,
@@ -159,8 +188,9 @@ def train_run(
     echo = echo or _quiet
     run_given = {k: options.pop(k) for k in list(options) if k in RUN_FIELDS}
     runtime_given = {k: options.pop(k) for k in list(options) if k in RUNTIME_FIELDS}
-    root = Path(data)
     resume_dir = run.resume if run is not None else run_given.get("resume")
+    manifest = run.manifest if run is not None else run_given.get("manifest")
+    root = _dataset_root(data, manifest)
     recorded = None
     if resume_dir:  # the run folder's recorded settings are this run's
         recorded = resumable_config(resume_dir, root)
@@ -170,16 +200,22 @@ def train_run(
     settings = settings or make_settings(**options)
     cache_dir = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
     if is_within(Path(run.project), root):
-        raise ValueError(f"project {run.project} is inside the dataset {root}; imgclf never writes into the dataset folder")
+        raise ValueError(f"project {run.project} is inside the dataset {root}{' (the manifest folder)' if manifest else ''}; imgclf never writes into the dataset folder")
     if is_within(cache_dir, root):
-        raise ValueError(f"cache_dir {cache_dir} is inside the dataset {root}; imgclf never writes into the dataset folder")
+        raise ValueError(f"cache_dir {cache_dir} is inside the dataset {root}{' (the manifest folder)' if manifest else ''}; imgclf never writes into the dataset folder")
 
     clf = ImageClassifier(settings=settings, **runtime.to_dict())
     clf.prepare_backbone()  # backbone, weights and unfreeze checked before the dataset scan and before a run folder exists
     clf.stage2_blocks()
-    ds = load_dataset(root, val_fraction=0.0 if run.validation else settings.val_fraction, test_fraction=settings.test_fraction, seed=settings.seed)
+    split_options = dict(val_fraction=0.0 if run.validation else settings.val_fraction, test_fraction=settings.test_fraction, seed=settings.seed)
+    ds = load_manifest(manifest, **split_options) if manifest else load_dataset(root, **split_options)
+    if manifest:
+        _check_not_beside_images(ds, {"project": Path(run.project), "cache_dir": cache_dir})
     if run.validation:  # the validation folder replaces carving: train keeps all its images
         ds = with_validation_folder(ds, run.validation)
+    excluded: list[tuple[str, str]] = []
+    if run.exclude:  # images the user rejected (imgclf audit): dropped here, each logged and listed in skipped.csv
+        ds, excluded, unmatched = apply_exclusions(ds, run.exclude)
     if recorded is not None:
         run_dir = Path(resume_dir)
         check_same_split(ds, run_dir)
@@ -189,11 +225,15 @@ def train_run(
     handler = attach_run_log(run_dir)
     try:
         log.info("run folder: %s", run_dir)
-        log.info("dataset %s (%s layout), %d classes: %s", root, ds.layout, len(ds.class_names), ", ".join(ds.class_names))
+        log.info("dataset %s (%s layout), %d classes: %s", manifest or root, ds.layout, len(ds.class_names), ", ".join(ds.class_names))
         for split, src in ds.split_source.items():
             log.info("  %s: %s", split, src)
         for p in ds.ignored:
             log.info("ignored stray entry %s", p)
+        for p, why in excluded:
+            log.info("%s: %s", why, p)
+        if run.exclude:
+            log.info("--exclude %s: %d image(s) left out%s", run.exclude, len(excluded), f", {len(unmatched)} listed path(s) match no image of the dataset" if unmatched else "")
         echo(format_counts(ds.counts(), ds.class_names))
         config = {**recorded, "resumed": [*recorded.get("resumed", []), {
             "at": status["started"], "args": command_line if command_line is not None else {**options, **run_given, **runtime_given},
@@ -204,7 +244,8 @@ def train_run(
             "run": run.to_dict(),
             "runtime": runtime.to_dict(),
             "dataset": {"root": str(root.resolve()), "layout": ds.layout, "class_names": ds.class_names, "split_source": ds.split_source,
-                        "split_seed": settings.seed, "counts": ds.counts()},
+                        "split_seed": settings.seed, "counts": ds.counts(),
+                        **({"manifest": str(Path(manifest).resolve()), "manifest_sha256": _sha256(Path(manifest))} if manifest else {})},
             "environment": environment_info(),
         }
         write_json(run_dir / layout.CONFIG, config)
@@ -223,7 +264,7 @@ def train_run(
         metrics["run"] = str(run_dir)
         write_json(run_dir / layout.TEST_METRICS, metrics)
         write_csv(run_dir / layout.TEST_PREDICTIONS, prediction_rows(clf), ["path", "true", "predicted", *clf.class_names_])
-        skipped = [(str(p), e) for p, e in ds.unreadable] + clf.skipped_ + [(s["path"], s["error"]) for s in metrics["skipped"]]
+        skipped = excluded + [(str(p), e) for p, e in ds.unreadable] + clf.skipped_ + [(s["path"], s["error"]) for s in metrics["skipped"]]
         write_csv(run_dir / layout.SKIPPED, [{"path": p, "error": e} for p, e in skipped], ["path", "error"])
         ex = clf.last_extraction_
         config["fit_summary"] = clf.fit_summary_

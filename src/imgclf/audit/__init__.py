@@ -1,0 +1,1 @@
+"""``imgclf audit``: likely mislabelled images, outliers and duplicates, found before training."""
