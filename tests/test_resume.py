@@ -156,7 +156,7 @@ def test_resume_refuses_a_changed_split(resume_env, shapes_root, tmp_path):
     """Same dataset root, other images: the recorded split.csv no longer matches."""
     import shutil
 
-    from imgclf.runs.train_run import check_same_split
+    from imgclf.runs.resume import check_same_split
     from imgclf.data.datasets import load_dataset
 
     base, options, full = resume_env
