@@ -417,7 +417,7 @@ ARG_CASES = {
     "non-image-file-name": ArgCase(_non_image_name, 2, "not an image file name"),
     "dangling-link-argument": ArgCase(_dangling_link_argument, 2, "broken link"),
     "dangling-link-in-folder": ArgCase(_dangling_link_in_folder, 0),
-    "dash-name-as-option": ArgCase(_dash_name_unescaped, 2, "required"),
+    "dash-name-as-option": ArgCase(_dash_name_unescaped, 2, "unrecognized arguments: -x.png"),
     "dash-name-after-double-dash": ArgCase(_dash_name_after_double_dash, 0),
     "zero-byte-named-directly": ArgCase(_zero_byte_named_directly, 0),
 }

@@ -246,3 +246,12 @@ def test_evaluate_on_the_runs_own_flat_set_uses_its_test_split(tmp_path, capsys)
     out = tmp_path / "e.json"
     assert main(["evaluate", str(tmp_path / "runs" / "train"), str(root), "--out", str(out), "--no-progress", "--bootstrap", "0"]) == 0
     assert json.loads(out.read_text())["n"] == 4  # the carved test split, not all 20 images
+
+
+def test_predict_takes_paths_after_options_and_after_double_dash(trained_run, shapes_root, tmp_path):
+    one = shapes_root / "test" / "circle" / "circle_000.jpg"
+    two = shapes_root / "test" / "square"
+    out = tmp_path / "p.csv"
+    assert main(["-q", "predict", str(trained_run), "--out", str(out), str(one), "--engine", "torch", "--no-progress", "--", str(two)]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 1 + 6 and rows[0]["path"] == str(one) and not any(r["error"] for r in rows)

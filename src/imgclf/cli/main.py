@@ -33,11 +33,26 @@ def build_parser(commands: dict | None = None) -> Parser:
     return parser
 
 
+def _parse(parser: Parser, argv: list[str] | None):
+    """parse_args, except that a command with an optional list of paths (``extra_positionals``)
+    also gets the paths argparse leaves over: those after an option or after ``--``."""
+    args, extra = parser.parse_known_args(argv)
+    dest = getattr(args, "extra_positionals", None)
+    if extra and dest:
+        cut = extra.index("--") if "--" in extra else len(extra)
+        before, after = extra[:cut], extra[cut + 1:]
+        getattr(args, dest).extend([e for e in before if not e.startswith("-")] + after)
+        extra = [e for e in before if e.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     commands: dict = {}
     parser = build_parser(commands)
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         if not args.command:
             parser.print_help()
             return 2

@@ -34,6 +34,9 @@ def register(subparsers, commands) -> None:
     p = subparsers.add_parser("predict", help="predict classes of image files or folders", description="Predict each image (folders are searched recursively). A bad file becomes a row with its error.")
     p.add_argument("model", help="run folder or model.json")
     p.add_argument("paths", nargs="*", help="image files and/or folders")
+    # argparse gives an optional `paths` nothing once MODEL is matched, so paths after an option
+    # or after `--` come back unrecognised; cli.main._parse appends them here
+    p.set_defaults(extra_positionals="paths")
     p.add_argument("--manifest", default=None, help="also predict the images in this CSV's path column (header row; paths relative to its folder; other columns ignored)")
     p.add_argument("--out", default=None, help="write results here (default: stdout)")
     p.add_argument("--format", default=None, choices=["csv", "json"], help="output format (default: from --out's extension, else csv)")
@@ -132,9 +135,9 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from imgclf.data.datasets import collect_image_paths
+    from imgclf.fileio import atomic_write_bytes, csv_text
     from imgclf.predict.choose import predictor_for
-    from imgclf.fileio import atomic_write_bytes
-    from imgclf.fileio import csv_text
+
 
     if not args.paths and not args.manifest:
         raise ValueError("nothing to predict: give image files/folders and/or --manifest FILE.csv")
