@@ -72,8 +72,19 @@ def _check_policy(value: str) -> str | None:
     return None
 
 
+class Declared:
+    """Base of the declared settings dataclasses: every field checked against its declaration."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_value(f, getattr(self, f.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(Declared):
     """What a training run does. Defaults are the default recipe's (``finetune``)."""
 
     recipe: str = setting("finetune", "named defaults that the other settings override: seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head, kept only if they beat the frozen model on validation", choices=RECIPE_NAMES, group="model")
@@ -125,13 +136,10 @@ class TrainSettings:
     test_fraction: float = setting(0.2, "fraction of train carved for test when the dataset has none", ge=0, lt=1, group="data")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            check_value(f, getattr(self, f.name))
+        super().__post_init__()
         if self.val_fraction + self.test_fraction >= 1:
             raise SettingError(f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     @property
     def stage2(self) -> bool:
@@ -139,7 +147,7 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
-class RuntimeOptions:
+class RuntimeOptions(Declared):
     """How a model computes, not what it learns: never changes results beyond engine tolerance."""
 
     engine: str = setting("auto", "backbone inference engine (auto = fastest available)", choices=ENGINES, group="runtime")
@@ -148,16 +156,10 @@ class RuntimeOptions:
     use_cache: bool = setting(True, "read and write the feature cache", group="runtime", flag="cache")
     progress: bool = setting(False, "progress bars", group="runtime")
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            check_value(f, getattr(self, f.name))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(Declared):
     """Where a training run writes and what it adds beyond the model."""
 
     project: str = setting("runs", "parent folder of run folders", group="output")
@@ -169,12 +171,6 @@ class RunOptions:
     exclude: str | None = setting(None, "a file of image paths to leave out of every split (one per line, or a CSV with a path column such as a filtered audit.csv from imgclf audit); relative paths are under the dataset root; listed in skipped.csv", group="data")
     resume: str | None = setting(None, "continue the interrupted run folder RESUME from its last complete epoch, with the settings in its config.json (flags given must match them) on the same data", group="output")
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            check_value(f, getattr(self, f.name))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _types(cls) -> dict[str, type]:
@@ -195,10 +191,7 @@ def check_value(f: dataclasses.Field, value) -> None:
             return
         raise SettingError(f"{name} must be set")
     want = base_type(FIELD_TYPES[name])
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if want is str and isinstance(value, os.PathLike):
-        value = os.fspath(value)
+    value = coerce(value, f)
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if not ok:
         raise SettingError(f"{name} must be {want.__name__}, got {value!r}")

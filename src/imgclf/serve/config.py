@@ -2,11 +2,10 @@
 generates its flags from these declarations and checks values with the same rules as the
 training settings. Kept free of web imports so ``imgclf --help`` does not load FastAPI."""
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
-from imgclf.config.settings import check_value, register_settings, setting
+from imgclf.config.settings import Declared, register_settings, setting
 
 MB = 1 << 20
 GROUP = "server"
@@ -17,7 +16,7 @@ def _not_blank(value: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(Declared):
     """What ``imgclf serve`` accepts and how long it waits; checked when made (SettingError names the setting)."""
 
     api_key: str | None = setting(None, "require this key in the X-API-Key header of /v1/* requests (default: $IMGCLF_API_KEY if set)", check=_not_blank, group=GROUP)
@@ -32,10 +31,6 @@ class ServeConfig:
     header_timeout_s: float = setting(10.0, "seconds a client has to send a request's headers, from connecting or from the previous answer", gt=0, group=GROUP)
     body_timeout_s: float = setting(30.0, "most seconds between two pieces of a request body", gt=0, group=GROUP)
     keep_alive_s: float = setting(5.0, "seconds an idle connection stays open after an answer", gt=0, group=GROUP)
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            check_value(f, getattr(self, f.name))
 
     def validate(self) -> "ServeConfig":
         """Check every setting again (the checks already ran when the object was made)."""

@@ -57,6 +57,10 @@ class ImageClassifier(Classifier):
         elif backbone or weights or recipe or options:
             raise SettingError("pass either settings=... or individual settings, not both")
         super().__init__(settings.backbone, settings.weights, tta=settings.tta, seed=settings.seed, **runtime.to_dict())
+        self._use_settings(settings)
+
+    def _use_settings(self, settings: TrainSettings) -> None:
+        """Everything derived from the settings, in one place (construction and ``load``)."""
         self.settings = settings
         self.recipe = settings.recipe
         self.augment_config = build_augment(settings.augment, hflip=settings.hflip, vflip=settings.vflip, rot90=settings.rot90,
@@ -222,8 +226,5 @@ class ImageClassifier(Classifier):
         clf = super().load(path, **kwargs)
         recorded = clf.meta_.settings
         known = {k: v for k, v in recorded.items() if k in TRAIN_FIELDS and k != "recipe"}
-        clf.settings = make_settings(recorded.get("recipe"), **known)
-        clf.augment_config = build_augment(clf.settings.augment, **{k: known.get(k) for k in ("hflip", "vflip", "rot90", "crop_scale", "color_jitter")})
-        clf.train_config = TrainConfig.stage1(clf.settings)
-        clf._unfreeze = None
+        clf._use_settings(make_settings(recorded.get("recipe"), **known))
         return clf
