@@ -87,7 +87,9 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def bundle_copy(run: Path, dest: Path) -> Path:
     """The files a model folder needs (never the shared run folder itself: others read it)."""
     dest.mkdir(parents=True)
-    for name in ("model.json", "model.safetensors", "split.csv"):
+    for name in ("model.json", "model.safetensors", "split.csv", "neighbors.safetensors", "neighbors.json"):
+        if name.startswith("neighbors") and not (run / name).exists():  # optional part of the bundle
+            continue
         shutil.copy2(run / name, dest / name)
     return dest
 

@@ -12,13 +12,14 @@ import importlib
 import os
 import sys
 
+from imgclf import distributed
 from imgclf._version import __version__
 from imgclf.cli.common import Parser, one_line
 
 # Each module has ``register(subparsers, commands)``: it adds its parsers and puts
 # ``name -> function(args) -> int`` into ``commands``.
 COMMAND_MODULES = ("imgclf.cli.train", "imgclf.cli.predict", "imgclf.cli.inspect", "imgclf.cli.audit", "imgclf.cli.explain", "imgclf.cli.report",
-                   "imgclf.cli.export", "imgclf.cli.serve")
+                   "imgclf.cli.export", "imgclf.cli.serve", "imgclf.cli.extract")
 
 
 def build_parser(commands: dict | None = None) -> Parser:
@@ -59,10 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         from imgclf.runs.folders import setup_logging
 
         setup_logging(verbose=args.verbose, quiet=args.quiet)
+        if distributed.detect() is not None:  # launched by torchrun: join its process group
+            _join_torchrun(args)
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except distributed.DistributedError as e:  # a rank died, was stopped or timed out
+        if os.environ.get("IMGCLF_DEBUG"):
+            raise
+        print(f"imgclf: error: {one_line(e)}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         # user-facing errors: bad paths, bad flags, missing weights, bad bundles
         if os.environ.get("IMGCLF_DEBUG"):
@@ -74,3 +82,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imgclf: unexpected error: {type(e).__name__}: {one_line(e)} (set IMGCLF_DEBUG=1 for details)", file=sys.stderr)
         return 1
+    finally:
+        distributed.teardown()
+
+
+def _join_torchrun(args) -> None:
+    """Join the torchrun job (every command then shards its images across the ranks); ranks
+    other than 0 log errors only, since rank 0 reports for the job."""
+    import logging
+
+    device = str(getattr(args, "device", None) or "cpu")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ctx = distributed.setup(device_type=device)
+    if ctx is not None and not ctx.is_main:
+        logging.getLogger("imgclf").setLevel(logging.ERROR)

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from imgclf.cli.common import add_runtime_flags, printable, runtime_options
+from imgclf import distributed
+from imgclf.cli.common import add_runtime_flags, bounded, printable, runtime_options
 from imgclf.config import layout
 from imgclf.config.cli_args import add_setting_flags
 from imgclf.config.settings import RUN_FIELDS
@@ -42,6 +43,9 @@ def register(subparsers, commands) -> None:
     p.add_argument("--format", default=None, choices=["csv", "json"], help="output format (default: from --out's extension, else csv)")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
     p.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation (default: the model's)")
+    p.add_argument("--neighbors", type=bounded(int, "an integer", lambda v: 1 <= v <= 100, "1..100"), default=None, metavar="K",
+                   help="also give the K most similar training images of each image (columns neighbor1_path, neighbor1_label, neighbor1_similarity, ...: "
+                        "cosine similarity of backbone features), from the similar-cases index stored with the model; uses the feature path, not an ONNX export")
     add_runtime_flags(p, engines=("auto", "onnx", "torch", "openvino", "onnxruntime"), engine_help=PREDICT_ENGINE_HELP)
     commands["predict"] = cmd_predict
 
@@ -121,6 +125,8 @@ def cmd_evaluate(args) -> int:
             m = clf.evaluate_samples(samples, bootstrap=bootstrap)
         else:
             m = clf.evaluate(args.data, bootstrap=bootstrap)
+    if not distributed.is_main():  # under torchrun every rank computed the metrics; rank 0 reports them
+        return 0
     m["model"] = str(args.model)
     m["data"] = str(args.manifest or args.data)
     print(format_metrics(m))
@@ -157,14 +163,33 @@ def cmd_predict(args) -> int:
     for p in problems:
         log.warning("%s", p)
     runtime = runtime_options(args)
-    clf = predictor_for(args.model, runtime.pop("engine", "auto"), weights=args.weights, parity_images=paths, tta=args.tta, **runtime)
-    rows = clf.predict_table(paths)
+    engine = runtime.pop("engine", "auto")
+    loaded = []
+
+    def predict_rows(some_paths):  # under torchrun each rank predicts its share of the paths
+        if args.neighbors:  # the index is searched with backbone features, which an ONNX export does not give
+            from imgclf.model.classifier import Classifier
+
+            if engine == "onnx":
+                raise ValueError("--neighbors needs the model's backbone features: use --engine auto, torch, openvino or onnxruntime, not onnx")
+            clf = Classifier.load(args.model, engine=engine, weights=args.weights, tta=args.tta, **runtime)
+            clf.neighbor_index()  # no index, or a tampered one: a one-line error before any work
+            loaded.append(clf)
+            return clf.predict_table(some_paths, neighbors=args.neighbors) if some_paths else []
+        clf = predictor_for(args.model, engine, weights=args.weights, parity_images=paths, tta=args.tta, **runtime)
+        loaded.append(clf)
+        return clf.predict_table(some_paths) if some_paths else []
+
+    rows = distributed.map_sharded(paths, predict_rows)
+    if not distributed.is_main():  # rank 0 writes the whole table
+        return 0
+    clf = loaded[0]
     rows += [{"path": str(folder), "predicted": None, **{c: None for c in clf.class_names_}, "error": reason} for folder, reason in unreadable]
     fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
     if fmt == "json":
         text = json.dumps({"model": str(args.model), "class_names": clf.class_names_, "predictions": rows}, indent=2) + "\n"
     else:
-        text = csv_text(rows, ["path", "predicted", *clf.class_names_, "error"])
+        text = csv_text(rows, ["path", "predicted", *clf.class_names_, "error", *(clf.neighbor_columns(args.neighbors) if args.neighbors else [])])
     if args.out:
         atomic_write_bytes(Path(args.out), text.encode("utf-8", "surrogateescape"))  # file names keep their bytes
         n_err = sum(1 for r in rows if r["error"])

@@ -17,6 +17,8 @@ API_KEY_ENV = "IMGCLF_API_KEY"
 EPILOG_SERVE = f"""\
 endpoints: POST /v1/predict (multipart field 'file', repeat for several images),
 GET /v1/model, GET /healthz, POST /v1/explain (Grad-CAM PNG, when available),
+POST /v1/predict?neighbors=K (also the K most similar training images, when the model
+has a similar-cases index) and GET /v1/neighbors/{{index}}/thumbnail (their JPEGs),
 API docs at /docs, a web page at /. GET endpoints answer HEAD too.
 example: curl -F file=@photo.jpg http://127.0.0.1:8000/v1/predict
 The API key may also come from ${API_KEY_ENV} (keeps it out of the process list).

@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from imgclf import distributed
 from imgclf.cli.common import add_runtime_flags, runtime_options
 from imgclf.config.cli_args import add_setting_flags, given
 from imgclf.config.settings import RUN_FIELDS, TRAIN_FIELDS
@@ -66,9 +67,20 @@ def cmd_demo(args) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else Path(args.project or RUN_FIELDS["project"].default) / "demo-data"
     t = time.perf_counter()
     n_train = args.n_train
-    path = make_lesion_dataset(data_dir, n_train=n_train, n_validation=max(2, n_train * 3 // 8), n_test=max(2, n_train // 2), seed=args.seed or 0)
+    make = lambda: make_lesion_dataset(data_dir, n_train=n_train, n_validation=max(2, n_train * 3 // 8), n_test=max(2, n_train // 2), seed=args.seed or 0)  # noqa: E731
+    ctx = distributed.current()
+    if ctx is None:
+        path = make()
+    else:  # under torchrun one process per machine writes the set, machine after machine (a shared folder is written once)
+        for machine in range(ctx.world_size // ctx.local_world_size):
+            if ctx.local_rank == 0 and ctx.rank // ctx.local_world_size == machine:
+                make()
+            distributed.barrier()
+        path = data_dir
     log.info("demo lesion set ready in %.1f s: %s", time.perf_counter() - t, path)
     args.data = str(path)
     m = run_train(args)
+    if not distributed.is_main():
+        return 0
     print(f"demo: test accuracy {m['accuracy']:.4f} (ROC-AUC {m['roc_auc'] if m['roc_auc'] is None else round(m['roc_auc'], 4)}) on {m['n']} synthetic lesion images; run folder {m['run']}")
     return 0

@@ -19,6 +19,7 @@ _GROUP_TITLES = {
     "fine-tuning": "training, stage 2: the last blocks on cached frozen-prefix activations (any of these flags switches stage 2 on)",
     "augmentation": "augmentation (training)",
     "decision": "decision and evaluation",
+    "similar cases": "similar cases (the training images nearest to a prediction)",
     "data": "data",
     "output": "output",
     "runtime": "backbone runtime",

@@ -7,6 +7,8 @@ what it measured, what it skipped, its log, report and plots.
 
 MODEL_META = "model.json"  # bundle metadata: backbone entry, weights identity, preprocessing, classes, head
 MODEL_TENSORS = "model.safetensors"  # head (and fine-tuned backbone) tensors, pickle-free
+NEIGHBORS_TENSORS = "neighbors.safetensors"  # optional: similar-cases index (training features, labels, thumbnails), sha256 in model.json
+NEIGHBORS_META = "neighbors.json"  # optional: its paths, class names, thumbnail size (imgclf.model.neighbors)
 STATUS = "run.json"  # running → complete | failed (with the error), see imgclf.model.run_status
 CONFIG = "config.json"  # resolved settings, command line, dataset, environment, wall time
 SPLIT = "split.csv"  # split, class, path of every image used
@@ -18,7 +20,10 @@ SKIPPED = "skipped.csv"  # unreadable files and why
 LOG = "train.log"
 REPORT = "report.html"
 PLOTS = "plots"  # folder of PNG figures
+CV_FOLDS = "cv_folds.csv"  # --cv: one row per repeat and fold, the held-out fold's metrics
+CV_PREDICTIONS = "cv_predictions.csv"  # --cv: out-of-fold per-image predictions with repeat and fold
+CV_SUMMARY = "cv_summary.json"  # --cv: folds, across-fold means and intervals, pooled out-of-fold metrics
 ONNX = "model.onnx"  # default export target inside a run folder
 
 # what a run folder holds, which no command may overwrite from outside (e.g. an --out)
-RUN_FILES = frozenset({MODEL_META, MODEL_TENSORS, STATUS, CONFIG, SPLIT, EPOCH_METRICS, TEST_METRICS, TEST_PREDICTIONS, SKIPPED, LOG, REPORT, ONNX})
+RUN_FILES = frozenset({MODEL_META, MODEL_TENSORS, NEIGHBORS_TENSORS, NEIGHBORS_META, STATUS, CONFIG, SPLIT, EPOCH_METRICS, TEST_METRICS, TEST_PREDICTIONS, SKIPPED, LOG, REPORT, ONNX, CV_FOLDS, CV_PREDICTIONS, CV_SUMMARY})

@@ -28,6 +28,7 @@ MONITORS = ("val_loss", "val_accuracy", "val_calibrated_loss")
 TAIL_BN_MODES = ("frozen", "train")
 AUGMENT_PRESETS = ("none", "light", "strong")
 TTA_PRESETS = ("none", "flips", "d4")
+CALIBRATIONS = ("temperature", "none")
 ENGINES = ("auto", "openvino", "onnxruntime", "torch")
 PRECISIONS = ("auto", "fp32", "bf16")
 RECIPE_NAMES = ("seed", "fast", "finetune")
@@ -70,6 +71,15 @@ def _check_policy(value: str) -> str | None:
     except SettingError as e:
         return str(e).split(" ", 1)[1]  # the message without the leading setting name
     return None
+
+
+def check_device(value: str) -> str | None:
+    """The form of a ``device`` value (auto, cpu, cuda, cuda:N); whether that device exists is
+    checked where torch is loaded (:func:`imgclf.engines.runtimes.resolve_device`)."""
+    name, colon, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda") or (name == "cuda" and colon and index.isdigit() and index.isascii()):
+        return None
+    return f"must be auto, cpu, cuda or cuda:N (N a GPU index), got {value!r}"
 
 
 class Declared:
@@ -130,6 +140,11 @@ class TrainSettings(Declared):
     # decision
     threshold_policy: str = setting("youden", "binary: youden | balanced | sensitivity:S | fixed:T, chosen on validation and stored in the model", check=_check_policy, group="decision")
     tta: str = setting("none", "test-time augmentation stored with the model: average probabilities over flips/rotations", choices=TTA_PRESETS, group="decision")
+    calibration: str = setting("temperature", "post-hoc probability calibration of the final model on the validation split: temperature = one T dividing the logits (bounded, shrunk towards 1 when validation is small or has no mistakes), stored in the model; none = the trained head's probabilities", choices=CALIBRATIONS, group="decision")
+    # similar cases (imgclf.model.neighbors)
+    neighbors: bool = setting(True, "store a similar-cases index with the model: each training image's features (float16), label, path and a small JPEG thumbnail, for predict --neighbors K and the report's nearest training cases (--no-neighbors: none)", group="similar cases")
+    neighbors_max: int = setting(20000, "most training images in the similar-cases index (about 3-5 KB each with 1280-d features and 64 px thumbnails, so <= ~100 MB); above it a seeded stratified sample of this many is stored, with a warning", ge=1, group="similar cases")
+    neighbors_thumbnail: int = setting(64, "side in pixels of each stored case's JPEG thumbnail, 0 = no thumbnails", ge=0, le=512, group="similar cases")
     # data
     seed: int = setting(0, "seed for splits, initialisation, shuffling and augmentation", group="data")
     val_fraction: float = setting(0.2, "fraction of train carved for validation when the dataset has none", ge=0, lt=1, group="data")
@@ -152,6 +167,7 @@ class RuntimeOptions(Declared):
 
     engine: str = setting("auto", "backbone inference engine (auto = fastest available)", choices=ENGINES, group="runtime")
     precision: str = setting("auto", "backbone precision (auto: bf16 where the CPU has it; fp32 forces full precision)", choices=PRECISIONS, group="runtime")
+    device: str = setting("auto", "where PyTorch computes (fine-tuning, and extraction on the torch engine): auto = the GPU when CUDA is available, else the CPU; cpu; cuda or cuda:N (under torchrun each rank takes GPU LOCAL_RANK); ONNX Runtime and OpenVINO always run on the CPU", check=check_device, group="runtime")
     cache_dir: str | None = setting(None, "feature cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf); never inside the dataset", group="runtime")
     use_cache: bool = setting(True, "read and write the feature cache", group="runtime", flag="cache")
     progress: bool = setting(False, "progress bars", group="runtime")
@@ -170,6 +186,8 @@ class RunOptions(Declared):
     report: bool = setting(True, "write plots and report.html into the run folder", group="output")
     exclude: str | None = setting(None, "a file of image paths to leave out of every split (one per line, or a CSV with a path column such as a filtered audit.csv from imgclf audit); relative paths are under the dataset root; listed in skipped.csv", group="data")
     resume: str | None = setting(None, "continue the interrupted run folder RESUME from its last complete epoch, with the settings in its config.json (flags given must match them) on the same data", group="output")
+    cv: int = setting(0, "cross-validation: also fit the same settings K times, each time holding out one of K stratified folds of ALL labelled images (train, validation and test; exact duplicates kept in one fold), and report per-fold and pooled out-of-fold metrics with 95% intervals; the model bundle and test metrics stay the normal run's; 0 = off", check=lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or at least 2", group="decision")
+    cv_repeats: int = setting(1, "cross-validation: repeat the K folds this many times with a different shuffle (K x R fits)", ge=1, group="decision")
 
 
 

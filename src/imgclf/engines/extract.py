@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imgclf import distributed
 from imgclf.data.preprocess import decode_array as _decode
 from imgclf.data.preprocess import decoded_batches
 from imgclf.engines.cache import FeatureCache
@@ -61,7 +62,7 @@ def extract_features(
     errors: dict[int, str] = {}
     hashes: dict[int, str] = {}
 
-    with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:
+    with ThreadPoolExecutor(max_workers=distributed.decode_threads(decode_threads)) as pool:
         def _hash(i):
             try:
                 return i, content_hash(paths[i]), None
@@ -115,4 +116,46 @@ def extract_features(
         seconds=seconds,
         engine=engine_name,
         precision=precision,
+    )
+
+
+def extract_features_sharded(paths: Sequence[str | os.PathLike], runner: BackboneRunner, **options) -> ExtractionResult:
+    """:func:`extract_features` of all ``paths``, split across the ranks of a torchrun job.
+
+    Each rank extracts its :func:`~imgclf.distributed.shard` (its cache hits skipped) and every
+    rank gets the whole result, rows in the order of ``paths``, through the process group. The
+    work per image is the same as in one process, so the features are too. In a single
+    process this is :func:`extract_features`. ``progress`` counts this rank's images.
+    """
+    if distributed.current() is None:
+        return extract_features(paths, runner, **options)
+    mine = distributed.shard(len(paths))
+    local = extract_features([paths[i] for i in mine], runner, **options)
+    ok_here = np.asarray([mine[i] for i in local.ok_indices], dtype=np.int64)
+    summary = ({mine[i]: msg for i, msg in local.errors.items()}, local.computed, local.cached, local.seconds, local.engine, local.precision,
+               (len(paths), distributed.items_digest(paths)))
+    summaries = distributed.all_gather_object(summary)  # waits for the slowest rank's share
+    rows = distributed.all_gather_rows(local.features.astype(np.float32, copy=False))
+    oks = distributed.all_gather_rows(ok_here)
+    differ = [rank for rank, s in enumerate(summaries) if s[6] != summaries[0][6]]
+    if differ:  # sharding assumed the same list everywhere: these rows cannot be put together
+        raise distributed.DistributedError(f"rank(s) {', '.join(map(str, differ))} extracted features of other images than rank 0; "
+                                           "every machine needs the same files at the same paths")
+    dim = runner.spec.feature_dim
+    ok = np.concatenate(oks)
+    order = np.argsort(ok, kind="stable")
+    features = np.concatenate(rows)[order] if len(ok) else np.zeros((0, dim), np.float32)
+    errors: dict[int, str] = {}
+    for errs, *_ in summaries:
+        errors.update(errs)
+    computing = [s for s in summaries if s[1]]
+    return ExtractionResult(
+        features=np.ascontiguousarray(features, dtype=np.float32),
+        ok_indices=[int(i) for i in ok[order]],
+        errors=dict(sorted(errors.items())),
+        computed=sum(s[1] for s in summaries),
+        cached=sum(s[2] for s in summaries),
+        seconds=max(s[3] for s in summaries),  # the ranks ran at the same time
+        engine=computing[0][4] if computing else "cache",
+        precision=(computing[0] if computing else summaries[0])[5],
     )

@@ -40,8 +40,11 @@ def export_graph_bytes(graph, size: int, output_name: str = OUTPUT_NAME) -> byte
 def ort_session(onnx: bytes | str, threads: int | None = None):
     import onnxruntime as ort
 
+    from imgclf.distributed import threads_per_rank
+
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    # under torchrun the ranks of one machine share its cores
+    so.intra_op_num_threads = threads or threads_per_rank() or (os.cpu_count() or 1)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     return ort.InferenceSession(onnx, so, providers=["CPUExecutionProvider"])

@@ -3,7 +3,8 @@ image actually has to go through it (a fully cached run loads no backbone).
 
 The frozen backbone is exported to ONNX once (kept beside its features) and run on the
 fastest engine available: OpenVINO (bf16 where the CPU has it), then ONNX Runtime
-(fp32), then eager PyTorch.
+(fp32), then eager PyTorch. With a GPU (``device``), engine auto is eager PyTorch on it
+(bf16 autocast where the GPU has bf16, else fp16); ONNX Runtime and OpenVINO stay on the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from imgclf.engines.runtimes import (
     OpenVinoEngine,
     TorchEngine,
     export_backbone_onnx,
+    resolve_device,
     resolve_precision,
 )
 
@@ -42,12 +44,16 @@ class BackboneRunner:
     engine: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N, resolved here (resolve_device)
     _engine: Engine | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        self.precision = resolve_precision(self.precision)
+        self.device = resolve_device(self.device)
+        if not self.device.startswith("cpu") and self.engine in ("onnxruntime", "openvino"):
+            log.warning("engine %s runs on the CPU; only the torch engine uses %s (fine-tuning still does)", self.engine, self.device)
+        self.precision = resolve_precision(self.precision, self.device if self.engine in ("auto", "torch") else "cpu")
         if self.engine == "onnxruntime" and self.precision == "bf16":
             log.info("onnxruntime runs fp32 on CPU; using fp32")
             self.precision = "fp32"
@@ -101,6 +107,8 @@ class BackboneRunner:
         """Fastest engine for a frozen module taking uint8 images (exported to ONNX once)."""
         if self.engine != "auto":
             order = [self.engine]
+        elif not self.device.startswith("cpu"):  # a GPU: only eager PyTorch runs there
+            order = ["torch"]
         elif self.precision == "fp32":
             order = ["onnxruntime", "openvino", "torch"]  # fastest fp32 first; see benchmarks/README.md
         else:  # bf16: ORT has no bf16 CPU kernels, so only the engines that run bf16
@@ -109,7 +117,7 @@ class BackboneRunner:
         for name in order:
             try:
                 if name == "torch":
-                    return TorchEngine(module_fn(), self.precision)
+                    return TorchEngine(module_fn(), self.precision, self.device)
                 if not onnx_path.is_file():
                     t = time.perf_counter()
                     export_backbone_onnx(module_fn(), self.spec.preprocessing.input_size, onnx_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.config.settings import PRECISIONS
+from imgclf.config.settings import PRECISIONS, check_device
 from imgclf.fileio import atomic_write_bytes
 
 log = logging.getLogger("imgclf")
@@ -25,9 +25,65 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str) -> str:
+class DeviceError(ValueError):
+    """A ``device`` this machine does not have (one line, before any work)."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` → the torch device this process computes on.
+
+    auto: the GPU when ``torch.cuda.is_available()``, else the CPU. Under torchrun (a
+    process group joined by :func:`imgclf.distributed.setup`, or torchrun's ``LOCAL_RANK``)
+    ``cuda`` and auto's GPU are ``cuda:LOCAL_RANK``, so each rank of a machine has its own GPU.
+    CUDA asked for without CUDA, or an index past the last GPU, is a :class:`DeviceError`.
+    """
+    check = check_device(device) if isinstance(device, str) else "must be text"
+    if check:
+        raise DeviceError(f"device {check}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    available = torch.cuda.is_available()
+    if device == "auto" and not available:
+        return "cpu"
+    if not available:
+        raise DeviceError(f"device {device}: CUDA is not available here (torch {torch.__version__}"
+                          f"{', built without CUDA' if torch.version.cuda is None else ', no GPU visible'}); use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if ":" in device:
+        index = int(device.split(":", 1)[1])
+        where = ""
+    else:
+        index, where = _local_rank(), " (torchrun's LOCAL_RANK)"
+    if index >= count:
+        raise DeviceError(f"device cuda:{index}{where} is out of range: {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return f"cuda:{index}"
+
+
+def _local_rank() -> int:
+    from imgclf.distributed import current, detect
+
+    ctx = current() or detect()
+    return ctx.local_rank if ctx is not None else 0
+
+
+def cuda_autocast_dtype(device: str):
+    """bf16 where the GPU has it, else fp16 (which needs a GradScaler when training)."""
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``auto`` | ``fp32`` | ``bf16`` → what runs: on the CPU bf16 only with native bf16; on a GPU
+    auto and bf16 are bf16 where it has bf16, else fp16 (autocast)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.startswith("cuda") and precision != "fp32":
+        import torch
+
+        return "bf16" if cuda_autocast_dtype(device) == torch.bfloat16 else "fp16"
     if precision == "auto":
         return "bf16" if cpu_has_bf16() else "fp32"
     if precision == "bf16" and not cpu_has_bf16():
@@ -47,24 +103,34 @@ class Engine:
 
 
 class TorchEngine(Engine):
-    def __init__(self, module, precision: str):
+    """Eager PyTorch on ``device`` (the CPU, or a GPU: the only engine that runs on one);
+    bf16/fp16 precision runs under autocast. On a GPU it runs a copy of ``module``, so the
+    module itself stays on the CPU for Grad-CAM and export."""
+
+    def __init__(self, module, precision: str, device: str = "cpu"):
+        import copy
+
         import torch
 
         self.torch = torch
-        self.module = module.eval().to(memory_format=torch.channels_last)
-        self.name = "torch"
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            module = copy.deepcopy(module)
+        self.module = module.eval().to(self.device, memory_format=torch.channels_last)
+        self.name = "torch" if self.device.type == "cpu" else f"torch-{self.device.type}"
         self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def __call__(self, batch):
         torch = self.torch
-        x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            if self.precision == "bf16":
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+            if self.autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                     out = self.module(x)
             else:
                 out = self.module(x)
-        return out.float().numpy()
+        return out.float().cpu().numpy()
 
 
 class OnnxRuntimeEngine(Engine):
@@ -84,11 +150,15 @@ class OpenVinoEngine(Engine):
     def __init__(self, onnx_path: Path, precision: str):
         import openvino as ov
 
+        from imgclf.distributed import threads_per_rank
+
         core = ov.Core()
         hint = "bf16" if precision == "bf16" else "f32"
-        self.compiled = core.compile_model(
-            str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-        )
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        threads = threads_per_rank()
+        if threads:  # under torchrun the ranks of one machine share its cores
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(str(onnx_path), "CPU", config)
         self.name = "openvino"
         self.precision = precision
 

@@ -23,6 +23,8 @@ from imgclf.model.run_status import check_usable
 if TYPE_CHECKING:  # torch is imported where tensors are handled, so resolving a bundle stays light
     import torch
 
+    from imgclf.model.neighbors import NeighborIndex
+
 __all__ = ["BUNDLE_FORMAT", "BundleError", "ModelMeta", "load_bundle", "resolve_bundle_dir", "save_bundle"]
 
 
@@ -39,8 +41,10 @@ def resolve_bundle_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def save_bundle(directory: str | os.PathLike, head: torch.nn.Module, meta: ModelMeta, backbone_tensors: dict | None = None) -> Path:
-    """Head tensors as ``head.*``; fine-tuned backbone tensors (if any) as ``backbone.*``; ``meta`` as model.json."""
+def save_bundle(directory: str | os.PathLike, head: torch.nn.Module, meta: ModelMeta, backbone_tensors: dict | None = None,
+                neighbors: NeighborIndex | None = None) -> Path:
+    """Head tensors as ``head.*``; fine-tuned backbone tensors (if any) as ``backbone.*``; ``meta`` as model.json;
+    the similar-cases index (if any) as its own files, their sha256 in model.json (a previous one is removed)."""
     from safetensors.torch import save
 
     directory = Path(directory)
@@ -48,7 +52,11 @@ def save_bundle(directory: str | os.PathLike, head: torch.nn.Module, meta: Model
     for k, v in (backbone_tensors or {}).items():
         tensors[f"backbone.{k}"] = v.detach().contiguous().cpu()
     data = save(tensors, metadata={"format": BUNDLE_FORMAT})
-    meta = dataclasses.replace(meta, tensors_sha256=hashlib.sha256(data).hexdigest())
+    if neighbors is None:
+        from imgclf.model.neighbors import remove_index_files
+
+        remove_index_files(directory)
+    meta = dataclasses.replace(meta, tensors_sha256=hashlib.sha256(data).hexdigest(), neighbors=neighbors.save(directory) if neighbors is not None else None)
     atomic_write_bytes(directory / layout.MODEL_TENSORS, data)
     atomic_write_bytes(directory / layout.MODEL_META, (json.dumps(meta.to_dict(), indent=2, sort_keys=False) + "\n").encode())
     return directory

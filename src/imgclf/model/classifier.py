@@ -20,13 +20,15 @@ from imgclf.backbones.weights import resolve_weights, tensors_digest
 from imgclf.config.names import DEFAULT_BACKBONE
 from imgclf.data.augment import tta_views
 from imgclf.data.datasets import labelled_eval_samples
-from imgclf.engines.extract import extract_features
+from imgclf import distributed
+from imgclf.engines.extract import extract_features, extract_features_sharded
 from imgclf.engines.runner import BackboneRunner
 from imgclf.evaluation.metrics import classification_metrics
 from imgclf.evaluation.thresholds import apply_threshold, prediction_rows
 from imgclf.fileio import default_cache_dir
-from imgclf.model.bundle import BundleError, load_bundle, save_bundle
-from imgclf.model.heads import head_from_config
+from imgclf.model.bundle import BundleError, load_bundle, resolve_bundle_dir, save_bundle
+from imgclf.model.heads import head_from_config, head_temperature
+from imgclf.model.neighbors import Neighbor, NeighborIndex
 
 log = logging.getLogger("imgclf")
 
@@ -54,6 +56,7 @@ class Classifier:
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
         progress: bool = False,
+        device: str = "auto",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -63,6 +66,7 @@ class Classifier:
         self.seed = seed
         self.engine = engine
         self.precision = precision
+        self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.use_cache = use_cache
         self.progress = progress
@@ -71,6 +75,9 @@ class Classifier:
         self._weights_ref: WeightsRef | None = None
         self._tuned: dict[str, torch.Tensor] | None = None
         self.errors_: dict[str, str] = {}
+        self.neighbors_: NeighborIndex | None = None  # the similar-cases index, set by fit or read from the bundle on first use
+        self._bundle_dir: Path | None = None
+        self._last_plain: tuple[np.ndarray, list[int]] | None = None  # plain-view features of the last prediction
 
     def _resolve_spec(self) -> BackboneSpec:
         """The registry entry of ``self.backbone`` (the training class may adjust it)."""
@@ -93,7 +100,8 @@ class Classifier:
                 self._spec = self._resolve_spec()
             if self._weights_ref is None:
                 self._weights_ref = resolve_weights(self._spec, self.weights, seed=self.seed)
-            self._runner = BackboneRunner(self._spec, self._weights_ref, self.cache_dir, engine=self.engine, precision=self.precision, seed=self.seed)
+            self._runner = BackboneRunner(self._spec, self._weights_ref, self.cache_dir, engine=self.engine, precision=self.precision, seed=self.seed,
+                                          device=self.device)
             if self._tuned is not None:
                 self._runner.apply_tuned(self._tuned)
         return self._runner
@@ -101,9 +109,11 @@ class Classifier:
     def features(self, paths: Sequence[str | os.PathLike], desc: str = "features", transform=None) -> tuple[np.ndarray, list[int], dict[int, str]]:
         """Backbone features for ``paths`` (cached); returns (X, ok indices, errors by index)."""
         runner = self.backbone_runner()
-        bar = _progress_bar(len(paths), desc, self.progress)
+        # under torchrun each rank extracts its shard and all get every row; rank 0 shows its progress
+        bar = _progress_bar(len(distributed.shard(len(paths))), desc, self.progress and distributed.is_main())
         try:
-            res = extract_features(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None, transform=transform)
+            extract = extract_features if distributed.current() is None else extract_features_sharded
+            res = extract(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None, transform=transform)
         finally:
             if bar:
                 bar.close()
@@ -153,6 +163,7 @@ class Classifier:
         """Probabilities of readable images, averaged over the test-time views."""
         tta = self.tta if tta is None else tta
         x, ok, errors = self.features(paths, desc=desc)
+        self._last_plain = (x, ok)
         total = self._proba_from_features(x)
         views = tta_views(tta)[1:]
         for view in views:
@@ -179,10 +190,66 @@ class Classifier:
             idx[good] = apply_threshold(proba[good], self.threshold_)
         return [self.class_names_[int(i)] if g else None for i, g in zip(idx, good)]
 
-    def predict_table(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None) -> list[dict]:
-        """Rows for the predict CLI: path, predicted class, probability per class, error."""
+    def predict_table(self, paths: Sequence[str | os.PathLike], *, tta: str | None = None, neighbors: int = 0) -> list[dict]:
+        """Rows for the predict CLI: path, predicted class, probability per class, error; with
+        ``neighbors`` K, also ``neighbor{i}_path``/``_label``/``_similarity`` for i = 1..K
+        (:meth:`neighbor_columns`), the K most similar training images, empty for bad files."""
+        if neighbors:
+            index = self.neighbor_index()  # no index: fail before any work
         proba = self.predict_proba(paths, tta=tta)
-        return prediction_rows(paths, proba, self.errors_, self.class_names_, self.threshold_)
+        rows = prediction_rows(paths, proba, self.errors_, self.class_names_, self.threshold_)
+        if neighbors:
+            x, ok = self._last_plain
+            found = dict(zip(ok, index.neighbors(x, neighbors))) if ok else {}
+            for i, row in enumerate(rows):
+                cases = found.get(i, [])
+                for j in range(neighbors):
+                    case = cases[j] if j < len(cases) else None
+                    row[f"neighbor{j + 1}_path"] = case.path if case else None
+                    row[f"neighbor{j + 1}_label"] = case.label if case else None
+                    row[f"neighbor{j + 1}_similarity"] = case.similarity if case else None
+        return rows
+
+    # ------------------------------------------------------------------ similar cases
+
+    @staticmethod
+    def neighbor_columns(k: int) -> list[str]:
+        """The columns :meth:`predict_table` adds for ``neighbors=k``, in order."""
+        return [f"neighbor{j}_{part}" for j in range(1, k + 1) for part in ("path", "label", "similarity")]
+
+    def neighbor_index(self) -> NeighborIndex:
+        """The similar-cases index: built by ``fit``, or read from the bundle (sha256-checked
+        against model.json) on first use; :class:`BundleError` when the model has none."""
+        self._check_fitted()
+        if self.neighbors_ is None:
+            entry = getattr(self, "meta_", None) and self.meta_.neighbors
+            if not entry or self._bundle_dir is None:
+                raise BundleError("this model has no similar-cases index (trained with --no-neighbors, or by an imgclf before it existed); "
+                                  "train again without --no-neighbors to use --neighbors")
+            self.neighbors_ = NeighborIndex.load(self._bundle_dir, entry, self.class_names_)
+        return self.neighbors_
+
+    def neighbors(self, paths: Sequence[str | os.PathLike], k: int = 5) -> list[list[Neighbor] | None]:
+        """The ``k`` most similar training images of each file, best first (cosine similarity of
+        the plain-view backbone features predict computes); None for an unreadable file (its
+        reason in ``errors_``). A case's picture: ``neighbor_index().thumbnail(case.index)``."""
+        index = self.neighbor_index()
+        paths = [str(p) for p in paths]
+        x, ok, errors = self.features(paths, desc="neighbour features")
+        self.errors_ = {paths[i]: msg for i, msg in errors.items()}
+        out: list[list[Neighbor] | None] = [None] * len(paths)
+        for i, cases in zip(ok, index.neighbors(x, k) if ok else []):
+            out[i] = cases
+        return out
+
+    def neighbors_of_arrays(self, batch: np.ndarray, k: int = 5) -> list[list[Neighbor]]:
+        """Like :meth:`neighbors` for already preprocessed uint8 (N, 3, S, S) pixels (what
+        ``data.preprocess.image_to_array`` gives with this model's preprocessing)."""
+        index = self.neighbor_index()
+        batch = np.asarray(batch, dtype=np.uint8)
+        if len(batch) == 0:
+            return []
+        return index.neighbors(self.backbone_runner().get()(batch), k)
 
     # ------------------------------------------------------------------ evaluate
 
@@ -218,7 +285,10 @@ class Classifier:
     def save(self, path: str | os.PathLike) -> Path:
         self._check_fitted()
         Path(path).mkdir(parents=True, exist_ok=True)
-        return save_bundle(path, self.head_, self.meta_, backbone_tensors=self._tuned)
+        index = self.neighbors_
+        if index is None and self.meta_.neighbors and self._bundle_dir is not None:  # a loaded model keeps its index
+            index = self.neighbor_index()
+        return save_bundle(path, self.head_, self.meta_, backbone_tensors=self._tuned, neighbors=index)
 
     @classmethod
     def load(
@@ -232,6 +302,7 @@ class Classifier:
         use_cache: bool = True,
         progress: bool = False,
         tta: str | None = None,
+        device: str = "auto",
     ) -> "Classifier":
         """Load a bundle; the backbone comes from the weights source recorded in it.
 
@@ -240,7 +311,8 @@ class Classifier:
         """
         meta, head_tensors, backbone_tensors = load_bundle(path)
         clf = cls.__new__(cls)
-        Classifier.__init__(clf, backbone=meta.backbone_name, engine=engine, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress, seed=meta.seed)
+        Classifier.__init__(clf, backbone=meta.backbone_name, engine=engine, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress, seed=meta.seed,
+                            device=device)
         spec = get_backbone_spec(meta.backbone_name)
         prep = meta.preprocessing
         if prep != spec.preprocessing:
@@ -276,8 +348,10 @@ class Classifier:
             raise BundleError(f"{path}: head tensors do not match model.json ({str(e).splitlines()[0]})") from None
         head.eval()
         clf.head_ = head
+        clf.temperature_ = head_temperature(head)
         clf.class_names_ = list(meta.class_names)
         clf.meta_ = meta
+        clf._bundle_dir = resolve_bundle_dir(path)
         clf.threshold_ = meta.threshold
         clf.tta = tta if tta is not None else meta.tta
         tta_views(clf.tta)

@@ -51,8 +51,33 @@ class FeatureStandardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5) -> nn.Sequential:
-    """Stable layer names (``norm``, ``fc1``, ``fc2`` / ``fc``) so saved weights map 1:1."""
+class LogitTemperature(nn.Module):
+    """Divides the logits by the head's fitted temperature (post-hoc calibration,
+    :mod:`imgclf.evaluation.calibration`). As the head's last layer it travels with the
+    head's tensors into the bundle, the ONNX export and every predictor."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, x):
+        return x / self.temperature
+
+
+def with_temperature(head: nn.Sequential, temperature: float) -> nn.Sequential:
+    """``head`` followed by a :class:`LogitTemperature` of ``temperature`` (replacing one it has)."""
+    layers = [(name, m) for name, m in head.named_children() if name != "temperature"]
+    return nn.Sequential(OrderedDict([*layers, ("temperature", LogitTemperature(temperature))]))
+
+
+def head_temperature(head: nn.Sequential) -> float | None:
+    """The head's calibration temperature, None when it has none."""
+    layer = getattr(head, "temperature", None)
+    return float(layer.temperature) if isinstance(layer, LogitTemperature) else None
+
+
+def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5, temperature: bool = False) -> nn.Sequential:
+    """Stable layer names (``norm``, ``fc1``, ``fc2`` / ``fc``, ``temperature``) so saved weights map 1:1."""
     if n_classes < 2:
         raise ValueError("a classifier needs at least 2 classes")
     if kind == "recipe":
@@ -75,12 +100,18 @@ def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dro
         layers = [("norm", FeatureStandardize(in_dim)), ("dropout", nn.Dropout(dropout)), ("fc", nn.Linear(in_dim, n_classes))]
     else:
         raise ValueError(f"head must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
+    if temperature:
+        layers.append(("temperature", LogitTemperature()))
     return nn.Sequential(OrderedDict(layers))
 
 
-def head_config(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5) -> dict:
-    return {"kind": kind, "in_dim": in_dim, "n_classes": n_classes, "hidden": hidden, "dropout": dropout}
+def head_config(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5, temperature: float | None = None) -> dict:
+    """The head's architecture as model.json records it; ``temperature``: the calibration layer that
+    ends it (its value, for readers of model.json; the tensor in model.safetensors is what computes)."""
+    cfg = {"kind": kind, "in_dim": in_dim, "n_classes": n_classes, "hidden": hidden, "dropout": dropout}
+    return {**cfg, "temperature": round(float(temperature), 6)} if temperature is not None else cfg
 
 
 def head_from_config(cfg: dict) -> nn.Sequential:
-    return build_head(cfg["kind"], int(cfg["in_dim"]), int(cfg["n_classes"]), hidden=int(cfg.get("hidden", 512)), dropout=float(cfg.get("dropout", 0.5)))
+    return build_head(cfg["kind"], int(cfg["in_dim"]), int(cfg["n_classes"]), hidden=int(cfg.get("hidden", 512)), dropout=float(cfg.get("dropout", 0.5)),
+                      temperature=cfg.get("temperature") is not None)

@@ -33,6 +33,7 @@ FIELD_ORDER = (
     "frozen_backbone", "backbone_tuned", "recipe", "settings", "train_config",
     "threshold", "threshold_policy", "positive_class", "tta", "seed", "tensors_sha256",
 )
+OPTIONAL_KEYS = ("neighbors",)  # written after those, only when the model has one (a similar-cases index)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ModelMeta:
     tta: str = "none"
     seed: int = 0
     tensors_sha256: str | None = None  # of model.safetensors, set by save_bundle and checked by load_bundle
+    neighbors: dict | None = None  # the optional similar-cases index: its files' sha256, count, sizes (imgclf.model.neighbors)
     format: str = BUNDLE_FORMAT
     extra: dict = field(default_factory=dict)  # keys this version does not know, written back as read
 
@@ -100,6 +102,8 @@ class ModelMeta:
         }
         if self.tensors_sha256 is not None:  # bundles written before it was recorded have none
             values["tensors_sha256"] = self.tensors_sha256
+        if self.neighbors is not None:  # only bundles saved with a similar-cases index have one
+            values["neighbors"] = self.neighbors
         return json.loads(json.dumps({**values, **self.extra}))
 
     @classmethod
@@ -165,7 +169,8 @@ class ModelMeta:
             tta=tta or "none",
             seed=seed,
             tensors_sha256=optional("tensors_sha256", (str,), "a sha256 hex digest"),
-            extra={k: v for k, v in d.items() if k not in FIELD_ORDER},
+            neighbors=optional("neighbors", (dict,), "an object"),
+            extra={k: v for k, v in d.items() if k not in FIELD_ORDER and k not in OPTIONAL_KEYS},
         )
 
 

@@ -102,6 +102,7 @@ def predictor_for(
     progress: bool = False,
     parity_images=None,
     tta: str | None = None,
+    device: str = "auto",
 ) -> Predictor:
     """The :class:`~imgclf.predict.base.Predictor` ``imgclf predict`` should use.
 
@@ -128,7 +129,7 @@ def predictor_for(
         if tta is not None and tta != _export_tta(clf):
             raise ValueError(f"{model} averages the test-time views of tta={_export_tta(clf)}; --tta {tta} needs the model folder")
         return clf
-    load = dict(weights=weights, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    load = dict(weights=weights, precision=precision, cache_dir=cache_dir, use_cache=use_cache, progress=progress, device=device)
     if tta is not None:
         load["tta"] = tta
 

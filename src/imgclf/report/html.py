@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.config import layout
+from imgclf.report.cv import CV_SECTION, cv_section, small_test_split_note
 
 log = logging.getLogger("imgclf")
 
@@ -70,6 +71,8 @@ figure img { max-width:100%; height:auto; border:1px solid var(--line); }
 figcaption { color:var(--muted); font-size:13px; }
 .grid2 { display:grid; grid-template-columns: repeat(auto-fit, minmax(440px, 1fr)); gap:12px; }
 .pair img { width:96px; height:96px; object-fit:cover; border:1px solid var(--line); margin-right:4px; }
+.cases td img { width:64px; height:64px; object-fit:cover; border:1px solid var(--line); display:block; }
+.cases td.same { background:#eaf6ec; } .cases td.other { background:#fdecee; }
 code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:13px; }
 pre { background:var(--alt); padding:8px; overflow:auto; max-height:360px; }
 details summary { cursor:pointer; color:#0b5cad; }
@@ -257,6 +260,8 @@ def _summary(ctx: dict) -> str:
         rows.append([f"specificity at threshold {op['threshold']:.3g}", _fmt(op["specificity"]), ""])
     out.append(_table(["metric (test split)", "value", "95% CI"], rows, {1, 2}))
     out.append(_perfect_note(m))
+    small = small_test_split_note(m)
+    out.append(f'<p class="note">{_e(small)}</p>' if small else "")
     warns = ctx["summary_warnings"]
     if warns:
         out += [_warn(w) for w in warns]
@@ -385,6 +390,8 @@ def _configuration(ctx: dict) -> str:
             "frozen backbone": model.frozen_backbone,
             "fine-tuned backbone": model.backbone_tuned,
             "recipe": model.recipe,
+            "calibration": (f"temperature {model.head['temperature']:.3f} (logits divided by it), fitted on the validation split"
+                            if model.head.get("temperature") is not None else "none (the trained head's probabilities)"),
             "decision threshold": model.threshold,
             "threshold policy": model.threshold_policy,
             "test-time augmentation": model.tta,
@@ -468,6 +475,10 @@ def _metrics(ctx: dict) -> str:
     return "".join(out)
 
 
+def _cross_validation(ctx: dict) -> str:
+    return cv_section(ctx["cv"], ctx["metrics"])  # "" without --cv (imgclf.report.cv)
+
+
 def _plots(ctx: dict) -> str:
     p = ctx["plots"]
     binary = len(ctx["class_names"]) == 2
@@ -501,8 +512,69 @@ def _mistakes(ctx: dict) -> str:
     rows = [[i + 1, f"<code>{_e(w['path'])}</code>", _e(w["true"]), _e(w["predicted"]), _fmt(w["p_pred"], 3), _fmt(w["p_true"], 3), _fmt(w["loss"], 3)]
             for i, w in enumerate(worst)]
     out.append(_table(["#", "file", "true", "predicted", "p(predicted)", "p(true)", "loss"], rows, {0, 4, 5, 6}))
+    out.append(_nearest_cases_html(ctx))
     out.append("</section>")
     return "".join(out)
+
+
+def _nearest_cases_html(ctx: dict) -> str:
+    """The worst mistakes beside their most similar training cases (thumbnails from the model's
+    similar-cases index): a mistake whose neighbours carry the predicted label points at
+    look-alike classes or mislabelled training images."""
+    out = ['<h3 id="nearest-cases">Nearest training cases of the worst mistakes</h3>']
+    nearest = ctx.get("nearest") or []
+    if not nearest:
+        out.append(f'<p class="note">{_e(ctx.get("nearest_note") or "No nearest training cases to show.")}</p>')
+        return "".join(out)
+    out.append("<p>Each worst mistake (by loss, as in the table above) with the training images nearest to it in the model's feature space "
+               "(cosine similarity of the backbone features predict computes). Green: the case carries the image's true label; red: another label.</p>")
+    rows = []
+    for i, (w, cases) in enumerate(nearest):
+        cells = [f"<td class=\"num\">{i + 1}</td>", f"<td>{_img_tag(w.get('thumb'), w['path'])}<code>{_e(Path(w['path']).name)}</code><br>"
+                 f"true <b>{_e(w['true'])}</b><br>predicted <b>{_e(w['predicted'])}</b> ({_fmt(w['p_pred'], 2)})</td>"]
+        for c in cases:
+            cls = "same" if c["label"] == w["true"] else "other"
+            cells.append(f'<td class="{cls}">{_img_tag(c["thumb"], c["path"])}<b>{_e(c["label"])}</b><br>{_fmt(c["similarity"], 3)}<br>'
+                         f'<span class="note">{_e(Path(c["path"]).name)}</span></td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    k = max(len(c) for _, c in nearest)
+    head = "".join(["<th>#</th><th>test image</th>", *(f"<th>neighbour {j + 1}</th>" for j in range(k))])
+    out.append(f'<table class="cases"><tr>{head}</tr>{"".join(rows)}</table>')
+    if ctx.get("nearest_note"):
+        out.append(f'<p class="note">{_e(ctx["nearest_note"])}</p>')
+    return "".join(out)
+
+
+def _img_tag(uri: str | None, path: str) -> str:
+    return f'<img src="{uri}" alt="{_e(Path(path).name)}">' if uri else '<span class="note">(no picture)</span><br>'
+
+
+def _nearest_cases(ctx: dict, run_dir: Path, clf, k: int = 5) -> tuple[list, str]:
+    """[(worst mistake, its k nearest training cases as dicts with a thumbnail data: URI)], note."""
+    worst = ctx["worst"]
+    if not worst:
+        return [], ""
+    model = ctx["model"]
+    if clf is None and not (model and model.neighbors):
+        return [], "The model has no similar-cases index (trained with --no-neighbors or by an older imgclf)."
+    try:
+        if clf is None:
+            from imgclf.model.classifier import Classifier
+
+            clf = Classifier.load(run_dir)
+        index = clf.neighbor_index()
+        found = clf.neighbors([w["path"] for w in worst], k)
+    except Exception as e:  # noqa: BLE001 - the rest of the report stands without this part
+        return [], f"Nearest training cases not available: {str(e).splitlines()[0] if str(e) else type(e).__name__}."
+    out, gone = [], 0
+    for w, cases in zip(worst, found):
+        if cases is None:
+            gone += 1
+            continue
+        shown = [{**c.to_dict(), "thumb": _data_uri(index.thumbnail(c.index), "image/jpeg") if index.thumbnail(c.index) else None} for c in cases]
+        out.append(({**w, "thumb": _thumb_uri(w["path"], 64)}, shown))
+    note = f"{gone} worst mistake(s) could not be read again (moved or deleted since the run)." if gone else ""
+    return out, note
 
 
 def _environment(ctx: dict) -> str:
@@ -707,12 +779,17 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
             ctx["plots"]["worst_mistakes"] = png
     else:
         ctx["gradcam_note"] = "Grad-CAM gallery switched off (--gradcam-images 0)."
+    ctx["nearest"], ctx["nearest_note"] = _nearest_cases(ctx, run_dir, clf)
+    ctx["cv"] = _read_json(run_dir / layout.CV_SUMMARY)  # None unless the run had --cv
     ctx["generated"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     ctx["report_seconds"] = f"{time.perf_counter() - t0:.1f}"
 
     title = f"imgclf report — {run_dir.name}"
-    nav = "".join(f'<a href="#{sid}">{_e(label)}</a>' for sid, label in SECTIONS)
-    body = "".join(f(ctx) for f in (_summary, _dataset, _configuration, _training, _metrics, _plots, _mistakes, _environment))
+    nav_sections = list(SECTIONS)
+    if ctx["cv"]:  # a section of --cv runs only, after Metrics
+        nav_sections.insert(nav_sections.index(("metrics", "Metrics")) + 1, CV_SECTION)
+    nav = "".join(f'<a href="#{sid}">{_e(label)}</a>' for sid, label in nav_sections)
+    body = "".join(f(ctx) for f in (_summary, _dataset, _configuration, _training, _metrics, _cross_validation, _plots, _mistakes, _environment))
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

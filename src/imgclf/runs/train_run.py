@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from imgclf import distributed
 from imgclf.config import layout
 from imgclf.config.recipes import make_settings
 from imgclf.config.settings import RunOptions, RuntimeOptions, TrainSettings, make_run_options, make_runtime
@@ -23,7 +24,9 @@ from imgclf.evaluation.metrics import format_metrics
 from imgclf.evaluation.thresholds import apply_threshold
 from imgclf.model.run_status import mark_finished, mark_running
 from imgclf.fileio import default_cache_dir, file_sha256, is_within, write_csv, write_json
+from imgclf.report.cv import small_test_split_note
 from imgclf.report.html import write_run_report
+from imgclf.runs.cv import format_cv, plan_folds, run_cross_validation
 from imgclf.runs.environment import environment_info
 from imgclf.runs.folders import attach_run_log, detach, new_run_dir
 from imgclf.runs.resume import check_same_split, resumable_config, resumed_options
@@ -93,6 +96,43 @@ def _check_not_beside_images(ds, places: dict[str, Path]) -> None:
                 raise ValueError(f"{what} {place} is inside {folder}, a folder of the manifest's images; imgclf never writes into the dataset folder")
 
 
+def _torchrun_run(root: Path, resume_dir, settings, runtime, options: dict, run_given: dict, runtime_given: dict) -> tuple[dict, str | None]:
+    """Under torchrun without ``--name``: the run folder is named after the job
+    (``TORCHELASTIC_RUN_ID``, the same when ``--max-restarts`` restarts it), and an unfinished
+    run there with the same settings and data is resumed rather than started again.
+    Returns the run options given (with that name) and the folder to resume (or ``resume_dir``)."""
+    import re
+
+    from imgclf.config.settings import RUN_FIELDS
+
+    run_id = re.sub(r"[^A-Za-z0-9._-]", "_", os.environ.get("TORCHELASTIC_RUN_ID", ""))
+    if resume_dir or run_given.get("name") is not None or not run_id or run_id == "none":  # torchrun's default --rdzv-id names no job
+        return run_given, resume_dir
+    run_given = {**run_given, "name": f"{RUN_FIELDS['name'].default}-{run_id}"}
+    folder = Path(run_given.get("project") or RUN_FIELDS["project"].default) / run_given["name"]
+    if not (folder / layout.CONFIG).is_file():
+        return run_given, None
+    try:
+        recorded = resumable_config(folder, root)
+        resumed_options(recorded, folder, settings, None, runtime, options, run_given, runtime_given)
+    except ValueError as e:
+        log.info("torchrun job %s: %s not resumed (%s); a new run folder", run_id, folder, e)
+        return run_given, None
+    log.info("torchrun job %s restarted: resuming %s from its cache and last checkpoint", run_id, folder)
+    return run_given, str(folder)
+
+
+def _check_same_dataset(ds) -> None:
+    """Every rank must see the same images, labels and split (each extracts its share of them)."""
+    import hashlib
+
+    listing = "\n".join(f"{split}\t{s.path}\t{s.label}" for split in sorted(ds.samples) for s in ds.samples[split])
+    digests = distributed.all_gather_object(hashlib.sha256(f"{ds.class_names}\n{listing}".encode("utf-8", "surrogateescape")).hexdigest())
+    differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise ValueError(f"rank(s) {', '.join(map(str, differ))} see other images, labels or split than rank 0; every machine needs the same dataset at the same path")
+
+
 def train_run(
     data: str | os.PathLike | None = None,
     settings: TrainSettings | None = None,
@@ -119,13 +159,18 @@ def train_run(
     resume_dir = run.resume if run is not None else run_given.get("resume")
     manifest = run.manifest if run is not None else run_given.get("manifest")
     root = _dataset_root(data, manifest)
-    recorded = None
-    if resume_dir:  # the run folder's recorded settings are this run's
-        recorded = resumable_config(resume_dir, root)
-        settings, run, runtime = resumed_options(recorded, resume_dir, settings, run, runtime, options, run_given, runtime_given)
-    run = run or make_run_options(**run_given)
-    runtime = runtime or make_runtime(**runtime_given)
-    settings = settings or make_settings(**options)
+
+    def resolve(resume_dir=resume_dir, settings=settings, run=run, runtime=runtime, run_given=run_given):
+        if run is None and distributed.current() is not None:  # a torchrun job restarted by --max-restarts continues its run
+            run_given, resume_dir = _torchrun_run(root, resume_dir, settings, runtime, options, run_given, runtime_given)
+        recorded = None
+        if resume_dir:  # the run folder's recorded settings are this run's
+            recorded = resumable_config(resume_dir, root)
+            settings, run, runtime = resumed_options(recorded, resume_dir, settings, run, runtime, options, run_given, runtime_given)
+        return resume_dir, recorded, settings or make_settings(**options), run or make_run_options(**run_given), runtime or make_runtime(**runtime_given)
+
+    # under torchrun rank 0 alone reads the run folder; every rank gets its decision
+    resume_dir, recorded, settings, run, runtime = distributed.main_decides(resolve)
     cache_dir = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
     if is_within(Path(run.project), root):
         raise ValueError(f"project {run.project} is inside the dataset {root}{' (the manifest folder)' if manifest else ''}; imgclf never writes into the dataset folder")
@@ -144,6 +189,12 @@ def train_run(
     excluded: list[tuple[str, str]] = []
     if run.exclude:  # images the user rejected (imgclf audit): dropped here, each logged and listed in skipped.csv
         ds, excluded, unmatched = apply_exclusions(ds, run.exclude)
+    cv_plan = plan_folds(ds, run.cv, run.cv_repeats, settings.seed) if run.cv else None  # K too large: refused before the run folder
+    if distributed.current() is not None:
+        _check_same_dataset(ds)
+        if not distributed.is_main():  # the same computation as rank 0 (features sharded, head taken from rank 0); no files, no output
+            clf.fit(ds)
+            return clf.evaluate(bootstrap=run.bootstrap)
     if recorded is not None:
         run_dir = Path(resume_dir)
         check_same_split(ds, run_dir)
@@ -153,6 +204,7 @@ def train_run(
     handler = attach_run_log(run_dir)
     try:
         log.info("run folder: %s", run_dir)
+        log.info("device: %s (--device %s)", clf.backbone_runner().device, runtime.device)
         log.info("dataset %s (%s layout), %d classes: %s", manifest or root, ds.layout, len(ds.class_names), ", ".join(ds.class_names))
         for split, src in ds.split_source.items():
             log.info("  %s: %s", split, src)
@@ -189,14 +241,19 @@ def train_run(
         clf.save(run_dir)
 
         metrics = clf.evaluate(bootstrap=run.bootstrap)
+        distributed.work_alone()  # under torchrun the other ranks are done: the rest is rank 0's, as a single process
         metrics["run"] = str(run_dir)
         write_json(run_dir / layout.TEST_METRICS, metrics)
         write_csv(run_dir / layout.TEST_PREDICTIONS, prediction_rows(clf), ["path", "true", "predicted", *clf.class_names_])
         skipped = excluded + [(str(p), e) for p, e in ds.unreadable] + clf.skipped_ + [(s["path"], s["error"]) for s in metrics["skipped"]]
         write_csv(run_dir / layout.SKIPPED, [{"path": p, "error": e} for p, e in skipped], ["path", "error"])
+        if cv_plan is not None:  # the bundle above is the normal run's; the fold models are only measured (runs/cv.py)
+            cv_table = format_cv(run_cross_validation(ds, cv_plan, settings, runtime, run_dir, bootstrap=run.bootstrap, fit_summary=clf.fit_summary_))
+            log.debug("%s", cv_table)  # train.log keeps it; the console gets it once, with the test metrics
+            echo(cv_table)
         ex = clf.last_extraction_
         config["fit_summary"] = clf.fit_summary_
-        config["backbone_engine"] = {"engine": ex.engine, "precision": ex.precision}
+        config["backbone_engine"] = {"engine": ex.engine, "precision": ex.precision, "device": clf.backbone_runner().device}
         config["wall_seconds"] = round(time.perf_counter() - t0, 3)
         write_json(run_dir / layout.CONFIG, config)
 
@@ -206,6 +263,10 @@ def train_run(
             except Exception as e:  # noqa: BLE001 - the run succeeded; `imgclf report RUN` can redo it
                 log.warning("report.html not written (%s); regenerate with: imgclf report %s", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, run_dir)
         echo(format_metrics(metrics))
+        small_test = small_test_split_note(metrics)
+        if small_test:
+            log.debug("%s", small_test)
+            echo(small_test)
         if skipped:
             echo(f"skipped {len(skipped)} unreadable file(s) or folder(s): listed in {run_dir / layout.SKIPPED}")
         log.info("wall time %.1f s", time.perf_counter() - t0)

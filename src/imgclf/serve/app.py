@@ -19,6 +19,7 @@ from imgclf.serve.explainer import Explainer, explain_module
 from imgclf.serve.limits import RequestLimit
 from imgclf.serve.routes import add_routes, load_web_assets
 from imgclf.serve.security import API_KEY_HEADER, SecurityHeaders
+from imgclf.serve.similar import open_similar_cases
 from imgclf.serve.uploads import SUPPORTED_TYPES
 
 log = logging.getLogger("imgclf")
@@ -27,6 +28,8 @@ log = logging.getLogger("imgclf")
 @asynccontextmanager
 async def _lifespan(app):
     yield
+    if app.state.neighbor_batcher is not None:
+        app.state.neighbor_batcher.close()
     app.state.batcher.close()
     if app.state.explainer is not None:
         app.state.explainer.close()
@@ -36,9 +39,12 @@ def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os
     """The FastAPI app around ``model`` (an :class:`~imgclf.predict.onnx_predictor.OnnxClassifier` or
     :class:`~imgclf.predict.torch_predictor.TorchClassifier`). ``explain``: the Grad-CAM module to use
     (default: :func:`~imgclf.serve.explainer.explain_module`, only when ``bundle_dir`` is
-    given); ``False`` = off."""
+    given); ``False`` = off. Similar training cases are served when the bundle (``bundle_dir``,
+    or the TorchClassifier's own) has a usable index and ``config.max_neighbors`` > 0; the index
+    and the feature path are loaded here, before the first request."""
     config = (config or ServeConfig()).validate()
     info = model.info()
+    similar, no_similar = open_similar_cases(model, bundle_dir, enabled=config.max_neighbors > 0, weights=weights, cache_dir=cache_dir)
     if explain is None:
         explain = explain_module() if bundle_dir is not None else None
     elif explain is False:
@@ -66,13 +72,17 @@ def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os
     state.class_names = list(model.class_names_)
     state.config = config
     state.batcher = MicroBatcher(model.predict_proba_arrays, max_batch=config.max_batch, wait_ms=config.batch_wait_ms)
+    state.similar, state.no_similar = similar, no_similar
+    state.neighbor_batcher = None if similar is None else MicroBatcher(
+        lambda batch: similar.search(batch, config.max_neighbors), max_batch=config.max_batch, wait_ms=config.batch_wait_ms, thread_of=state.batcher,
+    )
     state.decode_limiter = anyio.CapacityLimiter(config.decode_threads)
     state.explainer = Explainer(explain, bundle_dir, weights=weights, cache_dir=cache_dir) if explain is not None else None
     state.web_assets = load_web_assets()
     state.started = time.time()
 
     install_error_handlers(app)
-    add_routes(app, explain=explain is not None)
+    add_routes(app, explain=explain is not None, neighbors=similar is not None)
     return app
 
 

@@ -11,10 +11,14 @@ from imgclf.serve.config import SERVE_FIELDS
 
 class MicroBatcher:
     """Collect concurrent requests for up to ``wait_ms`` (or ``max_batch`` images), run them
-    as one batch in a dedicated inference thread, hand each caller its rows."""
+    as one batch in a dedicated inference thread, hand each caller its rows (``fn``'s result
+    sliced: an array or a list). ``thread_of``: another batcher whose inference thread this one
+    uses too, so that all model work of the server runs in one thread, one batch at a time."""
 
-    def __init__(self, fn, *, max_batch: int = SERVE_FIELDS["max_batch"].default, wait_ms: float = SERVE_FIELDS["batch_wait_ms"].default):
+    def __init__(self, fn, *, max_batch: int = SERVE_FIELDS["max_batch"].default, wait_ms: float = SERVE_FIELDS["batch_wait_ms"].default,
+                 thread_of: "MicroBatcher | None" = None):
         self.fn = fn
+        self.thread_of = thread_of
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1000.0
         self.executor: ThreadPoolExecutor | None = None  # made on first use, again after close()
@@ -78,6 +82,8 @@ class MicroBatcher:
                 k += len(b)
 
     def _pool(self) -> ThreadPoolExecutor:
+        if self.thread_of is not None:
+            return self.thread_of._pool()
         if self.executor is None:
             self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgclf-infer")
         return self.executor

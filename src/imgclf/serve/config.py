@@ -31,6 +31,8 @@ class ServeConfig(Declared):
     header_timeout_s: float = setting(10.0, "seconds a client has to send a request's headers, from connecting or from the previous answer", gt=0, group=GROUP)
     body_timeout_s: float = setting(30.0, "most seconds between two pieces of a request body", gt=0, group=GROUP)
     keep_alive_s: float = setting(5.0, "seconds an idle connection stays open after an answer", gt=0, group=GROUP)
+    max_neighbors: int = setting(20, "most similar training cases per image a client may ask for (/v1/predict?neighbors=K); 0 = no similar cases (the index and the feature path are not loaded)", ge=0, le=100, group=GROUP)
+    neighbor_paths: bool = setting(False, "include the training images' paths, as stored at training, in similar cases (off: they show the server's folders and file names, which may identify people; label, similarity and thumbnail are given either way)", group=GROUP)
 
     def validate(self) -> "ServeConfig":
         """Check every setting again (the checks already ran when the object was made)."""

@@ -1,7 +1,7 @@
 """What the OpenAPI document says about the API: response models, the error responses and
 the multipart request bodies (read by hand, so described here rather than inferred)."""
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from imgclf.serve.uploads import SUPPORTED_TYPES
 
@@ -15,6 +15,16 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class SimilarCase(BaseModel):
+    """A training image near the uploaded one in the model's feature space."""
+
+    index: int = Field(description="the case's row in the model's similar-cases index")
+    label: str = Field(description="its class")
+    similarity: float = Field(description="cosine similarity of the backbone features, -1..1")
+    path: str | None = Field(description="its path when the model was trained; null unless the server runs with --neighbor-paths")
+    thumbnail_url: str | None = Field(description="GET it for a small JPEG of the case; null when none was stored")
+
+
 class Prediction(BaseModel):
     filename: str
     format: str
@@ -23,6 +33,7 @@ class Prediction(BaseModel):
     predicted: str
     probability: float
     probabilities: dict[str, float]
+    neighbors: list[SimilarCase] | None = Field(None, description="the most similar training images, best first; null unless asked for with ?neighbors=K")
 
 
 class PredictResponse(BaseModel):
@@ -38,7 +49,7 @@ class PredictResponse(BaseModel):
 ERROR_RESPONSES = {s: {"model": ErrorResponse, "description": d} for s, d in (
     (400, "no file, empty file or malformed multipart body"), (401, "missing or wrong API key"),
     (413, "file, request or pixel count over the limit"), (415, "not a supported image type / not multipart"),
-    (422, "truncated or corrupt image"),
+    (422, "truncated or corrupt image, or an invalid query parameter"),
 )}
 
 

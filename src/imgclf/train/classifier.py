@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf import distributed
 from imgclf._version import __version__
 from imgclf.backbones.blocks import BlocksUnknownError
 from imgclf.backbones.specs import BackboneSpec, Preprocessing, get_backbone_spec
@@ -28,8 +29,10 @@ from imgclf.data.datasets import Dataset, load_dataset, with_validation_folder
 from imgclf.engines.runner import BackboneRunner
 from imgclf.evaluation.thresholds import choose_threshold, parse_policy
 from imgclf.model.classifier import Classifier
-from imgclf.model.heads import head_config
+from imgclf.evaluation.calibration import apply_temperature, fit_temperature
+from imgclf.model.heads import head_config, with_temperature
 from imgclf.model.metadata import ModelMeta
+from imgclf.model.neighbors import NeighborIndex, choose_cases
 from imgclf.train.checkpoint import EpochCheckpoint
 from imgclf.train.finetune import finetune, split_blocks
 from imgclf.train.loops import TrainConfig, fit_head
@@ -133,6 +136,7 @@ class ImageClassifier(Classifier):
         runner = self.backbone_runner()
         train, val = ds.samples["train"], ds.samples["validation"]
         xt, yt, ok_t, sk_tr = self._split_features(train, "train features")
+        xt_plain = xt  # the plain view, for the similar-cases index
         xv, yv, ok_v, sk_va = self._split_features(val, "validation features")
         self.skipped_ = sk_tr + sk_va
         if len(yt) == 0:
@@ -151,16 +155,21 @@ class ImageClassifier(Classifier):
         def stage_checkpoint(stage: str) -> EpochCheckpoint | None:
             return None if checkpoint_dir is None else EpochCheckpoint(Path(checkpoint_dir) / layout.CHECKPOINT.format(stage=stage))
 
-        head, history, summary = fit_head(xt, yt, xv, yv, n_classes, self.train_config, on_epoch=on_epoch, checkpoint=stage_checkpoint("head"))
+        # under torchrun rank 0 trains and every rank takes its head: identical everywhere, whatever the CPUs
+        trained = fit_head(xt, yt, xv, yv, n_classes, self.train_config, on_epoch=on_epoch, checkpoint=stage_checkpoint("head")) if distributed.is_main() else None
+        head, history, summary = distributed.broadcast_object(trained)
         summaries = [summary]
 
         if unfreeze:
             cfg2 = TrainConfig.stage2(st)
-            tuned, hist2, sum2 = finetune(
+            # under torchrun every rank fine-tunes its shard as DistributedDataParallel (train/finetune.py);
+            # rank 0's tuned tensors and head are then every rank's, identical by construction
+            tuned_run = finetune(
                 runner, head, [str(train[i].path) for i in ok_t], yt, [str(val[i].path) for i in ok_v], yv, n_classes, cfg2,
                 unfreeze=unfreeze, augment=self.augment_config, views=st.finetune_views, tail_bn=st.finetune_bn, on_epoch=on_epoch,
                 cache_dir=runner.cache_root if self.use_cache else None, checkpoint=stage_checkpoint("finetune"),
             )
+            (tuned, hist2, sum2), head = distributed.broadcast_object((tuned_run, head))
             if tuned:
                 runner.apply_tuned(tuned)
                 self._tuned = tuned
@@ -170,22 +179,52 @@ class ImageClassifier(Classifier):
         self.head_ = head.eval()
         self.history_ = history
 
-        if n_classes == 2:
-            if self._tuned is not None and parse_policy(st.threshold_policy)[0] != "fixed":
-                # the backbone changed: validation features too
-                xv, yv, _, _ = self._split_features(val, "validation features")
+        decides_on_validation = st.calibration != "none" or (n_classes == 2 and parse_policy(st.threshold_policy)[0] != "fixed")
+        if self._tuned is not None and decides_on_validation:  # the backbone changed: validation features too
+            xv, yv, _, _ = self._split_features(val, "validation features")
+        self.temperature_ = self._calibrate(xv, yv) if st.calibration == "temperature" else None
+        if n_classes == 2:  # on the calibrated probabilities
             self.threshold_ = self._choose_threshold(xv, yv)
+        self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain) if st.neighbors else None
         self.fit_summary_ = {
             "stages": summaries,
             "best_epoch": summaries[-1]["best_epoch"],
             "epochs_run": sum(s["epochs_run"] for s in summaries),
             "monitor": summaries[-1]["monitor"],
             "threshold": self.threshold_,
+            "temperature": self.temperature_,
             "feature_seconds": round(t_feat, 3),
             "fit_seconds": round(time.perf_counter() - t0, 3),
         }
         self.meta_ = self._make_meta(runner, unfreeze if self._tuned is not None else 0)
         return self
+
+    def _build_neighbors(self, train: list, ok: list[int], y: np.ndarray, x_plain: np.ndarray) -> NeighborIndex:
+        """The similar-cases index of the (at most ``neighbors_max``) training images, from the
+        features predict will compute: when stage 2 tuned the backbone, the chosen images are
+        extracted again through the tuned backbone (plain view, no test-time views)."""
+        st = self.settings
+        keep = choose_cases(y, st.neighbors_max, self.seed)
+        paths = [str(train[ok[i]].path) for i in keep]
+        labels, x = y[keep], x_plain[keep]
+        if self._tuned is not None:
+            x, ok_tuned, _ = self.features(paths, desc="train features (tuned backbone, similar cases)")
+            labels, paths = labels[ok_tuned], [paths[i] for i in ok_tuned]
+        return NeighborIndex.build(x, labels, paths, self.class_names_, thumbnail_px=st.neighbors_thumbnail, training_images=len(y), seed=self.seed)
+
+    def _calibrate(self, x: np.ndarray, y: np.ndarray) -> float | None:
+        """Fit the temperature on validation features ``x``, labels ``y``; the head then ends in it."""
+        if len(y) == 0:
+            log.warning("no validation images: probabilities left uncalibrated (calibration temperature needs a validation split)")
+            return None
+        log_p = np.log(np.clip(self._proba_from_features(x), 1e-300, None))
+        t = fit_temperature(log_p, y)
+        rows = np.arange(len(y))
+        before = float(-log_p[rows, y].mean())
+        after = float(-np.log(np.clip(apply_temperature(log_p, t), 1e-300, None))[rows, y].mean())
+        self.head_ = with_temperature(self.head_, t).eval()
+        log.info("calibration: temperature %.3f fitted on %d validation images (validation log loss %.4f -> %.4f)", t, len(y), before, after)
+        return t
 
     def _choose_threshold(self, x: np.ndarray, y: np.ndarray) -> float:
         """Binary decision threshold from validation features ``x`` and labels ``y``."""
@@ -207,7 +246,7 @@ class ImageClassifier(Classifier):
             weights=runner.weights.to_dict(),
             preprocessing=spec.preprocessing,
             class_names=tuple(self.class_names_),
-            head=head_config(self.train_config.head, spec.feature_dim, len(self.class_names_)),
+            head=head_config(self.train_config.head, spec.feature_dim, len(self.class_names_), temperature=self.temperature_),
             frozen_backbone=self._tuned is None,
             backbone_tuned=None if self._tuned is None else {"unfreeze": unfreeze, "digest": runner.tuned_digest, "tensors": len(self._tuned)},
             recipe=self.recipe,

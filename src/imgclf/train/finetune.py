@@ -31,15 +31,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf import distributed
 from imgclf.config.settings import TAIL_BN_MODES
 from imgclf.data.augment import AugmentConfig, AugmentedView
 from imgclf.backbones.blocks import backbone_blocks
 from imgclf.engines.cache import ChecksummedFileCache, cache_key
+from imgclf.engines.runtimes import cuda_autocast_dtype
 from imgclf.fileio import content_hash
 from imgclf.data.preprocess import decode_array as _decode
 from imgclf.data.preprocess import decoded_batches
 from imgclf.train.checkpoint import EpochCheckpoint
-from imgclf.train.loops import TrainConfig, fit_loop, seed_everything
+from imgclf.train.loops import ShardBatch, TrainConfig, epoch_order, fit_loop, loss_denominator, seed_everything
 
 log = logging.getLogger("imgclf")
 
@@ -50,7 +52,10 @@ PREFIX_CACHE_MB = int(os.environ.get("IMGCLF_PREFIX_CACHE_MB", "4096"))
 class TailModel(nn.Module):
     """Trainable tail blocks → the entry's pooling → head."""
 
-    def __init__(self, tail: list[nn.Module], pool: nn.Module, head: nn.Module, autocast_bf16: bool, tail_bn: str = "frozen"):
+    def __init__(self, tail: list[nn.Module], pool: nn.Module, head: nn.Module, autocast_bf16: bool, tail_bn: str = "frozen",
+                 autocast_dtype: torch.dtype | None = None):
+        """``autocast_bf16``: bf16 autocast (the CPU's); ``autocast_dtype`` overrides it (a GPU's bf16
+        or fp16). Autocast runs on the device of the inputs."""
         super().__init__()
         if tail_bn not in TAIL_BN_MODES:
             raise ValueError(f"finetune_bn must be one of {', '.join(TAIL_BN_MODES)}, got {tail_bn!r}")
@@ -59,6 +64,7 @@ class TailModel(nn.Module):
         self.pool = pool
         self.head = head
         self.autocast_bf16 = autocast_bf16
+        self.autocast_dtype = autocast_dtype if autocast_dtype is not None else (torch.bfloat16 if autocast_bf16 else None)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -70,7 +76,8 @@ class TailModel(nn.Module):
 
     def forward(self, h):
         h = h.to(torch.float32)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
+        dtype = self.autocast_dtype
+        with torch.autocast(h.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             f = self.pool(self.tail(h)).flatten(1)
         return self.head(f.float())
 
@@ -167,6 +174,135 @@ def _safe_hash(path: str) -> str:
         return ""
 
 
+class ShardedTail:
+    """Stage 2 as DistributedDataParallel over the ranks of a torchrun job (``fit_loop``'s ``parallel``).
+
+    Each rank holds the prefix activations of its shard of the training and validation images.
+    Every rank draws the same epoch order (same seed), and each global batch of the single-process
+    run is split by who holds its samples: a rank trains on its part, with the loss normalised by
+    the whole batch's denominator (:class:`~imgclf.train.loops.ShardBatch`), and DDP's gradient
+    all-reduce makes every step the single-process step (up to the order of float sums). The
+    validation logits are gathered, so the monitored score is over all of validation, and rank
+    0's score is every rank's. ``communication_seconds`` adds up the time in collectives: each
+    gradient all-reduce from launch to completion (it may overlap the backward pass) and every
+    gather and broadcast.
+    """
+
+    def __init__(self, ctx, owner: np.ndarray, local_pos: np.ndarray, val_rows: np.ndarray, broadcast_buffers: bool):
+        self.rank = ctx.rank
+        self.world_size = ctx.world_size
+        self.is_main = ctx.is_main
+        self.owner = torch.from_numpy(np.asarray(owner, np.int64))  # training sample → rank holding its activations
+        self.local_pos = torch.from_numpy(np.asarray(local_pos, np.int64))  # training sample → its row here (-1: elsewhere)
+        self.val_rows = np.asarray(val_rows, np.int64)  # validation samples held here, in row order
+        self.broadcast_buffers = broadcast_buffers  # BatchNorm statistics that move (--finetune-bn train): rank 0's everywhere
+        self.communication_seconds = 0.0
+        self.current: tuple[int, torch.Tensor] = (0, torch.zeros(0, dtype=torch.long))  # (global batch size, rows here) of the batch in flight
+
+    def _timed(self, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.communication_seconds += time.perf_counter() - t
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DDP, its dropout layers drawing the global batch's masks (:class:`GlobalBatchDropout`,
+        put back by :meth:`unwrap`)."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._dropouts = []
+        for parent in model.modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Dropout:
+                    parent._modules[name] = GlobalBatchDropout(child.p, self)
+                    self._dropouts.append((parent, name, child))
+        device = next(model.parameters()).device
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=self.broadcast_buffers)
+
+        def timed_allreduce(state, bucket):
+            start = time.perf_counter()
+
+            def done(fut):
+                self.communication_seconds += time.perf_counter() - start
+                return fut.value()
+
+            return allreduce_hook(state, bucket).then(done)
+
+        ddp.register_comm_hook(None, timed_allreduce)
+        return ddp
+
+    def batches(self, xt: torch.Tensor, yt: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, weights: torch.Tensor | None):
+        """This rank's part of each global batch of :func:`~imgclf.train.loops.view_batches` (same draws)."""
+        order = epoch_order(yt, cfg, gen)
+        view = torch.randint(0, xt.shape[0], (len(yt),), generator=gen) if xt.shape[0] > 1 else torch.zeros(len(yt), dtype=torch.long)
+        for k in range(0, len(order), cfg.batch_size):
+            idx = order[k:k + cfg.batch_size]
+            here = self.owner[idx] == self.rank
+            mine = idx[here]
+            norm = loss_denominator(yt[idx], weights) / self.world_size
+            self.current = (len(idx), torch.nonzero(here).flatten())
+            yield ShardBatch(xt[view[mine], self.local_pos[mine]], yt[mine], norm, len(idx), self.world_size)
+
+    def unwrap(self) -> None:
+        """The model's own dropout layers back (the head is saved with them)."""
+        for parent, name, child in self._dropouts:
+            parent._modules[name] = child
+        self._dropouts = []
+
+    def gather_logits(self, local: torch.Tensor, n_total: int) -> torch.Tensor:
+        return torch.from_numpy(self._timed(distributed.gather_rows, local.numpy(), self.val_rows, n_total))
+
+    def agree(self, obj):
+        """Rank 0's ``obj`` on every rank: decisions are made once."""
+        return self._timed(distributed.broadcast_object, obj)
+
+    def sum(self, values: list[float]) -> list[float]:
+        parts = self._timed(distributed.all_gather_object, list(values))
+        return [sum(p[i] for p in parts) for i in range(len(values))]
+
+
+class GlobalBatchDropout(nn.Module):
+    """Dropout whose mask is drawn for the whole global batch, of which this rank keeps its rows.
+
+    Every rank then draws the same random numbers as the single process does for that batch
+    (``empty((n, ...)).bernoulli_(1 - p)``, as torch's CPU dropout), so the ranks' global RNG
+    streams stay in step and each sample gets the mask it gets in one process.
+    """
+
+    def __init__(self, p: float, plan: ShardedTail):
+        super().__init__()
+        self.p = p
+        self.plan = plan
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        n, rows = self.plan.current
+        noise = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        noise = noise.div_(1 - self.p) if self.p < 1 else noise
+        return x * noise[rows.to(x.device)]
+
+
+def _gathered(local_global_indices: list[int]) -> tuple[list[int], list[int]]:
+    """Every rank's (global) indices, sorted, and the rank holding each."""
+    parts = distributed.all_gather_object(list(local_global_indices))
+    owned = sorted((i, r) for r, part in enumerate(parts) for i in part)
+    return [i for i, _ in owned], [r for _, r in owned]
+
+
+def tail_autocast(runner, device: torch.device) -> torch.dtype | None:
+    """The tail's autocast: bf16 on a CPU with native bf16; on a GPU bf16 where it has it, else
+    fp16 (with a GradScaler), unless fp32 was forced; None = fp32."""
+    if device.type == "cpu":
+        return torch.bfloat16 if runner.precision == "bf16" else None
+    if runner.precision == "fp32" and runner.engine in ("auto", "torch"):  # fp32 asked for (a GPU run resolves auto to bf16/fp16)
+        return None
+    return cuda_autocast_dtype(str(device))
+
+
 def finetune(
     runner,
     head: nn.Module,
@@ -195,6 +331,12 @@ def finetune(
     the tensors are empty when no fine-tuned epoch beat the starting (frozen) model on
     validation (``cfg.monitor``), in which case that model is kept. The runner's torch module is
     updated in place (its tail blocks are shared).
+
+    The tail trains on ``runner.device`` (a GPU when there is one) and returns to the CPU.
+    Under torchrun (:func:`imgclf.distributed.setup` joined) each rank computes the prefix
+    activations of its shard of the images and the tail trains as DistributedDataParallel
+    (:class:`ShardedTail`); every rank returns the same tensors, and only rank 0 writes the
+    checkpoint.
     """
     cfg.validate()
     spec = runner.spec
@@ -202,9 +344,15 @@ def finetune(
     prefix_named, tail_named = split_blocks(fx, spec, unfreeze)
     prefix = [m for _, m in prefix_named]
     tail = [m for _, m in tail_named]
-    bf16 = runner.precision == "bf16"
+    device = torch.device(runner.device)
+    autocast_dtype = tail_autocast(runner, device)
     prep = spec.preprocessing
     views = max(1, views if augment.active else 1)
+    ctx = distributed.current()
+    world = 1 if ctx is None else ctx.world_size
+    # this rank's images (all of them in a single process)
+    train_mine, val_mine = list(distributed.shard(len(train_paths))), list(distributed.shard(len(val_paths)))
+    local_train, local_val = [train_paths[i] for i in train_mine], [val_paths[i] for i in val_mine]
 
     # memory budget for the cached prefix activations (an empty prefix is the identity)
     with torch.inference_mode():
@@ -212,10 +360,11 @@ def finetune(
         item_shape = tuple(PrefixModule(fx, prefix)(torch.zeros(1, 3, s, s, dtype=torch.uint8))[0].shape)
     per_item = math.prod(item_shape) * 2  # bf16 bytes
     slots = PREFIX_CACHE_MB * 2**20 // per_item  # activations that fit in the budget
-    fit_views = (slots - len(val_paths)) // max(1, len(train_paths))
+    most_train, most_val = math.ceil(len(train_paths) / world), math.ceil(len(val_paths) / world)  # the same on every rank
+    fit_views = (slots - most_val) // max(1, most_train)
     if fit_views < 1:
         raise ValueError(
-            f"fine-tuning {len(train_paths)} images with --unfreeze {unfreeze} needs {(len(train_paths) + len(val_paths)) * per_item / 2**20:.0f} MB "
+            f"fine-tuning {most_train} images with --unfreeze {unfreeze} needs {(most_train + most_val) * per_item / 2**20:.0f} MB "
             f"of cached activations (limit IMGCLF_PREFIX_CACHE_MB={PREFIX_CACHE_MB}); use a smaller --unfreeze or --recipe fast"
         )
     if fit_views < views:
@@ -232,33 +381,46 @@ def finetune(
     def disk_cache(transform=None) -> PrefixCache | None:
         return None if cache_dir is None else PrefixCache(cache_dir, prefix_cache_key(runner, engine, prefix_name, transform), item_shape)
 
+    empty = torch.zeros((0, *item_shape), dtype=torch.bfloat16)
     hashes = val_hashes = None
     if views > 1 or cache_dir is not None:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            hashes = list(pool.map(_safe_hash, train_paths))
-            val_hashes = list(pool.map(_safe_hash, val_paths)) if cache_dir is not None else None
-    plain, keep, _ = compute_prefix(engine, train_paths, prep, None, hashes, cache=disk_cache())
+            hashes = list(pool.map(_safe_hash, local_train))
+            val_hashes = list(pool.map(_safe_hash, local_val)) if cache_dir is not None else None
+    plain, keep, _ = compute_prefix(engine, local_train, prep, None, hashes, cache=disk_cache())
+    plain = empty if plain is None else plain
     train_views = [plain]
     if views > 1:
         pos_plain = {i: k for k, i in enumerate(keep)}
     for v in range(1, views):
         view = AugmentedView(augment, v, cfg.seed)
-        h, ok, _ = compute_prefix(engine, train_paths, prep, view, hashes, cache=disk_cache(view))
+        h, ok, _ = compute_prefix(engine, local_train, prep, view, hashes, cache=disk_cache(view))
         if ok != keep:  # a view that failed to decode falls back to the image's plain view
             pos = {i: k for k, i in enumerate(ok)}
-            h = torch.stack([h[pos[i]] if i in pos else plain[pos_plain[i]] for i in keep])
+            h = torch.stack([h[pos[i]] if i in pos else plain[pos_plain[i]] for i in keep]) if keep else empty
         train_views.append(h)
-    hv, ok_v, _ = compute_prefix(engine, val_paths, prep, None, val_hashes, cache=disk_cache())
+    hv, ok_v, _ = compute_prefix(engine, local_val, prep, None, val_hashes, cache=disk_cache())
     prefix_s = time.perf_counter() - t0
     n_prefix = len(keep) * views + len(ok_v)
-    log.info("fine-tune: frozen prefix (up to %s) on %s (%s) for %d image views in %.1f s (%.1f img/s), %.0f MB held in memory%s",
+    log.info("fine-tune: frozen prefix (up to %s) on %s (%s) for %d image views in %.1f s (%.1f img/s), %.0f MB held in memory%s%s",
              prefix_name, engine.name, engine.precision, n_prefix, prefix_s, n_prefix / max(prefix_s, 1e-9), n_prefix * per_item / 2**20,
-             "" if cache_dir is None else f" and kept on disk in {Path(cache_dir) / 'prefix'}")
+             "" if cache_dir is None else f" and kept on disk in {Path(cache_dir) / 'prefix'}",
+             "" if ctx is None else f" (rank {ctx.rank} of {world}: its shard)")
 
-    xt = torch.stack(train_views)  # (V, n, C, H, W) bf16
-    yt = torch.from_numpy(np.asarray(y_train, np.int64)[keep])
-    xv = hv if hv is not None else torch.zeros((0, *xt.shape[2:]), dtype=torch.bfloat16)
-    yv = torch.from_numpy(np.asarray(y_val, np.int64)[ok_v])
+    xt = torch.stack(train_views)  # (V, n here, C, H, W) bf16
+    xv = hv if hv is not None else empty
+    keep_global = [train_mine[i] for i in keep]
+    ok_v_global = [val_mine[i] for i in ok_v]
+    parallel = None
+    if ctx is not None:  # every label, and where each sample's activations are
+        keep_all, owners = _gathered(keep_global)
+        ok_v_all, _ = _gathered(ok_v_global)
+        row_here = {g: k for k, g in enumerate(keep_global)}
+        at = {g: k for k, g in enumerate(ok_v_all)}
+        parallel = ShardedTail(ctx, owners, [row_here.get(g, -1) for g in keep_all], [at[g] for g in ok_v_global], broadcast_buffers=tail_bn == "train")
+        keep_global, ok_v_global = keep_all, ok_v_all
+    yt = torch.from_numpy(np.asarray(y_train, np.int64)[keep_global])
+    yv = torch.from_numpy(np.asarray(y_val, np.int64)[ok_v_global])
 
     # seeded here, after everything that may draw random numbers on a cold cache (building
     # the torch module initialises layers before loading weights), so runs repeat exactly
@@ -269,9 +431,10 @@ def finetune(
     for m in tail:
         for p in m.parameters():
             p.requires_grad_(True)
-    model = TailModel(tail, fx.pool, head, bf16, tail_bn)
+    model = TailModel(tail, fx.pool, head, autocast_dtype == torch.bfloat16, tail_bn, autocast_dtype=autocast_dtype).to(device)
     for p in model.head.parameters():
         p.requires_grad_(True)
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
 
     groups = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
     for depth, m in enumerate(reversed(tail), start=1):
@@ -279,10 +442,16 @@ def finetune(
     base_lrs = [g["lr"] for g in groups]
 
     t1 = time.perf_counter()
-    history, summary = fit_loop(model, xt, yt, xv, yv, n_classes, cfg, param_groups=groups, on_epoch=on_epoch, stage="finetune", keep_start_if_best=True,
-                                checkpoint=checkpoint)
+    try:
+        history, summary = fit_loop(model, xt, yt, xv, yv, n_classes, cfg, param_groups=groups, on_epoch=on_epoch, stage="finetune",
+                                    keep_start_if_best=True, checkpoint=checkpoint, scaler=scaler, parallel=parallel)
+    finally:
+        if parallel is not None:
+            parallel.unwrap()
+        model.to("cpu")  # the tail blocks are the runner's and the head is the classifier's: both live on the CPU
     train_s = time.perf_counter() - t1
     imgs = len(yt) * summary["epochs_run"]
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype, "fp32")
     summary.update({
         "unfreeze": unfreeze,
         "trainable_blocks": [n for n, _ in tail_named],
@@ -290,11 +459,15 @@ def finetune(
         "prefix_seconds": round(prefix_s, 2),
         "train_seconds": round(train_s, 2),
         "images_per_second": round(imgs / max(train_s, 1e-9), 1),
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": precision,
+        "device": str(device),
         "group_lrs": base_lrs,
         "tail_bn": tail_bn,
     })
-    log.info("fine-tune: %d epochs over the tail at %.1f img/s (%s autocast)", summary["epochs_run"], summary["images_per_second"], summary["precision"])
+    if parallel is not None:
+        summary.update({"world_size": world, "communication_seconds": round(parallel.communication_seconds, 3)})
+    log.info("fine-tune: %d epochs over the tail at %.1f img/s on %s (%s autocast)%s", summary["epochs_run"], summary["images_per_second"],
+             device, precision, "" if parallel is None else f", DistributedDataParallel over {world} ranks ({parallel.communication_seconds:.1f} s in collectives here)")
     for p in fx.parameters():
         p.requires_grad_(False)
     fx.eval()

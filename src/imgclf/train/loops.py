@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable
 import dataclasses
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -157,9 +158,10 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str) -> torch.Tensor | No
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al. 2017): down-weights easy examples; ``weight`` = per-class alpha."""
 
-    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None):
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, reduction: str = "mean"):
         super().__init__()
         self.gamma = gamma
+        self.reduction = reduction
         self.register_buffer("weight", weight if weight is not None else None)
 
     def forward(self, logits, target):
@@ -167,14 +169,37 @@ class FocalLoss(nn.Module):
         loss = -((1 - logp.exp()) ** self.gamma) * logp
         if self.weight is not None:
             w = self.weight[target]
-            return (loss * w).sum() / w.sum()
-        return loss.mean()
+            return (loss * w).sum() if self.reduction == "sum" else (loss * w).sum() / w.sum()
+        return loss.sum() if self.reduction == "sum" else loss.mean()
 
 
-def make_loss(cfg: TrainConfig, weights: torch.Tensor | None) -> nn.Module:
+def make_loss(cfg: TrainConfig, weights: torch.Tensor | None, reduction: str = "mean") -> nn.Module:
+    """The training loss; ``reduction="sum"`` gives the numerator of the mean (the weighted sum),
+    which a data-parallel rank divides by its global batch's denominator (:class:`ShardBatch`)."""
     if cfg.loss == "focal":
-        return FocalLoss(cfg.focal_gamma, weights)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        return FocalLoss(cfg.focal_gamma, weights, reduction)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing, reduction=reduction)
+
+
+def loss_denominator(y: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """What the mean loss of a batch with labels ``y`` divides its sum by: the batch size, or
+    with class weights the sum of its samples' weights (as torch's weighted mean does)."""
+    return float(len(y)) if weights is None else float(weights[y].sum())
+
+
+class ShardBatch(NamedTuple):
+    """One rank's part of one global batch under data parallelism.
+
+    The loss is ``sum / loss_norm`` with ``loss_norm`` = the global batch's denominator divided
+    by ``world_size``; the DDP gradient average over the ranks then equals the gradient of the
+    global batch's mean loss, as in one process. ``global_size`` keeps every rank's random
+    draws the same (mixup and CutMix permutations are drawn for the global batch)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    loss_norm: float
+    global_size: int
+    world_size: int
 
 
 def make_optimizer(param_groups, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -237,41 +262,75 @@ def train_one_epoch(
     cfg: TrainConfig,
     generator: torch.Generator,
     scheduler=None,
+    scaler=None,
+    reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> tuple[float, float]:
-    """One pass over ``batches`` (iterable of (inputs, targets)); returns (loss, accuracy)."""
+    """One pass over ``batches`` (iterable of (inputs, targets), or :class:`ShardBatch` under
+    data parallelism); returns (loss, accuracy).
+
+    Inputs move to the model's device. ``scaler``: a GradScaler (fp16 autocast on a GPU).
+    ``reduce``: sums [loss, correct, seen] over the ranks, so every rank reports the epoch's."""
     model.train()
+    device = next(model.parameters()).device
     total_loss, correct, seen = 0.0, 0, 0
-    for xb, yb in batches:
+    for batch in batches:
+        shard = isinstance(batch, ShardBatch)
+        xb, yb = batch[0].to(device), batch[1].to(device)
+        n_batch = batch.global_size if shard else len(yb)
+        batch_loss = (lambda logits, y: loss_fn(logits, y) / batch.loss_norm) if shard else loss_fn
         cut = cfg.cutmix > 0 and xb.dim() == 4
         if cfg.mixup > 0 or cut:
             rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator)))
-            perm = torch.randperm(len(yb), generator=generator)
+            perm = torch.randperm(n_batch, generator=generator)
+            if len(perm) != len(yb):  # this rank's part: the global draw, restricted to a permutation of its samples
+                perm = torch.argsort(perm[:len(yb)])
+            perm = perm.to(device)
             if cut and (cfg.mixup <= 0 or rng.random() < 0.5):  # both on: one or the other per batch
                 mixed, lam = cutmix_batch(xb, perm, float(rng.beta(cfg.cutmix, cfg.cutmix)), rng)
             else:
                 lam = float(rng.beta(cfg.mixup, cfg.mixup))
                 mixed = lam * xb + (1 - lam) * xb[perm]
             logits = model(mixed)
-            loss = lam * loss_fn(logits, yb) + (1 - lam) * loss_fn(logits, yb[perm])
+            loss = lam * batch_loss(logits, yb) + (1 - lam) * batch_loss(logits, yb[perm])
         else:
             logits = model(xb)
-            loss = loss_fn(logits, yb)
+            loss = batch_loss(logits, yb)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * len(yb)
+        total_loss += loss.item() * (n_batch / batch.world_size if shard else len(yb))
         correct += (logits.argmax(1) == yb).sum().item()
         seen += len(yb)
+    if reduce is not None:
+        total_loss, correct, seen = reduce([total_loss, correct, seen])
     return total_loss / max(1, seen), correct / max(1, seen)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float32 logits on the CPU of ``x``, computed in chunks on the model's device (eval mode)."""
+    model.eval()
+    device = next(model.parameters()).device
+    if not len(x):
+        return model(x.to(device)).float().cpu()
+    return torch.cat([model(x[k:k + 256].to(device)).float().cpu() for k in range(0, len(x), 256)])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float, np.ndarray]:
     """Loss, accuracy and softmax probabilities on a split (eval mode: no dropout)."""
-    model.eval()
-    logits = torch.cat([model(x[k:k + 256]).float() for k in range(0, len(x), 256)]) if len(x) else model(x)
+    return scores_from_logits(predict_logits(model, x), y, loss_fn)
+
+
+def scores_from_logits(logits: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float, np.ndarray]:
+    """(loss, accuracy, softmax probabilities) of a split's logits."""
     loss = loss_fn(logits, y).item() if len(y) else float("nan")
     acc = (logits.argmax(1) == y).float().mean().item() if len(y) else float("nan")
     return loss, acc, torch.softmax(logits.float(), 1).numpy()
@@ -299,6 +358,8 @@ def fit_loop(
     stage: str = "head",
     keep_start_if_best: bool = False,
     checkpoint: EpochCheckpoint | None = None,
+    scaler=None,
+    parallel=None,
 ) -> tuple[list[dict], dict]:
     """Shared epoch loop: optimiser, schedule, validation, early stopping, checkpoint.
 
@@ -310,11 +371,23 @@ def fit_loop(
     the selected model with history and summary; a saved state found there at the start is
     continued from (a finished stage is not trained again), so a killed run resumed with the
     same settings and data ends with the same model as one never interrupted.
+    The model trains on its own device (inputs are moved batch by batch); ``scaler``: a
+    GradScaler for fp16 autocast on a GPU.
+
+    ``parallel`` (data parallelism under torchrun, see :class:`imgclf.train.finetune.ShardedTail`):
+    ``xt`` and ``xv`` then hold this rank's samples while ``yt`` and ``yv`` hold every label;
+    the model trains wrapped by ``parallel.wrap`` on ``parallel.batches`` (this rank's part of
+    each global batch), validation logits are gathered from all ranks, and rank 0's score is
+    every rank's (``parallel.agree``), so best epoch, early stopping and keep-the-start are
+    decided once; only rank 0 (``parallel.is_main``) reads and writes the checkpoint.
     """
+    device = next(model.parameters()).device
     weights = class_weights(yt.numpy(), n_classes, cfg.class_weight)
     steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
-    loss_fn = make_loss(cfg, weights)
+    loss_fn = make_loss(cfg, weights, "sum" if parallel is not None else "mean").to(device)
     eval_loss_fn = nn.CrossEntropyLoss()
+    is_main = parallel is None or parallel.is_main
+    trained = model if parallel is None else parallel.wrap(model)
     optimizer = make_optimizer(param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}], cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch) if (cfg.schedule != "constant" or cfg.warmup_epochs) else None
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -326,18 +399,26 @@ def fit_loop(
 
     def val_score() -> tuple[tuple[float, float], float, float, float | None]:
         """(monitored (loss, accuracy), loss, accuracy, calibrated loss or None)."""
-        loss, acc, probs = evaluate(model, xv, yv, eval_loss_fn)
+        if parallel is None:
+            loss, acc, probs = evaluate(model, xv, yv, eval_loss_fn)
+        else:
+            loss, acc, probs = scores_from_logits(parallel.gather_logits(predict_logits(model, xv), len(yv)), yv, eval_loss_fn)
         cal = calibrated_nll(probs, yv.numpy())[0] if calibrated else None
-        return ((cal if calibrated else loss), acc), loss, acc, cal
+        result = ((cal if calibrated else loss), acc), loss, acc, cal
+        return result if parallel is None else parallel.agree(result)
 
-    identity = {
-        "stage": stage, "config": cfg.to_dict(), "n_classes": n_classes, "train_shape": list(xt.shape), "val_shape": list(xv.shape),
+    identity = {  # shapes of the whole data set (under parallel, xt and xv hold this rank's share)
+        "stage": stage, "config": cfg.to_dict(), "n_classes": n_classes, "train_shape": [xt.shape[0], len(yt), *xt.shape[2:]],
+        "val_shape": [len(yv), *xv.shape[1:]],
         "labels": labels_digest(yt, yv), "keep_start_if_best": keep_start_if_best,
         "parameters": [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups],
     }
-    saved = checkpoint.load(identity) if checkpoint is not None else None
+    saved = checkpoint.load(identity) if checkpoint is not None and is_main else None
+    if parallel is not None:
+        saved = parallel.agree(saved)
+    where = checkpoint.path if checkpoint is not None else "of rank 0"
     if saved is not None and saved.done:
-        log.info("%s: finished before the interruption (checkpoint %s); not trained again", stage, checkpoint.path)
+        log.info("%s: finished before the interruption (checkpoint %s); not trained again", stage, where)
         model.load_state_dict(saved.model)
         model.eval()
         return saved.history, saved.summary
@@ -352,7 +433,7 @@ def fit_loop(
         history = saved.history
         best, best_epoch, stale, best_state = saved.best, saved.best_epoch, saved.stale, saved.best_state
         first_epoch = saved.epoch + 1
-        log.info("%s: resuming after epoch %d of %d from checkpoint %s", stage, saved.epoch, cfg.epochs, checkpoint.path)
+        log.info("%s: resuming after epoch %d of %d from checkpoint %s", stage, saved.epoch, cfg.epochs, where)
     elif keep_start_if_best and has_val and cfg.checkpoint == "best":
         best = val_score()[0]
         best_state = copy.deepcopy(model.state_dict())
@@ -360,7 +441,9 @@ def fit_loop(
     for epoch in range(first_epoch, cfg.epochs + 1):
         if stopped:
             break
-        tr_loss, tr_acc = train_one_epoch(model, view_batches(xt, yt, cfg, gen), optimizer, loss_fn, cfg, gen, scheduler)
+        batches = view_batches(xt, yt, cfg, gen) if parallel is None else parallel.batches(xt, yt, cfg, gen, weights)
+        tr_loss, tr_acc = train_one_epoch(trained, batches, optimizer, loss_fn, cfg, gen, scheduler, scaler=scaler,
+                                          reduce=None if parallel is None else parallel.sum)
         if has_val:
             score, va_loss, va_acc, va_cal = val_score()
         else:
@@ -375,7 +458,7 @@ def fit_loop(
         row = {"stage": stage, "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "val_calibrated_loss": va_cal, "best": improved, "lr": optimizer.param_groups[-1]["lr"]}
         history.append(row)
         stopped = bool(cfg.patience and stale >= cfg.patience)
-        if checkpoint is not None:
+        if checkpoint is not None and is_main:
             checkpoint.save(LoopState(
                 epoch=epoch, done=False, model=model.state_dict(), history=history, best=best, best_epoch=best_epoch, stale=stale,
                 best_state=best_state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler is not None else None,
@@ -398,7 +481,7 @@ def fit_loop(
         "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
         "stopped_early": len(history) < cfg.epochs,
     }
-    if checkpoint is not None:
+    if checkpoint is not None and is_main:
         checkpoint.save(LoopState(epoch=len(history), done=True, model=model.state_dict(), history=history, best=best, best_epoch=best_epoch,
                                   stale=stale, summary=summary), identity)
     return history, summary

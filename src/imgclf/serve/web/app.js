@@ -1,5 +1,6 @@
 // imgclf web page: choose or drop an image, see it, see the class probabilities.
-// Plain JavaScript, no dependencies; talks only to this server (/v1/model, /v1/predict, /v1/explain).
+// Plain JavaScript, no dependencies; talks only to this server (/v1/model, /v1/predict, /v1/explain,
+// /v1/neighbors/{index}/thumbnail). Similar training cases are asked for only when the model has an index.
 "use strict";
 
 (function () {
@@ -10,11 +11,14 @@
     dropHint: $("drop-hint"), fileName: $("file-name"), change: $("change-button"), limits: $("limits"),
     status: $("status"), prediction: $("prediction"), predicted: $("predicted"), decision: $("decision"),
     bars: $("bars"), explainFigure: $("explain-figure"), explainImg: $("explain-img"), explainCaption: $("explain-caption"),
+    neighbors: $("neighbors"), neighborList: $("neighbor-list"),
   };
+  const NEIGHBORS = 5;
   const KEY_STORE = "imgclf-api-key";
   let model = null;
   let previewUrl = null;
   let explainUrl = null;
+  let thumbnailUrls = [];
   let requestId = 0;
 
   function headers() {
@@ -107,6 +111,49 @@
     els.prediction.hidden = false;
   }
 
+  function clearNeighbors() {
+    for (const url of thumbnailUrls) URL.revokeObjectURL(url);
+    thumbnailUrls = [];
+    els.neighborList.replaceChildren();
+    els.neighbors.hidden = true;
+  }
+
+  // thumbnails are fetched (not linked) so that the API key header goes with them
+  async function loadThumbnail(img, url, id) {
+    try {
+      const response = await fetch(url, { headers: headers() });
+      if (!response.ok || id !== requestId) return;
+      const blobUrl = URL.createObjectURL(await response.blob());
+      thumbnailUrls.push(blobUrl);
+      img.src = blobUrl;
+    } catch (e) { /* the label and similarity stay */ }
+  }
+
+  function showNeighbors(cases, id) {
+    clearNeighbors();
+    if (!cases || !cases.length) return;
+    for (const c of cases) {
+      const li = document.createElement("li");
+      li.className = "neighbor";
+      li.dataset.label = c.label;
+      li.dataset.similarity = String(c.similarity);
+      const img = document.createElement("img");
+      img.alt = "Training image of " + c.label;
+      if (c.path) img.title = c.path;
+      const label = document.createElement("span");
+      label.className = "neighbor-label";
+      label.textContent = c.label;
+      label.title = c.label;
+      const sim = document.createElement("span");
+      sim.className = "neighbor-similarity";
+      sim.textContent = "similarity " + Number(c.similarity).toFixed(2);
+      li.append(img, label, sim);
+      els.neighborList.appendChild(li);
+      if (c.thumbnail_url) loadThumbnail(img, c.thumbnail_url, id);
+    }
+    els.neighbors.hidden = false;
+  }
+
   async function explain(file, id) {
     if (!model || !model.explain) return;
     const form = new FormData();
@@ -147,6 +194,7 @@
     els.change.hidden = false;
     els.prediction.hidden = true;
     els.explainFigure.hidden = true;
+    clearNeighbors();
     if (model && file.size > model.limits.max_upload_mb * 1048576) {
       setStatus("This file is " + (file.size / 1048576).toFixed(1) + " MB; the limit is " + model.limits.max_upload_mb + " MB.", "error");
       return;
@@ -156,7 +204,9 @@
     form.append("file", file, file.name || "image");
     let response;
     try {
-      response = await fetch("/v1/predict", { method: "POST", body: form, headers: headers() });
+      const wantNeighbors = model && model.neighbors && model.neighbors.available;
+      const url = wantNeighbors ? "/v1/predict?neighbors=" + Math.min(NEIGHBORS, model.neighbors.max_neighbors) : "/v1/predict";
+      response = await fetch(url, { method: "POST", body: form, headers: headers() });
     } catch (e) {
       if (id === requestId) setStatus("Cannot reach the server: " + e.message, "error");
       return;
@@ -174,6 +224,7 @@
     const result = await response.json();
     setStatus("", "");
     showPrediction(result);
+    showNeighbors(result.predictions[0].neighbors, id);
     explain(file, id);
   }
 

@@ -1,0 +1,59 @@
+"""Post-hoc temperature scaling: the fit, its robustness, and that it travels with the model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from imgclf.evaluation.calibration import T_MIN, apply_temperature, fit_temperature
+from imgclf.evaluation.metrics import calibration_bins
+
+
+def _overconfident(n=2000, seed=0):
+    """Logits 3x too sharp: the true temperature is 3."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 4)) * 1.5
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(4, p=row) for row in p])
+    return z * 3.0, y
+
+
+def test_recovers_the_temperature_and_lowers_ece():
+    z, y = _overconfident()
+    t = fit_temperature(z, y)
+    assert 2.6 < t < 3.4
+    before = calibration_bins(y, apply_temperature(z, 1.0))["ece"]
+    after = calibration_bins(y, apply_temperature(z, t))["ece"]
+    assert after < before / 2
+
+
+def test_perfectly_separated_validation_does_not_send_t_to_the_floor():
+    y = np.repeat(np.arange(3), 10)
+    z = np.eye(3)[y] * 4.0  # every row right, margin 4
+    t = fit_temperature(z, y)
+    assert t > 0.2 and t > 5 * T_MIN  # maximum likelihood alone would hit the floor
+    assert fit_temperature(np.zeros((0, 3)), np.zeros(0, int)) == 1.0
+
+
+def test_argmax_unchanged():
+    z, y = _overconfident(200)
+    assert (apply_temperature(z, 0.3).argmax(1) == z.argmax(1)).all()
+
+
+@pytest.mark.parametrize("calibration", ["temperature", "none"])
+def test_model_stores_and_applies_its_temperature(tmp_path, shapes_root, calibration):
+    from imgclf.model.classifier import Classifier
+    from imgclf.train.classifier import ImageClassifier
+
+    clf = ImageClassifier(recipe="fast", epochs=3, calibration=calibration, neighbors=False, cache_dir=tmp_path / "cache").fit(shapes_root)
+    paths = [s.path for s in clf.dataset_.samples["test"]]
+    p = clf.predict_proba(paths)
+    clf.save(tmp_path / "m")
+    head = json.loads((tmp_path / "m" / "model.json").read_text())["head"]
+    loaded = Classifier.load(tmp_path / "m", cache_dir=tmp_path / "cache")
+    np.testing.assert_allclose(loaded.predict_proba(paths), p, atol=1e-6)
+    if calibration == "none":
+        assert "temperature" not in head and clf.temperature_ is None and loaded.temperature_ is None
+    else:
+        assert head["temperature"] == pytest.approx(clf.temperature_, rel=1e-5) and loaded.temperature_ == pytest.approx(clf.temperature_)
+        assert clf.fit_summary_["temperature"] == clf.temperature_
