@@ -219,8 +219,12 @@ class ShardedTail:
                     parent._modules[name] = GlobalBatchDropout(child.p, self)
                     self._dropouts.append((parent, name, child))
         device = next(model.parameters()).device
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=self.broadcast_buffers)
+        # newer torch names the per-forward buffer sync forward_sync_buffers (broadcast_buffers is deprecated);
+        # it also syncs buffers once at init, harmless here: every rank starts from the same model
+        import inspect
+
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **{sync: self.broadcast_buffers})
 
         def timed_allreduce(state, bucket):
             start = time.perf_counter()
