@@ -57,3 +57,27 @@ def test_model_stores_and_applies_its_temperature(tmp_path, shapes_root, calibra
     else:
         assert head["temperature"] == pytest.approx(clf.temperature_, rel=1e-5) and loaded.temperature_ == pytest.approx(clf.temperature_)
         assert clf.fit_summary_["temperature"] == clf.temperature_
+
+
+def test_fit_on_raw_logits_is_not_biased_by_saturated_probabilities():
+    """A confident mistake with a logit lead of 130: float32 log-probabilities clip at about -104."""
+    z, y = _overconfident(200, seed=1)
+    z = z.copy()
+    z[0] = 0.0
+    z[0, (y[0] + 1) % 4] = 130.0
+    t_raw = fit_temperature(z, y)
+    saturated = np.log(np.clip(apply_temperature(z, 1.0).astype(np.float32), 1e-300, None)).astype(np.float64)
+    assert abs(fit_temperature(saturated, y) - t_raw) > 0.5  # why the model fits on logits
+    assert t_raw == pytest.approx(fit_temperature(z - z.max(1, keepdims=True), y), rel=1e-4)  # shift-invariant
+
+
+def test_views_are_calibrated_as_their_average():
+    z, y = _overconfident(600, seed=2)
+    rng = np.random.default_rng(3)
+    views = np.stack([z + rng.normal(scale=2.0, size=z.shape) for _ in range(4)])
+    t_avg = fit_temperature(views, y)
+    assert t_avg != pytest.approx(fit_temperature(views[0], y), rel=0.02)
+    # the fitted T minimises the NLL of the averaged probabilities (prior aside, a local check)
+    rows = np.arange(len(y))
+    nll = lambda t: -np.log(apply_temperature(views, t)[rows, y]).mean()  # noqa: E731
+    assert nll(t_avg) <= min(nll(t_avg * 0.9), nll(t_avg * 1.1))

@@ -189,3 +189,19 @@ def test_without_a_test_split_the_summary_says_cross_validation_is_the_estimate(
     summary = json.loads((tmp_path / "all" / layout.CV_SUMMARY).read_text())
     assert "no test split" in summary["final_model"] and len(_rows(tmp_path / "all" / layout.CV_FOLDS)) == 2
     assert "never saw" in json.loads((cv_run / layout.CV_SUMMARY).read_text())["final_model"]
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("fold 2 ran out of memory"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_cv_leaves_the_finished_model_usable(flat_with_copy, tmp_path, monkeypatch, failure):
+    import imgclf.runs.train_run as train_run_module
+    from imgclf.model.classifier import Classifier
+
+    def broken(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(train_run_module, "run_cross_validation", broken)
+    metrics = train_run(flat_with_copy[0], recipe="fast", epochs=2, cv=3, bootstrap=0, neighbors=False, project=str(tmp_path), name="r", progress=False)
+    run = tmp_path / "r"
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+    assert not (run / "cv_summary.json").exists() and "cross-validation" in (run / "train.log").read_text()
+    assert Classifier.load(run, cache_dir=None).class_names_ == sorted(CLASSES) and metrics["accuracy"] >= 0

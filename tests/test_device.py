@@ -65,6 +65,12 @@ def test_under_torchrun_each_rank_takes_its_local_rank_gpu(two_gpus, monkeypatch
     monkeypatch.setenv("LOCAL_RANK", "3")
     with pytest.raises(DeviceError, match=r"cuda:3 \(torchrun's LOCAL_RANK\) is out of range: 2 CUDA device"):
         resolve_device("auto")
+    # an explicit GPU would put every rank of the machine on it (NCCL refuses, after the extraction)
+    with pytest.raises(DeviceError, match=r"^device cuda:1: under torchrun with 4 processes per machine each rank takes GPU LOCAL_RANK"):
+        resolve_device("cuda:1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("cuda:1") == "cuda:1"  # one process per machine may choose its GPU
 
 
 def test_gpu_precision_is_bf16_where_supported_else_fp16(monkeypatch):

@@ -354,3 +354,19 @@ def test_concurrent_writers_of_one_cache_entry_never_leave_it_corrupt(tmp_path, 
     assert np.array_equal(caches[0].get("ab" * 32), vec)
     assert "corrupt" not in caplog.text
     assert [p.name for p in (tmp_path / "features" / "key" / "ab").iterdir()] == ["ab" * 32 + ".f32"]  # no temporary files left
+
+
+def test_extract_refuses_a_cache_inside_a_manifest_image_folder(tmp_path, capsys):
+    """A manifest may list images outside its own folder; the cache must go into none of them."""
+    from imgclf.cli.main import main
+
+    images = make_shapes_dataset(tmp_path / "images", {"": 3}, size=48)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    rows = [f"{p},{p.parent.name}" for p in sorted(images.rglob("*.jpg"))]
+    (lists / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    cache = images / rows[0].split(",")[1] / "cache"
+    rc = main(["-q", "extract", "--manifest", str(lists / "m.csv"), "--cache-dir", str(cache), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "never writes into the dataset folder" in err and len(err.strip().splitlines()) == 1
+    assert not cache.exists()

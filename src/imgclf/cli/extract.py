@@ -42,6 +42,7 @@ def cmd_extract(args) -> int:
     from imgclf.data.augment import AugmentedView
     from imgclf.data.datasets import load_dataset, load_manifest
     from imgclf.fileio import is_within
+    from imgclf.runs.train_run import check_not_beside_images
     from imgclf.train.classifier import ImageClassifier
 
     if (args.data is None) == (args.manifest is None):
@@ -56,6 +57,8 @@ def cmd_extract(args) -> int:
     runner = clf.prepare_backbone()
     split_options = dict(val_fraction=st.val_fraction, test_fraction=st.test_fraction, seed=st.seed)
     ds = load_manifest(args.manifest, **split_options) if args.manifest else load_dataset(root, **split_options)
+    if args.manifest:  # a manifest may list images outside its own folder: the cache goes into none of theirs
+        check_not_beside_images(ds, {"cache_dir": Path(clf.cache_dir)})
     for w in ds.warnings:
         log.warning("%s", w)
     paths = [str(s.path) for split in ("train", "validation", "test") for s in ds.samples.get(split, [])]

@@ -54,6 +54,10 @@ def resolve_device(device: str = "auto") -> str:
     if ":" in device:
         index = int(device.split(":", 1)[1])
         where = ""
+        ctx = _context()
+        if ctx is not None and ctx.local_world_size > 1:  # every rank of the machine on one GPU: NCCL refuses, late
+            raise DeviceError(f"device {device}: under torchrun with {ctx.local_world_size} processes per machine each rank takes GPU "
+                              "LOCAL_RANK; use --device cuda or auto (or one process per machine for a chosen GPU)")
     else:
         index, where = _local_rank(), " (torchrun's LOCAL_RANK)"
     if index >= count:
@@ -61,10 +65,14 @@ def resolve_device(device: str = "auto") -> str:
     return f"cuda:{index}"
 
 
-def _local_rank() -> int:
+def _context():
     from imgclf.distributed import current, detect
 
-    ctx = current() or detect()
+    return current() or detect()
+
+
+def _local_rank() -> int:
+    ctx = _context()
     return ctx.local_rank if ctx is not None else 0
 
 

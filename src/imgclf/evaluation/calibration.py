@@ -29,28 +29,40 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def fit_temperature(log_probs: np.ndarray, y: np.ndarray, *, prior_sd: float = PRIOR_SD) -> float:
-    """The temperature T for ``softmax(log_probs / T)``, fitted on labelled validation rows.
+def view_mean_log_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """log of the probabilities averaged over test-time views: ``logits`` (V, n, C) or (n, C)."""
+    z = np.asarray(logits, np.float64)
+    if z.ndim == 2:
+        return _log_softmax(z / temperature)
+    per_view = _log_softmax((z / temperature).reshape(-1, z.shape[-1])).reshape(z.shape)
+    top = per_view.max(axis=0)
+    return top + np.log(np.exp(per_view - top).mean(axis=0))
 
-    ``log_probs``: (n, C) logits or log-probabilities (the same thing up to a per-row
-    constant, which the softmax ignores). Returns 1.0 when there is nothing to fit on.
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, *, prior_sd: float = PRIOR_SD) -> float:
+    """The temperature T for ``softmax(logits / T)``, fitted on labelled validation rows.
+
+    ``logits``: (n, C), or (V, n, C) for a model that averages the probabilities of V
+    test-time views (T is then fitted for that average, which is what the model outputs).
+    Pass raw logits, not the log of float32 probabilities: those saturate at a lead of ~100
+    and would bias T. Returns 1.0 when there is nothing to fit on.
     """
     from scipy.optimize import minimize_scalar
 
-    z = np.asarray(log_probs, np.float64)
+    z = np.asarray(logits, np.float64)
     y = np.asarray(y, np.int64)
-    if len(y) == 0 or z.ndim != 2 or not np.isfinite(z).all():
+    if len(y) == 0 or z.ndim not in (2, 3) or not np.isfinite(z).all():
         return 1.0
     rows = np.arange(len(y))
 
     def objective(log_t: float) -> float:  # negative log posterior (sum over rows + prior)
-        nll = -_log_softmax(z / math.exp(log_t))[rows, y].sum()
+        nll = -view_mean_log_probs(z, math.exp(log_t))[rows, y].sum()
         return float(nll + 0.5 * (log_t / prior_sd) ** 2)
 
     res = minimize_scalar(objective, bounds=(math.log(T_MIN), math.log(T_MAX)), method="bounded", options={"xatol": 1e-5})
     return float(math.exp(res.x))
 
 
-def apply_temperature(log_probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Probabilities ``softmax(log_probs / T)``."""
-    return np.exp(_log_softmax(np.asarray(log_probs, np.float64) / temperature))
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities ``softmax(logits / T)`` (averaged over views for (V, n, C) input)."""
+    return np.exp(view_mean_log_probs(logits, temperature))

@@ -22,6 +22,7 @@ is built in memory on first use, since one exact query then reads the whole matr
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -278,21 +279,26 @@ class NeighborIndex:
         """Read the index of the bundle in ``directory`` after checking each file's sha256
         against ``entry`` (model.json's ``neighbors``); :class:`BundleError` (one line) otherwise."""
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         directory = Path(directory)
         files = entry.get("files") if isinstance(entry, dict) else None
         if not isinstance(files, dict) or set(files) != {layout.NEIGHBORS_TENSORS, layout.NEIGHBORS_META}:
             raise BundleError(f"{directory / layout.MODEL_META}: its neighbors entry does not list {layout.NEIGHBORS_TENSORS} and {layout.NEIGHBORS_META} with their sha256")
+        contents = {}  # each file read once: the bytes checked are the bytes parsed
         for name, digest in files.items():
             p = directory / name
             if not p.is_file():
                 raise BundleError(f"{p}: missing, but model.json says the model has a similar-cases index")
-            if file_sha256(p) != digest:
+            try:
+                contents[name] = p.read_bytes()
+            except OSError as e:
+                raise BundleError(f"{p}: unreadable ({e.strerror or e})") from None
+            if hashlib.sha256(contents[name]).hexdigest() != digest:
                 raise BundleError(f"{p}: its sha256 differs from the one in model.json (the file was damaged or modified); refusing to use it")
         try:
-            info = json.loads((directory / layout.NEIGHBORS_META).read_bytes().decode("utf-8", "surrogateescape"))
-            tensors = load_file(str(directory / layout.NEIGHBORS_TENSORS))
+            info = json.loads(contents[layout.NEIGHBORS_META].decode("utf-8", "surrogateescape"))
+            tensors = load(contents[layout.NEIGHBORS_TENSORS])
         except (SafetensorError, OSError, ValueError) as e:
             raise BundleError(f"{directory}: similar-cases index unreadable ({' '.join(str(e).split())})") from None
         if not isinstance(info, dict) or info.get("format") != NEIGHBORS_FORMAT or list(info.get("class_names", [])) != list(class_names):

@@ -86,7 +86,7 @@ def _dataset_root(data, manifest) -> Path:
     return Path(manifest).parent if manifest else Path(data)
 
 
-def _check_not_beside_images(ds, places: dict[str, Path]) -> None:
+def check_not_beside_images(ds, places: dict[str, Path]) -> None:
     """A manifest may list images outside its own folder: no output goes into their folders either."""
     folders = {Path(os.path.realpath(os.path.dirname(os.path.abspath(s.path)))) for s in ds.all_samples()}
     for what, place in places.items():
@@ -131,6 +131,21 @@ def _check_same_dataset(ds) -> None:
     differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise ValueError(f"rank(s) {', '.join(map(str, differ))} see other images, labels or split than rank 0; every machine needs the same dataset at the same path")
+
+
+def _cross_validate(ds, cv_plan, settings, runtime, run_dir: Path, bootstrap: int, fit_summary: dict, echo) -> None:
+    """``--cv`` after the model is saved: a failing or interrupted cross-validation (K x R fits,
+    possibly hours) costs its own numbers only, never the finished model (the run stays complete)."""
+    try:
+        cv_table = format_cv(run_cross_validation(ds, cv_plan, settings, runtime, run_dir, bootstrap=bootstrap, fit_summary=fit_summary))
+    except KeyboardInterrupt:
+        log.warning("cross-validation interrupted: no cv_* files; the model and its test metrics are complete")
+        return
+    except Exception as e:  # noqa: BLE001 - the model is already saved and tested
+        log.warning("cross-validation failed (%s): no cv_* files; the model and its test metrics are complete", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return
+    log.debug("%s", cv_table)  # train.log keeps it; the console gets it once, with the test metrics
+    echo(cv_table)
 
 
 def train_run(
@@ -183,7 +198,7 @@ def train_run(
     split_options = dict(val_fraction=0.0 if run.validation else settings.val_fraction, test_fraction=settings.test_fraction, seed=settings.seed)
     ds = load_manifest(manifest, **split_options) if manifest else load_dataset(root, **split_options)
     if manifest:
-        _check_not_beside_images(ds, {"project": Path(run.project), "cache_dir": cache_dir})
+        check_not_beside_images(ds, {"project": Path(run.project), "cache_dir": cache_dir})
     if run.validation:  # the validation folder replaces carving: train keeps all its images
         ds = with_validation_folder(ds, run.validation)
     excluded: list[tuple[str, str]] = []
@@ -248,9 +263,7 @@ def train_run(
         skipped = excluded + [(str(p), e) for p, e in ds.unreadable] + clf.skipped_ + [(s["path"], s["error"]) for s in metrics["skipped"]]
         write_csv(run_dir / layout.SKIPPED, [{"path": p, "error": e} for p, e in skipped], ["path", "error"])
         if cv_plan is not None:  # the bundle above is the normal run's; the fold models are only measured (runs/cv.py)
-            cv_table = format_cv(run_cross_validation(ds, cv_plan, settings, runtime, run_dir, bootstrap=run.bootstrap, fit_summary=clf.fit_summary_))
-            log.debug("%s", cv_table)  # train.log keeps it; the console gets it once, with the test metrics
-            echo(cv_table)
+            _cross_validate(ds, cv_plan, settings, runtime, run_dir, run.bootstrap, clf.fit_summary_, echo)
         ex = clf.last_extraction_
         config["fit_summary"] = clf.fit_summary_
         config["backbone_engine"] = {"engine": ex.engine, "precision": ex.precision, "device": clf.backbone_runner().device}

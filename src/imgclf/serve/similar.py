@@ -74,6 +74,8 @@ def open_similar_cases(model, bundle_dir: str | os.PathLike | None, *, enabled: 
             classifier = Classifier.load(bundle_dir, weights=weights, cache_dir=cache_dir, use_cache=False, progress=False)
         index = classifier.neighbor_index()
         classifier.backbone_runner().get()
+        if index.method != "exact":  # the faiss index is built now, not inside the first request's inference turn
+            index.search(np.zeros((1, index.features.shape[1]), np.float32), 1)
     except Exception as e:  # noqa: BLE001 - a bad or missing index leaves the classifier itself servable
         reason = " ".join(str(e).split()) or type(e).__name__
         log.warning("serving without similar cases: %s", reason)

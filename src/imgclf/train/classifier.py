@@ -24,12 +24,12 @@ from imgclf.backbones.specs import BackboneSpec, Preprocessing, get_backbone_spe
 from imgclf.config import layout
 from imgclf.config.recipes import default_unfreeze, make_settings
 from imgclf.config.settings import RUNTIME_FIELDS, TRAIN_FIELDS, SettingError, TrainSettings, make_runtime
-from imgclf.data.augment import AugmentedView, build_augment
+from imgclf.data.augment import AugmentedView, build_augment, tta_views
 from imgclf.data.datasets import Dataset, load_dataset, with_validation_folder
 from imgclf.engines.runner import BackboneRunner
 from imgclf.evaluation.thresholds import choose_threshold, parse_policy
 from imgclf.model.classifier import Classifier
-from imgclf.evaluation.calibration import apply_temperature, fit_temperature
+from imgclf.evaluation.calibration import fit_temperature, view_mean_log_probs
 from imgclf.model.heads import head_config, with_temperature
 from imgclf.model.metadata import ModelMeta
 from imgclf.model.neighbors import NeighborIndex, choose_cases
@@ -181,8 +181,8 @@ class ImageClassifier(Classifier):
 
         decides_on_validation = st.calibration != "none" or (n_classes == 2 and parse_policy(st.threshold_policy)[0] != "fixed")
         if self._tuned is not None and decides_on_validation:  # the backbone changed: validation features too
-            xv, yv, _, _ = self._split_features(val, "validation features")
-        self.temperature_ = self._calibrate(xv, yv) if st.calibration == "temperature" else None
+            xv, yv, ok_v, _ = self._split_features(val, "validation features")
+        self.temperature_ = self._calibrate([str(s.path) for s in val], ok_v, xv, yv) if st.calibration == "temperature" else None
         if n_classes == 2:  # on the calibrated probabilities
             self.threshold_ = self._choose_threshold(xv, yv)
         self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain) if st.neighbors else None
@@ -212,18 +212,25 @@ class ImageClassifier(Classifier):
             labels, paths = labels[ok_tuned], [paths[i] for i in ok_tuned]
         return NeighborIndex.build(x, labels, paths, self.class_names_, thumbnail_px=st.neighbors_thumbnail, training_images=len(y), seed=self.seed)
 
-    def _calibrate(self, x: np.ndarray, y: np.ndarray) -> float | None:
-        """Fit the temperature on validation features ``x``, labels ``y``; the head then ends in it."""
+    def _calibrate(self, paths: list[str], ok: list[int], x: np.ndarray, y: np.ndarray) -> float | None:
+        """Fit the temperature on the validation images (``paths``, readable ``ok`` with plain-view
+        features ``x``, labels ``y``) for what the model outputs: with test-time views, their
+        averaged probabilities. The head then ends in it."""
+        import torch
+
         if len(y) == 0:
             log.warning("no validation images: probabilities left uncalibrated (calibration temperature needs a validation split)")
             return None
-        log_p = np.log(np.clip(self._proba_from_features(x), 1e-300, None))
-        t = fit_temperature(log_p, y)
+        views = [x] + [self._aligned_view(paths, ok, x, view, f"validation features ({view.name})") for view in tta_views(self.tta)[1:]]
+        self.head_.eval()
+        with torch.no_grad():  # raw logits in float64: log(float32 softmax) saturates and would bias T
+            logits = np.stack([self.head_(torch.from_numpy(v)).double().numpy() for v in views])
+        t = fit_temperature(logits, y)
         rows = np.arange(len(y))
-        before = float(-log_p[rows, y].mean())
-        after = float(-np.log(np.clip(apply_temperature(log_p, t), 1e-300, None))[rows, y].mean())
+        before, after = (float(-view_mean_log_probs(logits, temp)[rows, y].mean()) for temp in (1.0, t))
         self.head_ = with_temperature(self.head_, t).eval()
-        log.info("calibration: temperature %.3f fitted on %d validation images (validation log loss %.4f -> %.4f)", t, len(y), before, after)
+        log.info("calibration: temperature %.3f fitted on %d validation images%s (validation log loss %.4f -> %.4f)",
+                 t, len(y), f", {len(views)} test-time views averaged" if len(views) > 1 else "", before, after)
         return t
 
     def _choose_threshold(self, x: np.ndarray, y: np.ndarray) -> float:
