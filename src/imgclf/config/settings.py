@@ -167,7 +167,7 @@ class RuntimeOptions(Declared):
 
     engine: str = setting("auto", "backbone inference engine (auto = fastest available)", choices=ENGINES, group="runtime")
     precision: str = setting("auto", "backbone precision (auto: bf16 where the CPU has it; fp32 forces full precision)", choices=PRECISIONS, group="runtime")
-    device: str = setting("auto", "where PyTorch computes (fine-tuning, and extraction on the torch engine): auto = the GPU when CUDA is available, else the CPU; cpu; cuda or cuda:N (under torchrun each rank takes GPU LOCAL_RANK); ONNX Runtime and OpenVINO always run on the CPU", check=check_device, group="runtime")
+    device: str = setting("auto", "where PyTorch computes (fine-tuning, and extraction on the torch engine): auto = the GPU when CUDA is available, else the CPU; cpu; cuda or cuda:N (under torchrun each rank takes GPU LOCAL_RANK; cuda:N only with one process per machine); ONNX Runtime and OpenVINO always run on the CPU", check=check_device, group="runtime")
     cache_dir: str | None = setting(None, "feature cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf); never inside the dataset", group="runtime")
     use_cache: bool = setting(True, "read and write the feature cache", group="runtime", flag="cache")
     progress: bool = setting(False, "progress bars", group="runtime")
