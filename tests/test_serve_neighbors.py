@@ -249,7 +249,7 @@ def live_server(indexed, tmp_path_factory):
 def test_page_shows_similar_training_cases(live_server, shapes_root, tmp_path):
     image = sorted((shapes_root / "train" / "square").glob("*.jpg"))[1]
     requests, console_errors = [], []
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = launch_chromium(p)
@@ -263,7 +263,8 @@ def test_page_shows_similar_training_cases(live_server, shapes_root, tmp_path):
             assert page.is_hidden("#neighbors")
             page.set_input_files("#file-input", str(image))
             page.wait_for_selector("#neighbors:not([hidden])", timeout=60_000)
-            page.wait_for_function("document.querySelectorAll('#neighbor-list img[src^=\"blob:\"]').length === 5", timeout=30_000)
+            # a locator wait, not wait_for_function: its polling evaluates a string in the page, which the CSP forbids
+            expect(page.locator('#neighbor-list img[src^="blob:"]')).to_have_count(5, timeout=30_000)
             items = page.query_selector_all("#neighbor-list li")
             assert len(items) == 5
             assert items[0].get_attribute("data-label") == "square" and float(items[0].get_attribute("data-similarity")) > 0.99
