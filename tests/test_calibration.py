@@ -66,7 +66,7 @@ def test_fit_on_raw_logits_is_not_biased_by_saturated_probabilities():
     z[0] = 0.0
     z[0, (y[0] + 1) % 4] = 130.0
     t_raw = fit_temperature(z, y)
-    saturated = np.log(np.clip(apply_temperature(z, 1.0).astype(np.float32), 1e-300, None)).astype(np.float64)
+    saturated = np.log(np.clip(apply_temperature(z, 1.0).astype(np.float32).astype(np.float64), 1e-300, None))  # what fitting on probabilities did
     assert abs(fit_temperature(saturated, y) - t_raw) > 0.5  # why the model fits on logits
     assert t_raw == pytest.approx(fit_temperature(z - z.max(1, keepdims=True), y), rel=1e-4)  # shift-invariant
 
