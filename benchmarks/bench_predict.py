@@ -21,7 +21,10 @@ Engines:
                   no feature cache (channels-last, inference mode, batch 32) — the baseline;
 * ``torch-bf16``  the same under bf16 autocast (only where the CPU has native bf16);
 * ``features``    imgclf's feature path with its default engine choice (OpenVINO bf16 on
-                  CPUs with bf16, else ONNX Runtime), feature cache off.
+                  CPUs with bf16, else ONNX Runtime), feature cache off;
+* ``auto``        what ``predict --engine auto`` picks (``predictor_for``): the faster of
+                  ``onnx`` and ``features`` as it measures them once on the model's test images
+                  (within parity), feature cache off; its load time includes that measurement.
 
 The model is ``--model`` or, by default, a quick one trained here on the generated folder
 (default backbone, ``--recipe fast`` where the CLI has it) and exported with
@@ -45,7 +48,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flowers12"
-ENGINES = ["onnx", "onnx-int8", "torch-fp32", "torch-bf16", "features"]
+ENGINES = ["onnx", "onnx-int8", "torch-fp32", "torch-bf16", "features", "auto"]
 
 
 def log(msg: str) -> None:
@@ -143,6 +146,11 @@ def worker(engine: str, model: Path, images: Path, repeat: int, out_csv: Path) -
 
         clf = OnnxClassifier(model / "model.onnx")
         desc = "ONNX Runtime fp32, whole model"
+    elif engine == "auto":
+        from imgclf.predict.choose import predictor_for
+
+        clf = predictor_for(model, "auto", use_cache=False, cache_dir=out_csv.parent / "auto-cache")
+        desc = "predict --engine auto → " + (f"ONNX Runtime on {clf.path.name}" if hasattr(clf, "path") else "feature path")
     elif engine == "onnx-int8":
         from imgclf.predict.onnx_predictor import OnnxClassifier
 
@@ -157,7 +165,7 @@ def worker(engine: str, model: Path, images: Path, repeat: int, out_csv: Path) -
     paths, _ = collect_image_paths([images])
     clf.predict_table(paths[:8])  # warm-up: engine build/compile, first-batch allocations
     load_s = time.perf_counter() - t0
-    if engine not in ("onnx", "onnx-int8"):
+    if hasattr(clf, "backbone_runner"):
         ex = clf.backbone_runner().get()
         desc += f" → {ex.name} {ex.precision}"
     passes = []

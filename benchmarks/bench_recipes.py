@@ -5,7 +5,10 @@ time includes extraction; peak memory is that process's max RSS. The seed also s
 validation carve and the training order, so several seeds (``--seeds 0 1 2``) show how
 much of a difference between recipes is noise; a mean row per recipe follows. Column
 ``stage2`` says whether fine-tuning replaced the frozen model (``kept frozen`` when it did
-not beat it on validation). Prints a Markdown table (and JSON with --out). Usage:
+not beat it on validation). ``--data`` is a dataset folder or a manifest CSV (``path,label,split``,
+e.g. ``../shared/data/isic8/binary.csv``). ``--variant NAME='ARGS'`` adds a run labelled NAME with
+those ``imgclf train`` arguments (e.g. ``--variant "unfreeze3=--recipe finetune --unfreeze 3"``).
+Prints a Markdown table (and JSON with --out). Usage:
 
     .venv/bin/python benchmarks/bench_recipes.py [--data ../shared/data/flowers12] [--backbone efficientnet_lite0] [--seeds 0 1 2]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,9 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_recipe(data: Path, recipe: str, backbone: str, seed: int, extra: list[str], workdir: Path) -> dict:
+    """One ``imgclf train`` run labelled ``recipe``: the named recipe, or a variant whose ``extra``
+    arguments name their own (``--recipe`` given in ``extra`` wins)."""
     cache = workdir / f"cache-{recipe}-{seed}"
     project = workdir / f"runs-{seed}"
-    cmd = [sys.executable, "-m", "imgclf", "-q", "train", str(data), "--recipe", recipe, "--backbone", backbone,
+    source = ["--manifest", str(data)] if data.suffix.lower() == ".csv" else [str(data)]
+    named = [] if "--recipe" in extra else ["--recipe", recipe]
+    cmd = [sys.executable, "-m", "imgclf", "-q", "train", *source, *named, "--backbone", backbone,
            "--seed", str(seed), "--project", str(project), "--name", recipe, "--cache-dir", str(cache), "--no-progress", *extra]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -46,7 +54,7 @@ def run_recipe(data: Path, recipe: str, backbone: str, seed: int, extra: list[st
         s2 = stages[1]
         row["stage2"] = "kept frozen" if s2.get("kept_start") else f"tuned (epoch {s2.get('best_epoch')})"
         row["stage2_img_s"] = s2.get("images_per_second")
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "ece"):
         row[key] = m.get(key)
     if m.get("at_threshold"):  # binary
         row["sensitivity"] = m["at_threshold"].get("sensitivity")
@@ -60,17 +68,25 @@ def main() -> int:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--recipes", nargs="+", default=["seed", "fast", "finetune"])
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="also run NAME with these imgclf train arguments (repeatable)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
+    runs = [(r, []) for r in args.recipes]
+    for v in args.variant:
+        name, sep, rest = v.partition("=")
+        if not sep or not name:
+            ap.error(f"--variant wants NAME=ARGS, got {v!r}")
+        runs.append((name, shlex.split(rest)))
     rows = []
     with tempfile.TemporaryDirectory(prefix="imgclf-bench-recipes-") as tmp:
         for seed in args.seeds:
-            for r in args.recipes:
-                rows.append(run_recipe(Path(args.data), r, args.backbone, seed, [], Path(tmp)))
+            for r, extra in runs:
+                rows.append(run_recipe(Path(args.data), r, args.backbone, seed, extra, Path(tmp)))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    metrics = ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "sensitivity", "specificity", "wall_s", "peak_rss_mb"]
+    metrics = ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "ece", "sensitivity", "specificity", "wall_s", "peak_rss_mb"]
     if len(args.seeds) > 1:
-        for r in args.recipes:
+        for r, _ in runs:
             ok = [x for x in rows if x["recipe"] == r and x["rc"] == 0]
             if ok:
                 mean = {"recipe": r, "seed": "mean", "rc": 0}
@@ -82,7 +98,7 @@ def main() -> int:
                 if tuned:
                     mean["stage2"] = f"tuned in {sum(x['stage2'].startswith('tuned') for x in tuned)}/{len(tuned)}"
                 rows.append(mean)
-    cols = ["recipe", "seed", *metrics[:6], "stage2", "stage2_img_s", "wall_s", "peak_rss_mb"]
+    cols = ["recipe", "seed", *metrics[:8], "stage2", "stage2_img_s", "wall_s", "peak_rss_mb"]
     cols = [c for c in cols if any(c in r for r in rows)]
     print(f"dataset: {args.data}  backbone: {args.backbone}  seeds: {' '.join(map(str, args.seeds))}\n")
     print("| " + " | ".join(cols) + " |")

@@ -17,8 +17,10 @@ CLASSES = ("circle", "square", "triangle")
 def _isolated_env(tmp_path_factory):
     """Never touch the user's caches; never wait on a model hub."""
     base = tmp_path_factory.mktemp("env")
-    old = {k: os.environ.get(k) for k in ("IMGCLF_CACHE_DIR", "IMGCLF_OFFLINE", "TORCH_HOME", "HF_HUB_OFFLINE", "HF_HOME")}
+    old = {k: os.environ.get(k) for k in ("IMGCLF_CACHE_DIR", "IMGCLF_OFFLINE", "TORCH_HOME", "HF_HUB_OFFLINE", "HF_HOME", "IMGCLF_AUTO_SWITCH_GAIN")}
     os.environ["IMGCLF_CACHE_DIR"] = str(base / "imgclf-cache")
+    # engine auto keeps a model's export unless a test asks otherwise: timings would make tests flaky
+    os.environ["IMGCLF_AUTO_SWITCH_GAIN"] = "inf"
     os.environ["IMGCLF_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TORCH_HOME"] = str(base / "torch-home")

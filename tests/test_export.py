@@ -319,3 +319,36 @@ def test_predictor_for_honours_a_tta_override(exported, test_paths):
     assert isinstance(predictor_for(exported, "auto", tta="none"), OnnxClassifier)
     with pytest.raises(ValueError, match="tta"):
         predictor_for(exported / "model.onnx", "auto", tta="flips")
+
+
+def test_engine_auto_measures_once_and_takes_the_feature_path_only_within_parity(trained_run, test_paths, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from imgclf.model.classifier import Classifier
+    from imgclf.predict import choose
+
+    d = bundle_copy(trained_run, tmp_path / "m")
+    assert isinstance(predictor_for(d, "onnx", cache_dir=tmp_path / "c"), OnnxClassifier)  # exports
+    # the session's IMGCLF_AUTO_SWITCH_GAIN=inf: measured, stored, the export kept
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        assert isinstance(predictor_for(d, "auto", cache_dir=tmp_path / "c"), OnnxClassifier)
+    stored = list((tmp_path / "c" / choose.ENGINE_CHOICE_DIR).glob("*.json"))
+    assert len(stored) == 1
+    choice = json.loads(stored[0].read_text())
+    assert choice["engine"] == "onnx" and choice["images"] == 18 and choice["same_top_class"] and choice["max_abs_diff"] < 1e-3
+    assert choice["onnx_img_s"] > 0 and choice["features_img_s"] > 0
+    assert "engine auto: ONNX Runtime" in caplog.text
+    # any gain is enough: the feature path (fp32 here, within parity) is measured again under a new cache and taken
+    monkeypatch.setenv("IMGCLF_AUTO_SWITCH_GAIN", "0")
+    picked = predictor_for(d, "auto", cache_dir=tmp_path / "c2")
+    assert isinstance(picked, Classifier) and picked.use_cache  # the measurement ran without the cache, the use with it
+    np.testing.assert_allclose(picked.predict_proba(test_paths[:4]), OnnxClassifier(d / "model.onnx").predict_proba(test_paths[:4]), atol=1e-3)
+    # the stored choice is read back, not measured again
+    monkeypatch.setattr(choose, "measure_engines", lambda *a, **k: pytest.fail("measured twice"))
+    assert isinstance(predictor_for(d, "auto", cache_dir=tmp_path / "c2"), Classifier)
+    # outside parity: the export, whatever the speed
+    monkeypatch.undo()
+    monkeypatch.setenv("IMGCLF_AUTO_SWITCH_GAIN", "0")
+    monkeypatch.setattr(choose, "AUTO_PARITY_ATOL", -1.0)
+    out = choose.measure_engines(d, OnnxClassifier(d / "model.onnx"), lambda: Classifier.load(d))
+    assert out["engine"] == "onnx" and "outside parity" in out["reason"]

@@ -76,6 +76,13 @@ def test_finetune_changes_exactly_the_unfrozen_blocks_and_keeps_frozen_bn(shapes
     assert not any("running_" in k for k in changed)
     assert any(k.endswith("_bn1.weight") or k.endswith("_bn1.bias") for k in changed)
     assert clf.meta_.backbone_tuned["unfreeze"] == 2
+    # fp32 on the CPU trains the tail channels-last; the runner's blocks come back contiguous
+    stage2 = clf.fit_summary_["stages"][1]
+    assert stage2["channels_last"] == (stage2["precision"] == "fp32")
+    assert all(t.is_contiguous() for t in fx.state_dict().values())
+    # extraction left the plain view's prefix activations on disk: stage 2 read them, ran the prefix for the other view only
+    n_plain = len(clf.dataset_.samples["train"]) + len(clf.dataset_.samples["validation"])
+    assert stage2["prefix_views_from_cache"] == n_plain
     # the bundle carries the tuned tensors and reproduces predictions
     clf.save(tmp_path / "m")
     paths = sorted((shapes_root / "test").rglob("*.jpg"))
@@ -274,3 +281,41 @@ def test_unmapped_timm_backbone_skips_stage_two_or_refuses_unfreeze(shapes_root,
     assert any("stage 2 skipped" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="not mapped"):
         ImageClassifier(backbone="timm:test_resnet", weights="none", unfreeze=1, cache_dir=tmp_path / "c").fit(shapes_root)
+
+
+def test_tail_channels_last_round_trip_keeps_parameters_and_outputs():
+    from imgclf.train.finetune import TailModel
+
+    torch.manual_seed(0)
+    tail = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())]
+    model = TailModel(tail, nn.AdaptiveAvgPool2d(1), nn.Linear(4, 2), autocast_bf16=False).eval()
+    conv = model.tail[0][0]
+    weight = conv.weight
+    x = torch.randn(2, 3, 6, 6)
+    want = model(x)
+    model.use_channels_last(True)
+    assert conv.weight is weight and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert torch.allclose(model(x), want, atol=1e-5)
+    model.use_channels_last(False)
+    assert conv.weight is weight and weight.is_contiguous() and not model.channels_last
+
+
+def test_prefix_then_suffix_features_equal_the_backbone_and_fill_the_prefix_cache(shapes_root, tmp_path):
+    from imgclf.fileio import content_hash
+    from imgclf.train.finetune import plain_view_extraction
+
+    spec = get_backbone_spec("efficientnet_lite0")
+    runner = BackboneRunner(spec, resolve_weights(spec), tmp_path / "c")
+    paths = sorted((shapes_root / "train").rglob("*.jpg"))[:6]
+    whole = extract_features(paths, runner, use_cache=False)
+    make = plain_view_extraction(runner, 2, tmp_path / "c")
+    split = extract_features(paths, runner, use_cache=True, engine_factory=make)
+    assert split.computed == len(paths) and split.ok_indices == whole.ok_indices
+    assert np.allclose(split.features, whole.features, atol=1e-4, rtol=1e-3)
+    engine = make()
+    assert engine is make()  # built once
+    assert all(engine.cache.get(content_hash(p)) is not None for p in paths)
+    # the features went to the runner's own feature cache: a second extraction reads them
+    again = extract_features(paths, runner, use_cache=True)
+    assert again.cached == len(paths) and np.array_equal(again.features, split.features)
+    assert plain_view_extraction(runner, 0, tmp_path / "c") is None

@@ -16,7 +16,9 @@ from imgclf.fileio import check_output_path, is_within
 
 log = logging.getLogger("imgclf")
 
-PREDICT_ENGINE_HELP = ("auto: the model's ONNX export (imgclf export) when a valid one exists, else the feature path; onnx: ONNX Runtime on "
+PREDICT_ENGINE_HELP = ("auto: the faster of the model's ONNX export (imgclf export; when a valid one exists) and the feature path, timed once "
+                       "per model and machine on the model's test images (the feature path only when it matches the export's predictions), "
+                       "else the feature path; onnx: ONNX Runtime on "
                        "the exported model, exporting now if needed; torch/openvino/onnxruntime: feature path with that backbone engine")
 
 

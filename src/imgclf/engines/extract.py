@@ -48,11 +48,16 @@ def extract_features(
     decode_threads: int = 2,
     progress: Callable[[int], None] | None = None,
     transform=None,
+    engine_factory: Callable[[], object] | None = None,
 ) -> ExtractionResult:
     """Pooled backbone features for ``paths``; bad files come back in ``errors``.
 
     ``transform`` (an augmented or test-time view with a ``key``) is applied to each
     decoded image before preprocessing; its key is part of the cache key.
+    ``engine_factory`` makes the engine for the images not in the cache instead of the
+    runner's; it must compute the runner's features (they are cached under its key). An
+    engine with a ``record(keys)`` method gets each batch's content hashes right after the
+    batch, so it can keep what it computed beside the features (stage 2's prefix activations).
     """
     prep = runner.spec.preprocessing
     dim = runner.spec.feature_dim
@@ -90,14 +95,17 @@ def extract_features(
         t0 = time.perf_counter()
         engine_name, precision = "cache", runner.precision
         if todo:
-            engine = runner.get()
+            engine = engine_factory() if engine_factory is not None else runner.get()
             engine_name, precision = engine.name, engine.precision
+            record = getattr(engine, "record", None)
             t0 = time.perf_counter()
             decode = lambda i: _decode(str(paths[i]), prep, transform, hashes[i])  # noqa: E731
             for idx, batch, errs in decoded_batches(todo, decode, batch_size, pool):
                 errors.update(errs)
                 if batch is not None:
                     out = engine(batch)
+                    if record is not None:
+                        record([hashes[i] for i in idx])
                     for i, vec in zip(idx, out):
                         feats[i] = vec
                         if cache:

@@ -106,14 +106,17 @@ class Classifier:
                 self._runner.apply_tuned(self._tuned)
         return self._runner
 
-    def features(self, paths: Sequence[str | os.PathLike], desc: str = "features", transform=None) -> tuple[np.ndarray, list[int], dict[int, str]]:
-        """Backbone features for ``paths`` (cached); returns (X, ok indices, errors by index)."""
+    def features(self, paths: Sequence[str | os.PathLike], desc: str = "features", transform=None,
+                 engine_factory=None) -> tuple[np.ndarray, list[int], dict[int, str]]:
+        """Backbone features for ``paths`` (cached); returns (X, ok indices, errors by index).
+        ``engine_factory``: see :func:`~imgclf.engines.extract.extract_features`."""
         runner = self.backbone_runner()
         # under torchrun each rank extracts its shard and all get every row; rank 0 shows its progress
         bar = _progress_bar(len(distributed.shard(len(paths))), desc, self.progress and distributed.is_main())
         try:
             extract = extract_features if distributed.current() is None else extract_features_sharded
-            res = extract(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None, transform=transform)
+            res = extract(list(paths), runner, use_cache=self.use_cache, progress=bar.update if bar else None, transform=transform,
+                          engine_factory=engine_factory)
         finally:
             if bar:
                 bar.close()
@@ -130,8 +133,8 @@ class Classifier:
         self.last_extraction_ = res
         return res.features, res.ok_indices, res.errors
 
-    def _split_features(self, samples, desc):
-        x, ok, errors = self.features([s.path for s in samples], desc=desc)
+    def _split_features(self, samples, desc, engine_factory=None):
+        x, ok, errors = self.features([s.path for s in samples], desc=desc, engine_factory=engine_factory)
         y = np.array([samples[i].label for i in ok], dtype=np.int64)
         skipped = [(str(samples[i].path), msg) for i, msg in errors.items()]
         return x, y, ok, skipped

@@ -1,18 +1,28 @@
-"""Which engine ``imgclf predict`` uses for a model: its up-to-date ONNX export when there is
-one (made now for ``--engine onnx``), else the feature path; torch is imported only then."""
+"""Which engine ``imgclf predict`` uses for a model: for ``auto`` the faster of its up-to-date
+ONNX export and the feature path, measured once per model and machine, the feature path only
+when it passes a parity check against the export; the export is made now for ``--engine onnx``;
+torch is imported only when the feature path is measured or taken."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import platform
+import time
+from importlib import metadata as importlib_metadata
 from pathlib import Path
+
+import numpy as np
 
 from imgclf.config import layout
 from imgclf.export.images import find_parity_images
 from imgclf.export.metadata import META_PREFIX, ONNX_NAME, ExportError, StaleExportError, bundle_hashes
 from imgclf.export.onnx import export_onnx
-from imgclf.fileio import default_cache_dir
+from imgclf import distributed
+from imgclf.engines.runtimes import cpu_has_bf16
+from imgclf.fileio import atomic_write_bytes, default_cache_dir
 from imgclf.model.bundle import BundleError, resolve_bundle_dir
 from imgclf.model.metadata import read_model_meta
 from imgclf.predict.base import Predictor
@@ -21,6 +31,104 @@ from imgclf.predict.onnx_predictor import OnnxClassifier
 log = logging.getLogger("imgclf")
 
 PREDICT_ENGINES = ("auto", "onnx", "torch", "openvino", "onnxruntime")
+ENGINE_CHOICE_DIR = "engine-choice"  # under the cache: one measured choice per (bundle, machine)
+MEASURE_IMAGES = 32  # real images timed through each engine
+# the feature path may run bf16 features (OpenVINO on a CPU with native bf16), so it is held to a
+# looser bound than the export's fp32 parity check, and must give the same top class on every image
+AUTO_PARITY_ATOL = 0.02
+SWITCH_GAIN = 1.1  # the feature path replaces the export only when at least this much faster
+
+
+def switch_gain() -> float:
+    """``SWITCH_GAIN``, or ``$IMGCLF_AUTO_SWITCH_GAIN`` (``inf``: always keep the export)."""
+    try:
+        return float(os.environ.get("IMGCLF_AUTO_SWITCH_GAIN", SWITCH_GAIN))
+    except ValueError:
+        return SWITCH_GAIN
+
+
+def machine_signature() -> str:
+    """What an engine's speed depends on here: CPU model and bf16, cores, runtime versions."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    versions = []
+    for pkg in ("onnxruntime", "openvino", "torch", "imgclf"):
+        try:
+            versions.append(f"{pkg}={importlib_metadata.version(pkg)}")
+        except importlib_metadata.PackageNotFoundError:
+            versions.append(f"{pkg}=-")
+    parts = [platform.machine(), model, f"bf16={cpu_has_bf16()}", f"cpus={os.cpu_count()}", f"threads={os.environ.get('OMP_NUM_THREADS', '')}", *versions]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _timed_proba(predictor, paths: list[str]) -> tuple[np.ndarray, float]:
+    predictor.predict_proba(paths[:4])  # warm-up: sessions, exports, first-call allocations
+    t = time.perf_counter()
+    p = np.asarray(predictor.predict_proba(paths), dtype=np.float64)
+    return p, time.perf_counter() - t
+
+
+def measure_engines(model_dir: Path, export, make_feature_path, n_images: int = MEASURE_IMAGES) -> dict:
+    """Time the ONNX ``export`` and the feature path on up to ``n_images`` of the model's own
+    images (split.csv: test first) and say which ``auto`` should use and why.
+
+    The feature path runs without the feature cache here (cached features would make it look
+    fast), and it is chosen only when it gives the export's top class on every image, stays
+    within ``AUTO_PARITY_ATOL`` of its probabilities and is :func:`switch_gain` times faster.
+    """
+    try:
+        items, source = find_parity_images(model_dir, None, n_images)
+    except ExportError as e:
+        return {"engine": "onnx", "reason": f"not measured: {e}", "cache": False}
+    paths = [str(p) for p, _ in items]
+    try:
+        features = make_feature_path()
+    except Exception as e:  # a feature path that cannot load: the export it is
+        return {"engine": "onnx", "reason": f"feature path unavailable ({(str(e).splitlines() or [type(e).__name__])[0]})", "cache": False}
+    use_cache = features.use_cache
+    features.use_cache = False
+    try:
+        p_onnx, t_onnx = _timed_proba(export, paths)
+        p_feat, t_feat = _timed_proba(features, paths)
+    finally:
+        features.use_cache = use_cache
+    rows = np.isfinite(p_onnx).all(1) & np.isfinite(p_feat).all(1)
+    n = int(rows.sum())
+    result = {"images": n, "source": source, "onnx_img_s": round(len(paths) / max(t_onnx, 1e-9), 1),
+              "features_img_s": round(len(paths) / max(t_feat, 1e-9), 1), "feature_engine": f"{getattr(features, 'engine', '?')}"}
+    if n == 0:
+        return {**result, "engine": "onnx", "reason": "no image decoded for the measurement", "cache": False}
+    diff = float(np.abs(p_onnx[rows] - p_feat[rows]).max())
+    same_top = bool((p_onnx[rows].argmax(1) == p_feat[rows].argmax(1)).all())
+    result.update(max_abs_diff=diff, same_top_class=same_top)
+    passes = same_top and diff <= AUTO_PARITY_ATOL
+    if passes and result["features_img_s"] >= switch_gain() * result["onnx_img_s"]:
+        return {**result, "engine": "features", "reason": "faster and within parity"}
+    why = "slower or not enough faster" if passes else f"outside parity (max |dP| {diff:.2g}, same top class: {same_top})"
+    return {**result, "engine": "onnx", "reason": f"feature path {why}"}
+
+
+def auto_choice(model_dir: Path, bundle_id: str, export, make_feature_path, cache_dir=None) -> dict:
+    """The measured choice for ``auto`` (read from the cache, else measured and stored there)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = root / ENGINE_CHOICE_DIR / f"{bundle_id}-{machine_signature()}.json"
+    try:
+        found = json.loads(path.read_text())
+        if found.get("engine") in ("onnx", "features"):
+            return {**found, "from": str(path)}
+    except (OSError, ValueError):
+        pass
+    choice = measure_engines(model_dir, export, make_feature_path)
+    if choice.pop("cache", True):
+        try:
+            atomic_write_bytes(path, json.dumps(choice, indent=2).encode())
+        except OSError as e:  # a read-only cache: measured again next time
+            log.warning("cannot store the engine choice in %s (%s)", path, e.strerror or e)
+    return choice
 
 
 def _model_tta(d: Path) -> str:
@@ -106,9 +214,11 @@ def predictor_for(
 ) -> Predictor:
     """The :class:`~imgclf.predict.base.Predictor` ``imgclf predict`` should use.
 
-    * ``auto``: a valid, up-to-date ``model.onnx`` export of the bundle (an
-      :class:`OnnxClassifier`), else the Classifier feature path (engine auto).
-      A tampered export is ignored with a warning.
+    * ``auto``: with a valid, up-to-date ``model.onnx`` export of the bundle, the faster of
+      it (an :class:`OnnxClassifier`) and the Classifier feature path, measured once per
+      bundle and machine (:func:`auto_choice`; the feature path must pass parity with the
+      export); without one, the feature path (engine auto). A tampered export is ignored with
+      a warning.
     * ``onnx``: the export, made now (with its parity check) if missing or stale; written
       into the model folder, or the cache when that is read-only. A tampered export is
       an error. ``parity_images`` is used when split.csv's images are gone.
@@ -143,6 +253,20 @@ def predictor_for(
     d = resolve_bundle_dir(model)
     bid = bundle_hashes(d)["bundle_id"]
     found = find_export(d, cache_dir, strict=(engine == "onnx"), tta=tta, bundle_id=bid)
+    if found is not None and engine == "auto" and distributed.current() is None:  # (ranks would measure apart)
+        made: list = []
+
+        def make_feature_path():
+            made.append(feature_path("auto"))
+            return made[-1]
+
+        choice = auto_choice(d, bid, found, make_feature_path, cache_dir)
+        speeds = f"{choice['features_img_s']} vs {choice['onnx_img_s']} img/s" if "onnx_img_s" in choice else ""
+        if choice["engine"] == "features":
+            log.info("engine auto: the feature path, %s for the ONNX export on this machine (%s)", speeds, choice.get("from", "measured now"))
+            return made[-1] if made else feature_path("auto")
+        log.info("engine auto: ONNX Runtime on %s (%s%s)", found.path, choice["reason"], f"; {speeds}" if speeds else "")
+        return found
     if found is not None:
         log.info("engine: ONNX Runtime on %s", found.path)
         return found

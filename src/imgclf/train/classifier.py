@@ -34,7 +34,7 @@ from imgclf.model.heads import head_config, with_temperature
 from imgclf.model.metadata import ModelMeta
 from imgclf.model.neighbors import NeighborIndex, choose_cases
 from imgclf.train.checkpoint import EpochCheckpoint
-from imgclf.train.finetune import finetune, split_blocks
+from imgclf.train.finetune import finetune, plain_view_extraction, split_blocks
 from imgclf.train.loops import TrainConfig, fit_head
 
 log = logging.getLogger("imgclf")
@@ -135,9 +135,12 @@ class ImageClassifier(Classifier):
         n_classes = len(self.class_names_)
         runner = self.backbone_runner()
         train, val = ds.samples["train"], ds.samples["validation"]
-        xt, yt, ok_t, sk_tr = self._split_features(train, "train features")
+        # with stage 2 ahead, images not in the feature cache go through the frozen prefix and then the
+        # rest, leaving the prefix activations that stage 2 trains on in its disk cache (one pass, not two)
+        split = plain_view_extraction(runner, unfreeze, runner.cache_root) if unfreeze and self.use_cache else None
+        xt, yt, ok_t, sk_tr = self._split_features(train, "train features", engine_factory=split)
         xt_plain = xt  # the plain view, for the similar-cases index
-        xv, yv, ok_v, sk_va = self._split_features(val, "validation features")
+        xv, yv, ok_v, sk_va = self._split_features(val, "validation features", engine_factory=split)
         self.skipped_ = sk_tr + sk_va
         if len(yt) == 0:
             raise ValueError("no readable training images")

@@ -3,11 +3,13 @@
 Speed on a CPU comes from not recomputing what does not change: the frozen prefix
 (all blocks before the last K) runs once per image and augmented view, its output is
 kept in memory (bf16), and each epoch only runs the trainable tail — bf16 autocast
-where the CPU has native bf16, in the contiguous layout (channels-last did not train the
-tail faster once bf16 is on; see benchmarks/README.md). The frozen prefix itself runs on
-the same fast engine as feature extraction (exported to ONNX once, OpenVINO bf16).
+where the CPU has native bf16 (contiguous layout), else fp32 channels-last (faster for
+the depthwise tail in fp32, not once bf16 is on; see benchmarks/README.md). The frozen
+prefix itself runs on the same fast engine as feature extraction (exported to ONNX once).
 With the feature cache on, the activations are also kept on disk (:class:`PrefixCache`),
-so a resumed or repeated stage 2 reads them back instead of running the prefix again.
+so a resumed or repeated stage 2 reads them back instead of running the prefix again, and
+the plain view's come from feature extraction itself (:func:`plain_view_extraction`):
+each training and validation image goes through the prefix once for both stages.
 BatchNorm layers of frozen blocks stay in
 eval mode (their statistics never move). By default (``--finetune-bn frozen``) so do the
 tail's: their scale and shift train but their running statistics are kept, as Keras
@@ -53,9 +55,10 @@ class TailModel(nn.Module):
     """Trainable tail blocks → the entry's pooling → head."""
 
     def __init__(self, tail: list[nn.Module], pool: nn.Module, head: nn.Module, autocast_bf16: bool, tail_bn: str = "frozen",
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
         """``autocast_bf16``: bf16 autocast (the CPU's); ``autocast_dtype`` overrides it (a GPU's bf16
-        or fp16). Autocast runs on the device of the inputs."""
+        or fp16). Autocast runs on the device of the inputs. ``channels_last``: activations enter
+        in that layout (convert the module's weights with :meth:`use_channels_last`)."""
         super().__init__()
         if tail_bn not in TAIL_BN_MODES:
             raise ValueError(f"finetune_bn must be one of {', '.join(TAIL_BN_MODES)}, got {tail_bn!r}")
@@ -65,6 +68,13 @@ class TailModel(nn.Module):
         self.head = head
         self.autocast_bf16 = autocast_bf16
         self.autocast_dtype = autocast_dtype if autocast_dtype is not None else (torch.bfloat16 if autocast_bf16 else None)
+        self.channels_last = channels_last
+
+    def use_channels_last(self, on: bool) -> TailModel:
+        """The tail's conv weights in channels-last layout (``on``) or back to contiguous; the
+        parameters stay the same objects, so the runner's blocks and optimisers see the change."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -76,6 +86,8 @@ class TailModel(nn.Module):
 
     def forward(self, h):
         h = h.to(torch.float32)
+        if self.channels_last and h.dim() == 4:
+            h = h.contiguous(memory_format=torch.channels_last)
         dtype = self.autocast_dtype
         with torch.autocast(h.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             f = self.pool(self.tail(h)).flatten(1)
@@ -119,6 +131,7 @@ class PrefixCache(ChecksummedFileCache):
         self.shape = tuple(int(d) for d in shape)
         header = _PREFIX_MAGIC + struct.pack(f"<I{len(self.shape)}I", len(self.shape), *self.shape)
         super().__init__(Path(root) / "prefix" / key, header, 2 * math.prod(self.shape), ".bf16", "prefix cache")
+        self.hits = 0  # activations read back by compute_prefix
 
     def get(self, h: str) -> torch.Tensor | None:
         payload = self.get_payload(h)
@@ -136,6 +149,74 @@ _PREFIX_MAGIC = b"IMGCLF-P1"
 def prefix_cache_key(runner, engine, prefix_name: str, transform=None) -> str:
     """Backbone, weights/preprocessing fingerprint, precision, prefix end, engine and view."""
     return cache_key(runner.spec.name, runner.fingerprint, runner.precision, "prefix", prefix_name.replace("/", "_"), engine.name, engine.precision, transform=transform)
+
+
+def prefix_engine(runner, fx, prefix_named: list[tuple[str, nn.Module]]):
+    """The fast engine that runs the frozen prefix (exported to ONNX once), its name (the last
+    prefix block, ``input`` when empty) and the shape of one image's activations."""
+    prefix = [m for _, m in prefix_named]
+    prefix_name = prefix_named[-1][0] if prefix_named else "input"
+    with torch.inference_mode():
+        s = runner.spec.preprocessing.input_size
+        item_shape = tuple(PrefixModule(fx, prefix)(torch.zeros(1, 3, s, s, dtype=torch.uint8))[0].shape)
+    engine = runner.engine_for(lambda: PrefixModule(fx, prefix).eval(), runner.exported_onnx_path("prefix", prefix_name),
+                               f"frozen prefix (up to {prefix_name})")
+    return engine, prefix_name, item_shape
+
+
+class PrefixThenSuffix:
+    """Backbone features computed as suffix(prefix(images)), keeping the prefix activations.
+
+    A fine-tuning run extracts the plain view of its training and validation images this way:
+    the prefix runs on the engine stage 2 uses and its activations go to the :class:`PrefixCache`
+    (``record``, by content hash), so stage 2 finds the plain view there instead of running the
+    prefix a second time; the suffix (the frozen tail blocks and the pooling) is small and runs
+    in eager PyTorch fp32. The features equal the whole backbone's up to float rounding, so they
+    are cached under the runner's key as usual.
+    """
+
+    def __init__(self, prefix, suffix: nn.Module, cache: PrefixCache):
+        self.prefix = prefix
+        self.suffix = suffix.eval()
+        self.cache = cache
+        self.name = prefix.name
+        self.precision = prefix.precision
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        act = torch.from_numpy(np.asarray(self.prefix(batch), dtype=np.float32))
+        self._last = act
+        with torch.inference_mode():
+            return self.suffix(act).flatten(1).numpy()
+
+    def record(self, keys: list[str]) -> None:
+        """Store the last batch's activations under the images' content hashes."""
+        if self._last is not None:
+            for key, a in zip(keys, self._last):
+                if key:
+                    self.cache.put(key, a)
+        self._last = None
+
+
+def plain_view_extraction(runner, unfreeze: int, cache_dir: str | os.PathLike) -> Callable[[], PrefixThenSuffix] | None:
+    """An ``engine_factory`` for :func:`~imgclf.engines.extract.extract_features` whose features
+    leave stage 2's plain-view prefix activations in the cache (None where that cannot help:
+    a GPU, or no stage 2)."""
+    if not unfreeze or not str(runner.device).startswith("cpu"):
+        return None
+
+    made: list[PrefixThenSuffix] = []  # built once, on the first cache miss
+
+    def make() -> PrefixThenSuffix:
+        if not made:
+            fx = runner.torch_module().eval()
+            prefix_named, tail_named = split_blocks(fx, runner.spec, unfreeze)
+            engine, prefix_name, item_shape = prefix_engine(runner, fx, prefix_named)
+            suffix = nn.Sequential(*[m for _, m in tail_named], fx.pool)
+            made.append(PrefixThenSuffix(engine, suffix, PrefixCache(cache_dir, prefix_cache_key(runner, engine, prefix_name), item_shape)))
+        return made[0]
+
+    return make
 
 
 def compute_prefix(engine, paths: list[str], prep, transform, hashes: list[str] | None = None, batch_size: int = 32,
@@ -164,6 +245,8 @@ def compute_prefix(engine, paths: list[str], prep, transform, hashes: list[str] 
                     if cache is not None and hashes and hashes[i]:
                         cache.put(hashes[i], out[k])
     ok = sorted([*found, *computed])
+    if cache is not None:
+        cache.hits += len(found)
     return (torch.stack([found[i] if i in found else computed[i] for i in ok]) if ok else None), ok, errors
 
 
@@ -346,7 +429,6 @@ def finetune(
     spec = runner.spec
     fx = runner.torch_module()
     prefix_named, tail_named = split_blocks(fx, spec, unfreeze)
-    prefix = [m for _, m in prefix_named]
     tail = [m for _, m in tail_named]
     device = torch.device(runner.device)
     autocast_dtype = tail_autocast(runner, device)
@@ -359,9 +441,7 @@ def finetune(
     local_train, local_val = [train_paths[i] for i in train_mine], [val_paths[i] for i in val_mine]
 
     # memory budget for the cached prefix activations (an empty prefix is the identity)
-    with torch.inference_mode():
-        s = prep.input_size
-        item_shape = tuple(PrefixModule(fx, prefix)(torch.zeros(1, 3, s, s, dtype=torch.uint8))[0].shape)
+    engine, prefix_name, item_shape = prefix_engine(runner, fx, prefix_named)
     per_item = math.prod(item_shape) * 2  # bf16 bytes
     slots = PREFIX_CACHE_MB * 2**20 // per_item  # activations that fit in the budget
     most_train, most_val = math.ceil(len(train_paths) / world), math.ceil(len(val_paths) / world)  # the same on every rank
@@ -376,14 +456,14 @@ def finetune(
         views = fit_views
 
     t0 = time.perf_counter()
-    prefix_name = prefix_named[-1][0] if prefix_named else "input"
-    engine = runner.engine_for(
-        lambda: PrefixModule(fx, prefix).eval(),
-        runner.exported_onnx_path("prefix", prefix_name),
-        f"frozen prefix (up to {prefix_name})",
-    )
+
+    disk_caches: list[PrefixCache] = []
+
     def disk_cache(transform=None) -> PrefixCache | None:
-        return None if cache_dir is None else PrefixCache(cache_dir, prefix_cache_key(runner, engine, prefix_name, transform), item_shape)
+        if cache_dir is None:
+            return None
+        disk_caches.append(PrefixCache(cache_dir, prefix_cache_key(runner, engine, prefix_name, transform), item_shape))
+        return disk_caches[-1]
 
     empty = torch.zeros((0, *item_shape), dtype=torch.bfloat16)
     hashes = val_hashes = None
@@ -406,8 +486,11 @@ def finetune(
     hv, ok_v, _ = compute_prefix(engine, local_val, prep, None, val_hashes, cache=disk_cache())
     prefix_s = time.perf_counter() - t0
     n_prefix = len(keep) * views + len(ok_v)
-    log.info("fine-tune: frozen prefix (up to %s) on %s (%s) for %d image views in %.1f s (%.1f img/s), %.0f MB held in memory%s%s",
-             prefix_name, engine.name, engine.precision, n_prefix, prefix_s, n_prefix / max(prefix_s, 1e-9), n_prefix * per_item / 2**20,
+    n_read = sum(c.hits for c in disk_caches)
+    n_run = n_prefix - n_read
+    log.info("fine-tune: frozen prefix (up to %s) on %s (%s) for %d image views (%d read from the disk cache) in %.1f s%s, %.0f MB held in memory%s%s",
+             prefix_name, engine.name, engine.precision, n_prefix, n_read, prefix_s, f" ({n_run / max(prefix_s, 1e-9):.1f} img/s)" if n_run > 0 else "",
+             n_prefix * per_item / 2**20,
              "" if cache_dir is None else f" and kept on disk in {Path(cache_dir) / 'prefix'}",
              "" if ctx is None else f" (rank {ctx.rank} of {world}: its shard)")
 
@@ -436,6 +519,9 @@ def finetune(
         for p in m.parameters():
             p.requires_grad_(True)
     model = TailModel(tail, fx.pool, head, autocast_dtype == torch.bfloat16, tail_bn, autocast_dtype=autocast_dtype).to(device)
+    # fp32 on a CPU trains the depthwise tail faster channels-last (bf16 did not; benchmarks/README.md)
+    channels_last = device.type == "cpu" and autocast_dtype is None
+    model.use_channels_last(channels_last)
     for p in model.head.parameters():
         p.requires_grad_(True)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
@@ -452,6 +538,7 @@ def finetune(
     finally:
         if parallel is not None:
             parallel.unwrap()
+        model.use_channels_last(False)  # the runner's blocks go back as they came
         model.to("cpu")  # the tail blocks are the runner's and the head is the classifier's: both live on the CPU
     train_s = time.perf_counter() - t1
     imgs = len(yt) * summary["epochs_run"]
@@ -461,9 +548,11 @@ def finetune(
         "trainable_blocks": [n for n, _ in tail_named],
         "views": views,
         "prefix_seconds": round(prefix_s, 2),
+        "prefix_views_from_cache": n_read,
         "train_seconds": round(train_s, 2),
         "images_per_second": round(imgs / max(train_s, 1e-9), 1),
         "precision": precision,
+        "channels_last": channels_last,
         "device": str(device),
         "group_lrs": base_lrs,
         "tail_bn": tail_bn,
