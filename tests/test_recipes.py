@@ -54,12 +54,13 @@ def test_blocks_compose_to_the_body_for_every_torchvision_entry():
             torch.testing.assert_close(h, fx.feature_map(x))
 
 
-def test_finetune_changes_exactly_the_unfrozen_blocks_and_keeps_frozen_bn(shapes_root, tmp_path):
+def test_finetune_changes_exactly_the_unfrozen_blocks_and_keeps_frozen_bn(shapes_root, tmp_path, caplog):
     # a 1-epoch head leaves room for stage 2 to lower the validation loss (else the frozen model is kept)
     clf = ImageClassifier(recipe="finetune", epochs=1, lr=1e-4, unfreeze=2, finetune_epochs=2, finetune_views=2, cache_dir=tmp_path / "c", progress=False)
     spec = get_backbone_spec("efficientnet_lite0")
     base = build_feature_extractor(spec, resolve_weights(spec)).state_dict()
-    clf.fit(shapes_root)
+    with caplog.at_level("INFO", logger="imgclf"):
+        clf.fit(shapes_root)
     fx = clf.backbone_runner().torch_module()
     names = [n for n, _ in backbone_blocks(fx, spec)]
     tuned_keys = set(clf._tuned)
@@ -83,6 +84,14 @@ def test_finetune_changes_exactly_the_unfrozen_blocks_and_keeps_frozen_bn(shapes
     # extraction left the plain view's prefix activations on disk: stage 2 read them, ran the prefix for the other view only
     n_plain = len(clf.dataset_.samples["train"]) + len(clf.dataset_.samples["validation"])
     assert stage2["prefix_views_from_cache"] == n_plain
+    # the similar-cases index came from the tuned tail over those cached activations: the whole tuned backbone agrees
+    n_train = len(clf.dataset_.samples["train"])
+    assert f"{n_train} of {n_train} images from stage 2's cached prefix activations" in caplog.text
+    index = clf.neighbors_
+    whole, ok, _ = clf.features(index.paths)
+    assert len(ok) == len(index.paths)
+    cos = (whole / np.linalg.norm(whole, axis=1, keepdims=True) * index.features.astype(np.float32)).sum(1)
+    assert cos.min() > 0.999, cos.min()
     # the bundle carries the tuned tensors and reproduces predictions
     clf.save(tmp_path / "m")
     paths = sorted((shapes_root / "test").rglob("*.jpg"))

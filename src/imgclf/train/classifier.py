@@ -34,7 +34,7 @@ from imgclf.model.heads import head_config, with_temperature
 from imgclf.model.metadata import ModelMeta
 from imgclf.model.neighbors import NeighborIndex, choose_cases
 from imgclf.train.checkpoint import EpochCheckpoint
-from imgclf.train.finetune import finetune, plain_view_extraction, split_blocks
+from imgclf.train.finetune import finetune, plain_view_extraction, split_blocks, tail_features_from_cache
 from imgclf.train.loops import TrainConfig, fit_head
 
 log = logging.getLogger("imgclf")
@@ -188,7 +188,8 @@ class ImageClassifier(Classifier):
         self.temperature_ = self._calibrate([str(s.path) for s in val], ok_v, xv, yv) if st.calibration == "temperature" else None
         if n_classes == 2:  # on the calibrated probabilities
             self.threshold_ = self._choose_threshold(xv, yv)
-        self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain) if st.neighbors else None
+        stage2 = summaries[1] if len(summaries) > 1 else None
+        self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain, stage2, unfreeze) if st.neighbors else None
         self.fit_summary_ = {
             "stages": summaries,
             "best_epoch": summaries[-1]["best_epoch"],
@@ -202,18 +203,40 @@ class ImageClassifier(Classifier):
         self.meta_ = self._make_meta(runner, unfreeze if self._tuned is not None else 0)
         return self
 
-    def _build_neighbors(self, train: list, ok: list[int], y: np.ndarray, x_plain: np.ndarray) -> NeighborIndex:
+    def _build_neighbors(self, train: list, ok: list[int], y: np.ndarray, x_plain: np.ndarray, stage2: dict | None = None,
+                         unfreeze: int = 0) -> NeighborIndex:
         """The similar-cases index of the (at most ``neighbors_max``) training images, from the
-        features predict will compute: when stage 2 tuned the backbone, the chosen images are
-        extracted again through the tuned backbone (plain view, no test-time views)."""
+        features predict will compute: when stage 2 tuned the backbone, the chosen images'
+        features are those of the tuned backbone (plain view, no test-time views)."""
         st = self.settings
         keep = choose_cases(y, st.neighbors_max, self.seed)
         paths = [str(train[ok[i]].path) for i in keep]
         labels, x = y[keep], x_plain[keep]
         if self._tuned is not None:
-            x, ok_tuned, _ = self.features(paths, desc="train features (tuned backbone, similar cases)")
+            x, ok_tuned = self._tuned_plain_features(paths, stage2, unfreeze)
             labels, paths = labels[ok_tuned], [paths[i] for i in ok_tuned]
         return NeighborIndex.build(x, labels, paths, self.class_names_, thumbnail_px=st.neighbors_thumbnail, training_images=len(y), seed=self.seed)
+
+    def _tuned_plain_features(self, paths: list[str], stage2: dict | None, unfreeze: int) -> tuple[np.ndarray, list[int]]:
+        """Features of ``paths`` through the tuned backbone for the similar-cases index: the tuned
+        tail over stage 2's cached prefix activations where they are on disk (one process; the
+        prefix did not change), the whole backbone for the rest."""
+        rows: dict[int, np.ndarray] = {}
+        if self.use_cache and distributed.current() is None and stage2 and stage2.get("prefix_cache_key"):
+            runner = self.backbone_runner()
+            x, found = tail_features_from_cache(runner, unfreeze, paths, runner.cache_root, stage2["prefix_cache_key"],
+                                                tuple(stage2["prefix_shape"]))
+            rows = dict(zip(found, x))
+            if found:
+                log.info("train features (tuned backbone, similar cases): %d of %d images from stage 2's cached prefix activations",
+                         len(found), len(paths))
+        rest = [i for i in range(len(paths)) if i not in rows]
+        if rest:
+            x, ok, _ = self.features([paths[i] for i in rest], desc="train features (tuned backbone, similar cases)")
+            rows.update((rest[k], x[j]) for j, k in enumerate(ok))
+        ok_all = sorted(rows)
+        dim = self.backbone_runner().spec.feature_dim
+        return (np.stack([rows[i] for i in ok_all]) if ok_all else np.zeros((0, dim), np.float32)), ok_all
 
     def _calibrate(self, paths: list[str], ok: list[int], x: np.ndarray, y: np.ndarray) -> float | None:
         """Fit the temperature on the validation images (``paths``, readable ``ok`` with plain-view

@@ -219,6 +219,32 @@ def plain_view_extraction(runner, unfreeze: int, cache_dir: str | os.PathLike) -
     return make
 
 
+def tail_features_from_cache(runner, unfreeze: int, paths: list[str], cache_dir: str | os.PathLike, key: str,
+                             shape: tuple[int, ...], batch_size: int = 64) -> tuple[np.ndarray, list[int]]:
+    """Plain-view features of ``paths`` through the runner's current (tuned) tail and pooling,
+    from the prefix activations that stage 2 left in the disk cache under ``key``: (rows,
+    indices of ``paths`` found). Images without an entry are left out for the caller to
+    extract. The activations were stored in bf16, so the features differ from a whole-backbone
+    pass by that rounding: good for finding similar cases, not for decisions."""
+    cache = PrefixCache(cache_dir, key, shape)
+    fx = runner.torch_module().eval()
+    _, tail_named = split_blocks(fx, runner.spec, unfreeze)
+    suffix = nn.Sequential(*[m for _, m in tail_named], fx.pool).eval()
+    found: list[int] = []
+    acts: list[torch.Tensor] = []
+    for i, p in enumerate(paths):
+        h = _safe_hash(p)
+        a = cache.get(h) if h else None
+        if a is not None:
+            found.append(i)
+            acts.append(a)
+    rows = []
+    with torch.inference_mode():
+        for k in range(0, len(acts), batch_size):
+            rows.append(suffix(torch.stack(acts[k:k + batch_size]).float()).flatten(1).numpy())
+    return (np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, runner.spec.feature_dim), np.float32)), found
+
+
 def compute_prefix(engine, paths: list[str], prep, transform, hashes: list[str] | None = None, batch_size: int = 32,
                    cache: PrefixCache | None = None) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
     """Frozen-prefix activations (bf16 in memory) for one view of ``paths``; decoding runs ahead.
@@ -549,6 +575,8 @@ def finetune(
         "views": views,
         "prefix_seconds": round(prefix_s, 2),
         "prefix_views_from_cache": n_read,
+        "prefix_cache_key": None if cache_dir is None else prefix_cache_key(runner, engine, prefix_name),
+        "prefix_shape": list(item_shape),
         "train_seconds": round(train_s, 2),
         "images_per_second": round(imgs / max(train_s, 1e-9), 1),
         "precision": precision,
