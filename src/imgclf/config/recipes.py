@@ -33,7 +33,7 @@ RECIPES: dict[str, dict] = {
 assert tuple(sorted(RECIPES)) == tuple(sorted(RECIPE_NAMES)) and all(k in TRAIN_FIELDS for r in RECIPES.values() for k in r)
 
 # blocks to unfreeze by default per backbone family/arch (counted from the end)
-_DEFAULT_UNFREEZE = {"efficientnet_lite": 3, "vgg16": 1, "resnet50": 1, "efficientnet_b0": 2, "mobilenet_v3_large": 3, "convnext_tiny": 2}
+_DEFAULT_UNFREEZE = {"efficientnet_lite": 2, "vgg16": 1, "resnet50": 1, "efficientnet_b0": 2, "mobilenet_v3_large": 3, "convnext_tiny": 2}
 
 
 def default_unfreeze(spec) -> int:

@@ -116,7 +116,7 @@ class TrainSettings(Declared):
     label_smoothing: float = setting(0.0, "head-stage label smoothing", ge=0, lt=1)
     mixup: float = setting(0.0, "mixup alpha on the trainable part's inputs, 0 = off", ge=0)
     # stage 2: fine-tuning the last blocks on cached frozen-prefix activations
-    unfreeze: int | None = setting(None, "stage 2: number of last backbone blocks to train (unset: the entry's default, e.g. 3 for efficientnet_lite0, 1 for vgg16)", ge=1, group="fine-tuning")
+    unfreeze: int | None = setting(None, "stage 2: number of last backbone blocks to train (unset: the entry's default, e.g. 2 for efficientnet_lite0, 1 for vgg16)", ge=1, group="fine-tuning")
     finetune_epochs: int = setting(12, "stage-2 epochs, 0 = no stage 2", ge=0, group="fine-tuning")
     finetune_lr: float = setting(1e-3, "stage-2 head learning rate; blocks get half per block going down", gt=0, group="fine-tuning")
     finetune_patience: int = setting(4, "stage-2 early stopping patience, 0 = off", ge=0, group="fine-tuning")
