@@ -49,7 +49,10 @@ def test_model_stores_and_applies_its_temperature(tmp_path, shapes_root, calibra
     paths = [s.path for s in clf.dataset_.samples["test"]]
     p = clf.predict_proba(paths)
     clf.save(tmp_path / "m")
-    head = json.loads((tmp_path / "m" / "model.json").read_text())["head"]
+    written = json.loads((tmp_path / "m" / "model.json").read_text())
+    head = written["head"]
+    # a calibrated head needs a reader that knows its temperature tensor; an uncalibrated bundle stays readable by all
+    assert written["format"] == ("imgclf-bundle/2" if calibration == "temperature" else "imgclf-bundle/1")
     loaded = Classifier.load(tmp_path / "m", cache_dir=tmp_path / "cache")
     np.testing.assert_allclose(loaded.predict_proba(paths), p, atol=1e-6)
     if calibration == "none":

@@ -64,7 +64,8 @@ def test_older_files_load_and_unknown_keys_are_kept():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"format": "other/1"}, "not an imgclf-bundle/1 file"),
+    ({"format": "other/1"}, "not an imgclf bundle"),
+    ({"format": "imgclf-bundle/9"}, "format imgclf-bundle/9 is newer than this imgclf reads"),
     ({"head": None}, "head must be an object"),
     ({"class_names": "circle"}, "class_names must be a non-empty list"),
     ({"class_names": ["a", "a", "b"]}, "class_names has duplicates"),

@@ -309,6 +309,16 @@ def test_tail_channels_last_round_trip_keeps_parameters_and_outputs():
     assert conv.weight is weight and weight.is_contiguous() and not model.channels_last
 
 
+def test_channels_last_only_for_tails_with_spatial_convolutions():
+    from imgclf.train.finetune import _has_spatial_conv
+
+    assert _has_spatial_conv([nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.ReLU())])
+    assert not _has_spatial_conv([nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8))])
+    spec = get_backbone_spec("efficientnet_lite0")
+    blocks = backbone_blocks(build_feature_extractor(spec, resolve_weights(spec, "none")), spec)
+    assert _has_spatial_conv([b for _, b in blocks[-2:]]) and not _has_spatial_conv([blocks[-1][1]])  # stage7 + head; head alone
+
+
 def test_prefix_then_suffix_features_equal_the_backbone_and_fill_the_prefix_cache(shapes_root, tmp_path):
     from imgclf.fileio import content_hash
     from imgclf.train.finetune import plain_view_extraction

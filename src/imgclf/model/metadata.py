@@ -19,7 +19,11 @@ from pathlib import Path
 
 from imgclf.backbones.specs import Preprocessing
 
-BUNDLE_FORMAT = "imgclf-bundle/1"
+BUNDLE_FORMAT = "imgclf-bundle/1"  # a bundle every imgclf version reads
+# a head that ends in a calibration temperature (imgclf.model.heads.LogitTemperature): versions
+# before it would fail on the extra tensor, so such a bundle says it needs a newer reader
+CALIBRATED_BUNDLE_FORMAT = "imgclf-bundle/2"
+READABLE_FORMATS = (BUNDLE_FORMAT, CALIBRATED_BUNDLE_FORMAT)
 REQUIRED_KEYS = ("format", "backbone", "weights", "preprocessing", "class_names", "head")
 
 
@@ -113,8 +117,11 @@ class ModelMeta:
         Raises :class:`BundleError` (one line) when a required key is missing or a value
         has the wrong type; optional keys an older file lacks take their old defaults.
         """
-        if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{source}: not an {BUNDLE_FORMAT} file")
+        if not isinstance(d, dict) or not isinstance(d.get("format"), str) or not d["format"].startswith("imgclf-bundle/"):
+            raise BundleError(f"{source}: not an imgclf bundle (no imgclf-bundle format)")
+        if d["format"] not in READABLE_FORMATS:
+            raise BundleError(f"{source}: format {d['format']} is newer than this imgclf reads ({', '.join(READABLE_FORMATS)}); "
+                              "upgrade imgclf to load it")
         missing = [k for k in REQUIRED_KEYS if k not in d]
         if missing:
             raise BundleError(f"{source}: missing keys {', '.join(missing)}")
@@ -170,6 +177,7 @@ class ModelMeta:
             seed=seed,
             tensors_sha256=optional("tensors_sha256", (str,), "a sha256 hex digest"),
             neighbors=optional("neighbors", (dict,), "an object"),
+            format=d["format"],
             extra={k: v for k, v in d.items() if k not in FIELD_ORDER and k not in OPTIONAL_KEYS},
         )
 

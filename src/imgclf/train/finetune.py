@@ -94,6 +94,11 @@ class TailModel(nn.Module):
         return self.head(f.float())
 
 
+def _has_spatial_conv(modules: list[nn.Module]) -> bool:
+    """Whether any convolution in ``modules`` has a kernel larger than 1x1 (depthwise included)."""
+    return any(isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 for b in modules for m in b.modules())
+
+
 def split_blocks(fx, spec, unfreeze: int) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
     blocks = backbone_blocks(fx, spec)
     if not 1 <= unfreeze <= len(blocks):
@@ -545,8 +550,9 @@ def finetune(
         for p in m.parameters():
             p.requires_grad_(True)
     model = TailModel(tail, fx.pool, head, autocast_dtype == torch.bfloat16, tail_bn, autocast_dtype=autocast_dtype).to(device)
-    # fp32 on a CPU trains the depthwise tail faster channels-last (bf16 did not; benchmarks/README.md)
-    channels_last = device.type == "cpu" and autocast_dtype is None
+    # fp32 on a CPU trains spatial and depthwise convolutions faster channels-last, a tail of 1x1
+    # convolutions only slower, and bf16 gained nothing from it (benchmarks/README.md)
+    channels_last = device.type == "cpu" and autocast_dtype is None and _has_spatial_conv(tail)
     model.use_channels_last(channels_last)
     for p in model.head.parameters():
         p.requires_grad_(True)
