@@ -370,3 +370,11 @@ def test_extract_refuses_a_cache_inside_a_manifest_image_folder(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc != 0 and "never writes into the dataset folder" in err and len(err.strip().splitlines()) == 1
     assert not cache.exists()
+
+
+def test_features_of_mixed_precision_across_ranks_are_refused():
+    from imgclf.engines.extract import check_same_precision
+
+    check_same_precision(["fp32", "fp32", "fp32"])
+    with pytest.raises(distributed.DistributedError, match=r"different precisions \(rank 0: bf16, rank 1: fp32\); pass --precision fp32"):
+        check_same_precision(["bf16", "fp32"])

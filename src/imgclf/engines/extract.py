@@ -127,6 +127,16 @@ def extract_features(
     )
 
 
+def check_same_precision(precisions: list[str]) -> None:
+    """Refuse features computed at different precisions by the ranks (``precisions[r]`` is rank
+    r's): with ``--precision auto`` a machine with native bf16 picks bf16 and one without fp32,
+    and one model would be trained on a mix of both."""
+    if len(set(precisions)) > 1:
+        ranks = ", ".join(f"rank {r}: {p}" for r, p in enumerate(precisions))
+        raise distributed.DistributedError(f"ranks computed features at different precisions ({ranks}); "
+                                           "pass --precision fp32 (or bf16) so that every machine computes the same")
+
+
 def extract_features_sharded(paths: Sequence[str | os.PathLike], runner: BackboneRunner, **options) -> ExtractionResult:
     """:func:`extract_features` of all ``paths``, split across the ranks of a torchrun job.
 
@@ -149,6 +159,7 @@ def extract_features_sharded(paths: Sequence[str | os.PathLike], runner: Backbon
     if differ:  # sharding assumed the same list everywhere: these rows cannot be put together
         raise distributed.DistributedError(f"rank(s) {', '.join(map(str, differ))} extracted features of other images than rank 0; "
                                            "every machine needs the same files at the same paths")
+    check_same_precision([s[5] for s in summaries])
     dim = runner.spec.feature_dim
     ok = np.concatenate(oks)
     order = np.argsort(ok, kind="stable")
