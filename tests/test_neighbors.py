@@ -214,7 +214,9 @@ def test_after_stage_two_the_index_holds_the_tuned_backbones_features(shapes_roo
     index = clf.neighbor_index()
     paths = index.paths[:6]
     tuned, ok, _ = clf.features(paths)
-    np.testing.assert_allclose(index.features[:6], nb.normalise(tuned), atol=1e-4)
+    # the index took the tuned tail over stage 2's bf16-stored prefix activations: the whole tuned backbone's features up to that rounding
+    err_tuned = np.abs(index.features[:6] - nb.normalise(tuned)).max()
+    assert err_tuned < 1e-3, err_tuned
     frozen, _, _ = ImageClassifier(backbone="timm:test_efficientnet", weights="none", cache_dir=tmp_path / "c").features(paths)
-    assert np.abs(nb.normalise(frozen) - index.features[:6]).max() > 1e-3  # not the pre-stage-2 features
+    assert np.abs(nb.normalise(frozen) - index.features[:6]).max() > max(1e-3, 3 * err_tuned)  # not the pre-stage-2 features
     assert [c[0].path for c in clf.neighbors(paths, 1)] == paths
