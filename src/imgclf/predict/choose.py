@@ -98,8 +98,9 @@ def measure_engines(model_dir: Path, export, make_feature_path, n_images: int = 
         features.use_cache = use_cache
     rows = np.isfinite(p_onnx).all(1) & np.isfinite(p_feat).all(1)
     n = int(rows.sum())
+    engine = features.backbone_runner().get()  # built by the measurement
     result = {"images": n, "source": source, "onnx_img_s": round(len(paths) / max(t_onnx, 1e-9), 1),
-              "features_img_s": round(len(paths) / max(t_feat, 1e-9), 1), "feature_engine": f"{getattr(features, 'engine', '?')}"}
+              "features_img_s": round(len(paths) / max(t_feat, 1e-9), 1), "feature_engine": f"{engine.name} {engine.precision}"}
     if n == 0:
         return {**result, "engine": "onnx", "reason": "no image decoded for the measurement", "cache": False}
     diff = float(np.abs(p_onnx[rows] - p_feat[rows]).max())

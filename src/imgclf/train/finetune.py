@@ -55,10 +55,10 @@ class TailModel(nn.Module):
     """Trainable tail blocks → the entry's pooling → head."""
 
     def __init__(self, tail: list[nn.Module], pool: nn.Module, head: nn.Module, autocast_bf16: bool, tail_bn: str = "frozen",
-                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
+                 autocast_dtype: torch.dtype | None = None):
         """``autocast_bf16``: bf16 autocast (the CPU's); ``autocast_dtype`` overrides it (a GPU's bf16
-        or fp16). Autocast runs on the device of the inputs. ``channels_last``: activations enter
-        in that layout (convert the module's weights with :meth:`use_channels_last`)."""
+        or fp16). Autocast runs on the device of the inputs. Contiguous layout until
+        :meth:`use_channels_last`."""
         super().__init__()
         if tail_bn not in TAIL_BN_MODES:
             raise ValueError(f"finetune_bn must be one of {', '.join(TAIL_BN_MODES)}, got {tail_bn!r}")
@@ -68,7 +68,7 @@ class TailModel(nn.Module):
         self.head = head
         self.autocast_bf16 = autocast_bf16
         self.autocast_dtype = autocast_dtype if autocast_dtype is not None else (torch.bfloat16 if autocast_bf16 else None)
-        self.channels_last = channels_last
+        self.channels_last = False  # activations (and conv weights) in channels-last layout
 
     def use_channels_last(self, on: bool) -> TailModel:
         """The tail's conv weights in channels-last layout (``on``) or back to contiguous; the
