@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +142,57 @@ def browser_available() -> bool:
 def launch_chromium(pw):
     """Headless Chromium from a ``sync_playwright()`` context."""
     return pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+
+
+@contextlib.contextmanager
+def serve_process(model: Path, log_dir: Path, *args: str):
+    """`python -m imgclf serve MODEL --port 0 ARGS` in its own process: yields (base url, process)
+    once /healthz answers 200, and stops it afterwards (terminate, then kill)."""
+    import httpx
+
+    err = open(log_dir / "stderr.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(model), "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    base = None
+    deadline = time.monotonic() + 120
+    try:
+        while base is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                m = re.search(r"on (http://127\.0\.0\.1:\d+/)", lines.get(timeout=1))
+            except queue.Empty:
+                continue
+            base = m.group(1) if m else None
+        if base is None:
+            err.seek(0)
+            pytest.fail(f"imgclf serve did not start: {err.read()[-2000:]}")
+        for _ in range(100):  # the line is printed just before uvicorn accepts
+            try:
+                if httpx.get(base + "healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("imgclf serve never answered /healthz with 200")
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        err.close()
+
+
+def watched_page(browser, width: int, height: int):
+    """A new page of ``browser`` and the lists it fills: every request url, console errors and page errors."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    requests: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return page, requests, errors

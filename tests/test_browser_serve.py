@@ -8,17 +8,11 @@ Set IMGCLF_SCREENSHOT_DIR to keep the page's screenshots."""
 from __future__ import annotations
 
 import os
-import queue
-import re
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import browser_available, launch_chromium
+from conftest import browser_available, launch_chromium, serve_process, watched_page
 from imgclf.predict.onnx_predictor import OnnxClassifier
 
 pytestmark = pytest.mark.skipif(not browser_available(), reason="needs Debian's chromium and the playwright package")
@@ -26,49 +20,9 @@ pytestmark = pytest.mark.skipif(not browser_available(), reason="needs Debian's 
 
 @pytest.fixture(scope="module")
 def server(exported, tmp_path_factory):
-    """`python -m imgclf serve MODEL --port 0`; yields (base url, process)."""
-    log_dir = tmp_path_factory.mktemp("serve-log")
-    err = open(log_dir / "stderr.txt", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imgclf", "serve", str(exported), "--port", "0", "--max-upload-mb", "1"],
-        stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    base = None
-    deadline = time.monotonic() + 120
-    try:
-        while base is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            m = re.search(r"on (http://127\.0\.0\.1:\d+/)", line)
-            if m:
-                base = m.group(1)
-        if base is None:
-            err.flush()
-            pytest.fail(f"imgclf serve did not start: {(log_dir / 'stderr.txt').read_text()[-2000:]}")
-        import httpx
-
-        for _ in range(100):  # the line is printed just before uvicorn accepts
-            try:
-                if httpx.get(base + "healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("imgclf serve never answered /healthz with 200")
-        yield base, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        err.close()
+    """`python -m imgclf serve MODEL --port 0 --max-upload-mb 1`; yields (base url, process)."""
+    with serve_process(exported, tmp_path_factory.mktemp("serve-log"), "--max-upload-mb", "1") as running:
+        yield running
 
 
 def test_page_uploads_an_image_and_shows_the_prediction(server, exported, shapes_root, tmp_path):
@@ -79,16 +33,12 @@ def test_page_uploads_an_image_and_shows_the_prediction(server, exported, shapes
     shots.mkdir(parents=True, exist_ok=True)
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("these are notes, not a picture")
-    requests, console_errors = [], []
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = launch_chromium(p)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 820})
-            page.on("request", lambda r: requests.append(r.url))
-            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: console_errors.append(str(e)))
+            page, requests, console_errors = watched_page(browser, 1200, 820)
             page.goto(base, timeout=30_000)
             page.wait_for_selector("#model-line:has-text('circle')", timeout=30_000)
             assert "3 classes" in page.text_content("#model-line")

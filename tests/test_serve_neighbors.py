@@ -7,13 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import queue
-import re
 import shutil
-import subprocess
-import sys
 import threading
-import time
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -21,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import browser_available, launch_chromium
+from conftest import browser_available, launch_chromium, serve_process, watched_page
 from imgclf.config import layout
 from imgclf.predict.onnx_predictor import OnnxClassifier
 from imgclf.serve.app import create_app, load_serving_model
@@ -208,56 +203,19 @@ def test_models_without_an_index_say_so(without_index, served, shapes_root):
 @pytest.fixture(scope="module")
 def live_server(indexed, tmp_path_factory):
     """`python -m imgclf serve MODEL --port 0` on the indexed model; yields its base url."""
-    err = open(tmp_path_factory.mktemp("serve-neighbors-log") / "stderr.txt", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(indexed), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    base = None
-    deadline = time.monotonic() + 120
-    try:
-        while base is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                m = re.search(r"on (http://127\.0\.0\.1:\d+/)", lines.get(timeout=1))
-            except queue.Empty:
-                continue
-            base = m.group(1) if m else None
-        if base is None:
-            err.seek(0)
-            pytest.fail(f"imgclf serve did not start: {err.read()[-2000:]}")
-        import httpx
-
-        for _ in range(100):
-            try:
-                if httpx.get(base + "healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    with serve_process(indexed, tmp_path_factory.mktemp("serve-neighbors-log")) as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        err.close()
 
 
 @pytest.mark.skipif(not browser_available(), reason="needs Debian's chromium and the playwright package")
 def test_page_shows_similar_training_cases(live_server, shapes_root, tmp_path):
     image = sorted((shapes_root / "train" / "square").glob("*.jpg"))[1]
-    requests, console_errors = [], []
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = launch_chromium(p)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("request", lambda r: requests.append(r.url))
-            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: console_errors.append(str(e)))
+            page, requests, console_errors = watched_page(browser, 1200, 900)
             page.goto(live_server, timeout=30_000)
             page.wait_for_selector("#model-line:has-text('circle')", timeout=30_000)
             assert page.is_hidden("#neighbors")
