@@ -168,6 +168,40 @@ def test_resume_refuses_a_changed_split(resume_env, shapes_root, tmp_path):
     check_same_split(load_dataset(shapes_root, seed=0), full)  # the run's own data passes
 
 
+def test_resume_refuses_pictures_changed_under_the_same_names(resume_env, shapes_root, tmp_path, monkeypatch):
+    """Same names, labels and split, one training picture re-saved with other pixels: the
+    stage's checkpoint is refused (its identity holds the images' bytes), not continued."""
+    import shutil
+
+    from PIL import Image
+
+    from imgclf.data.datasets import read_split_csv
+    from imgclf.runs.train_run import train_run
+    from imgclf.train import checkpoint as checkpoint_module
+
+    base, options, _ = resume_env
+    copy = tmp_path / "shapes"
+    shutil.copytree(shapes_root, copy)
+    save = checkpoint_module.EpochCheckpoint.save
+
+    def save_then_interrupt(self, state, identity):
+        save(self, state, identity)
+        if identity["stage"] == "head" and state.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(copy, name="changed", **options)
+    monkeypatch.undo()
+    stopped = base / "runs" / "changed"
+    picture = Path(read_split_csv(stopped / layout.SPLIT)["train"][0][0])
+    assert picture.is_relative_to(copy)
+    with Image.open(picture) as im:
+        im.transpose(Image.Transpose.ROTATE_90).save(picture)
+    with pytest.raises(CheckpointMismatch, match="other images"):
+        train_run(copy, resume=str(stopped))
+
+
 def _features(seed=0, n=60, d=16, k=3):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % k

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.fileio import atomic_write_bytes
+from imgclf.fileio import atomic_write_bytes, content_hash
 
 log = logging.getLogger("imgclf")
 
@@ -129,10 +129,18 @@ def _read_header(raw: bytes) -> dict:
 
 
 class EpochCheckpoint:
-    """The checkpoint file of one training stage; ``fit_loop`` saves to it and resumes from it."""
+    """The checkpoint file of one training stage; ``fit_loop`` saves to it and resumes from it.
 
-    def __init__(self, path: str | os.PathLike):
+    ``data``: a digest of the training and validation images' bytes (:func:`images_digest`),
+    part of the identity, so a state saved on other pictures under the same names and labels
+    is refused instead of continued."""
+
+    def __init__(self, path: str | os.PathLike, data: str | None = None):
         self.path = Path(path)
+        self.data = data
+
+    def _identity(self, identity: dict) -> dict:
+        return identity if self.data is None else {**identity, "images": self.data}
 
     def save(self, state: LoopState, identity: dict) -> None:
         """Write ``state`` atomically (the previous checkpoint stays until the new one is complete)."""
@@ -151,7 +159,7 @@ class EpochCheckpoint:
             "stale": state.stale, "has_best_state": state.best_state is not None, "optimizer": optimizer, "scheduler": state.scheduler,
             "summary": state.summary, "rng": {k: v for k, v in state.rng.items() if k != "torch"},
         }
-        header = {"format": FORMAT, "identity": json.dumps(identity, sort_keys=True), "state": json.dumps(meta), "digest": _tensor_digest(tensors)}
+        header = {"format": FORMAT, "identity": json.dumps(self._identity(identity), sort_keys=True), "state": json.dumps(meta), "digest": _tensor_digest(tensors)}
         atomic_write_bytes(self.path, save(tensors, metadata=header))
 
     def load(self, identity: dict) -> LoopState | None:
@@ -175,7 +183,7 @@ class EpochCheckpoint:
         except Exception as e:  # noqa: BLE001 - any unreadable file is ignored the same way; the stage restarts
             log.warning("checkpoint %s is unreadable (%s); this stage starts again from its first epoch", self.path, str(e).splitlines()[0] if str(e) else type(e).__name__)
             return None
-        wanted = json.loads(json.dumps(identity, sort_keys=True))  # the same JSON round trip (tuples → lists)
+        wanted = json.loads(json.dumps(self._identity(identity), sort_keys=True))  # the same JSON round trip (tuples → lists)
         if saved_identity != wanted:
             diff = sorted(k for k in set(saved_identity) | set(wanted) if saved_identity.get(k) != wanted.get(k))
             raise CheckpointMismatch(f"checkpoint {self.path} was made with other {', '.join(diff)}; it cannot be resumed with these")
@@ -198,6 +206,19 @@ class EpochCheckpoint:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def images_digest(paths) -> str:
+    """Digest of the images' bytes in order (an unreadable file counts as empty), part of a
+    checkpoint's identity."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        try:
+            h.update(content_hash(p).encode())
+        except OSError:
+            pass
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def labels_digest(*labels: torch.Tensor) -> str:

@@ -33,7 +33,7 @@ from imgclf.evaluation.calibration import fit_temperature, view_mean_log_probs
 from imgclf.model.heads import head_config, with_temperature
 from imgclf.model.metadata import ModelMeta
 from imgclf.model.neighbors import NeighborIndex, choose_cases
-from imgclf.train.checkpoint import EpochCheckpoint
+from imgclf.train.checkpoint import EpochCheckpoint, images_digest
 from imgclf.train.finetune import finetune, plain_view_extraction, split_blocks, tail_features_from_cache
 from imgclf.train.loops import TrainConfig, fit_head
 
@@ -155,8 +155,11 @@ class ImageClassifier(Classifier):
                 for v in range(1, views)
             ])
         t_feat = time.perf_counter() - t0
+        # a checkpoint continues only on the same pictures: names and labels alone could hide re-exported files
+        images = images_digest([s.path for s in train + val]) if checkpoint_dir is not None else None
+
         def stage_checkpoint(stage: str) -> EpochCheckpoint | None:
-            return None if checkpoint_dir is None else EpochCheckpoint(Path(checkpoint_dir) / layout.CHECKPOINT.format(stage=stage))
+            return None if checkpoint_dir is None else EpochCheckpoint(Path(checkpoint_dir) / layout.CHECKPOINT.format(stage=stage), data=images)
 
         # under torchrun rank 0 trains and every rank takes its head: identical everywhere, whatever the CPUs
         trained = fit_head(xt, yt, xv, yv, n_classes, self.train_config, on_epoch=on_epoch, checkpoint=stage_checkpoint("head")) if distributed.is_main() else None
