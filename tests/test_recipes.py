@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +169,42 @@ def test_tta_is_deterministic_and_averages_views(trained_run, shapes_root):
     np.testing.assert_array_equal(t1, t2)
     assert not np.allclose(t1, plain) and np.allclose(t1.sum(1), 1)
     assert [v.name if v else "identity" for v in tta_views("flips")] == ["identity", "hflip", "vflip", "rot180"]
+
+
+def test_tta_auto_chooses_on_validation_and_the_threshold_follows_the_views(tmp_path, caplog, monkeypatch):
+    from conftest import make_shapes_dataset
+    from imgclf.data.augment import TTA_PRESETS
+
+    caplog.set_level(logging.INFO, logger="imgclf")
+    root = make_shapes_dataset(tmp_path / "bin", {"train": 10, "validation": 6, "test": 4}, classes=("circle", "square"))
+    clf = ImageClassifier(recipe="fast", tta="auto", epochs=5, cache_dir=tmp_path / "c").fit(root)
+    assert clf.tta in TTA_PRESETS and clf.meta_.tta == clf.tta == clf.fit_summary_["tta"]
+    assert any(r.getMessage().startswith("tta auto: validation log loss none ") for r in caplog.records)
+    # the threshold is chosen on what the model outputs: its views averaged, after the temperature
+    val = clf.dataset_.samples["validation"]
+    p = clf.predict_proba([s.path for s in val])[:, 1]
+    assert clf.threshold_ == pytest.approx(choose_threshold(np.array([s.label for s in val]), p, clf.settings.threshold_policy), abs=1e-6)
+
+    # the rule, on constructed validation logits (views in TTA_PRESETS["d4"] order): the fewest views within the margin of the best
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 1000)
+    signal = np.where(y == 1, 0.5, -0.5)[None, :, None] * np.array([-1.0, 1.0])
+
+    def choose(logits):
+        monkeypatch.setattr(clf, "_validation_logits", lambda *a: logits)
+        name, chosen = clf._choose_tta([], [], np.zeros((len(y), 1)), y)
+        assert chosen.shape == (len(TTA_PRESETS[name]), len(y), 2)
+        return name
+
+    same = np.repeat(signal + rng.normal(0, 1, (1, len(y), 2)), 8, axis=0)
+    assert choose(same) == "none"  # views that add nothing cost nothing
+    names = TTA_PRESETS["d4"]
+    noisy = signal + rng.normal(0, 1, (len(names), len(y), 2))
+    assert choose(noisy) == "d4"  # independent errors: every view pays
+    flips = noisy.copy()
+    flips[names.index("rot90")], flips[names.index("rot270")] = noisy[names.index("hflip")], noisy[names.index("vflip")]
+    # the quarter turns repeat two flips: d4 weighs those twice, no better than flips; the cheaper is kept
+    assert choose(flips) == "flips"
 
 
 def test_finetune_flags_switch_stage_two_on_under_fast():

@@ -24,7 +24,7 @@ from imgclf.backbones.specs import BackboneSpec, Preprocessing, get_backbone_spe
 from imgclf.config import layout
 from imgclf.config.recipes import default_unfreeze, make_settings
 from imgclf.config.settings import RUNTIME_FIELDS, TRAIN_FIELDS, SettingError, TrainSettings, make_runtime
-from imgclf.data.augment import AugmentedView, build_augment, tta_views
+from imgclf.data.augment import TTA_PRESETS, AugmentedView, FixedView, build_augment
 from imgclf.data.datasets import Dataset, load_dataset, with_validation_folder
 from imgclf.engines.runner import BackboneRunner
 from imgclf.evaluation.thresholds import choose_threshold, parse_policy
@@ -38,6 +38,9 @@ from imgclf.train.finetune import finetune, plain_view_extraction, split_blocks,
 from imgclf.train.loops import TrainConfig, fit_head
 
 log = logging.getLogger("imgclf")
+
+TTA_AUTO_CANDIDATES = ("none", "flips", "d4")  # tta auto's choices, cheapest first (each a superset of the one before)
+TTA_AUTO_MARGIN = 0.005  # validation log loss (nats) a costlier preset must gain to be chosen
 
 
 class ImageClassifier(Classifier):
@@ -59,7 +62,9 @@ class ImageClassifier(Classifier):
             settings = make_settings(recipe, backbone=backbone, weights=weights, **options)
         elif backbone or weights or recipe or options:
             raise SettingError("pass either settings=... or individual settings, not both")
-        super().__init__(settings.backbone, settings.weights, tta=settings.tta, seed=settings.seed, **runtime.to_dict())
+        # tta auto is decided by fit() on validation; until then the model averages no views
+        super().__init__(settings.backbone, settings.weights, tta="none" if settings.tta == "auto" else settings.tta, seed=settings.seed,
+                         **runtime.to_dict())
         self._use_settings(settings)
 
     def _use_settings(self, settings: TrainSettings) -> None:
@@ -185,12 +190,19 @@ class ImageClassifier(Classifier):
         self.head_ = head.eval()
         self.history_ = history
 
-        decides_on_validation = st.calibration != "none" or (n_classes == 2 and parse_policy(st.threshold_policy)[0] != "fixed")
+        threshold_on_validation = n_classes == 2 and parse_policy(st.threshold_policy)[0] != "fixed"
+        decides_on_validation = st.calibration != "none" or threshold_on_validation or st.tta == "auto"
         if self._tuned is not None and decides_on_validation:  # the backbone changed: validation features too
             xv, yv, ok_v, _ = self._split_features(val, "validation features")
-        self.temperature_ = self._calibrate([str(s.path) for s in val], ok_v, xv, yv) if st.calibration == "temperature" else None
+        # test-time views, temperature and threshold, in that order, on what the model will output
+        val_paths = [str(s.path) for s in val]
+        if st.tta == "auto":
+            self.tta, logits = self._choose_tta(val_paths, ok_v, xv, yv)
+        else:
+            logits = self._validation_logits(val_paths, ok_v, xv, TTA_PRESETS[self.tta]) if decides_on_validation and len(yv) else None
+        self.temperature_ = self._calibrate(logits, yv) if st.calibration == "temperature" else None
         if n_classes == 2:  # on the calibrated probabilities
-            self.threshold_ = self._choose_threshold(xv, yv)
+            self.threshold_ = self._choose_threshold(logits, yv)
         stage2 = summaries[1] if len(summaries) > 1 else None
         self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain, stage2, unfreeze) if st.neighbors else None
         self.fit_summary_ = {
@@ -200,6 +212,7 @@ class ImageClassifier(Classifier):
             "monitor": summaries[-1]["monitor"],
             "threshold": self.threshold_,
             "temperature": self.temperature_,
+            "tta": self.tta,
             "feature_seconds": round(t_feat, 3),
             "fit_seconds": round(time.perf_counter() - t0, 3),
         }
@@ -241,36 +254,65 @@ class ImageClassifier(Classifier):
         dim = self.backbone_runner().spec.feature_dim
         return (np.stack([rows[i] for i in ok_all]) if ok_all else np.zeros((0, dim), np.float32)), ok_all
 
-    def _calibrate(self, paths: list[str], ok: list[int], x: np.ndarray, y: np.ndarray) -> float | None:
-        """Fit the temperature on the validation images (``paths``, readable ``ok`` with plain-view
-        features ``x``, labels ``y``) for what the model outputs: with test-time views, their
-        averaged probabilities. The head then ends in it."""
+    def _validation_logits(self, paths: list[str], ok: list[int], x: np.ndarray, views: tuple[str, ...]) -> np.ndarray:
+        """(V, n, C) float64 logits of the head (as it is now) for the named test-time ``views`` of the
+        validation images (``paths``, readable ``ok`` with plain-view features ``x``)."""
         import torch
 
-        if len(y) == 0:
-            log.warning("no validation images: probabilities left uncalibrated (calibration temperature needs a validation split)")
-            return None
-        views = [x] + [self._aligned_view(paths, ok, x, view, f"validation features ({view.name})") for view in tta_views(self.tta)[1:]]
+        feats = [x if name == "identity" else self._aligned_view(paths, ok, x, FixedView(name), f"validation features ({name})")
+                 for name in views]
         self.head_.eval()
         with torch.no_grad():  # raw logits in float64: log(float32 softmax) saturates and would bias T
-            logits = np.stack([self.head_(torch.from_numpy(v)).double().numpy() for v in views])
+            return np.stack([self.head_(torch.from_numpy(f)).double().numpy() for f in feats])
+
+    def _choose_tta(self, paths: list[str], ok: list[int], x: np.ndarray, y: np.ndarray) -> tuple[str, np.ndarray | None]:
+        """``tta auto``: each preset's validation log loss after its own temperature (or raw, with
+        ``calibration none``); the fewest views within ``TTA_AUTO_MARGIN`` of the best. Test-time
+        views multiply the cost of every prediction, so a costlier preset must earn its place.
+        Returns the preset and its validation logits (None without validation images)."""
+        if len(y) == 0:
+            log.warning("tta auto: no validation images to choose on; the model averages no test-time views")
+            return "none", None
+        every = TTA_PRESETS[TTA_AUTO_CANDIDATES[-1]]
+        logits = self._validation_logits(paths, ok, x, every)
+        rows = np.arange(len(y))
+        losses = {}
+        for name in TTA_AUTO_CANDIDATES:
+            z = logits[[every.index(v) for v in TTA_PRESETS[name]]]
+            t = fit_temperature(z, y) if self.settings.calibration == "temperature" else 1.0
+            losses[name] = float(-view_mean_log_probs(z, t)[rows, y].mean())
+        best = min(losses.values())
+        chosen = next(name for name in TTA_AUTO_CANDIDATES if losses[name] <= best + TTA_AUTO_MARGIN)
+        log.info("tta auto: validation log loss %s on %d images -> %s (%d view%s per prediction)",
+                 ", ".join(f"{n} {v:.4f}" for n, v in losses.items()), len(y), chosen, len(TTA_PRESETS[chosen]),
+                 "s" if len(TTA_PRESETS[chosen]) > 1 else "")
+        return chosen, logits[[every.index(v) for v in TTA_PRESETS[chosen]]]
+
+    def _calibrate(self, logits: np.ndarray | None, y: np.ndarray) -> float | None:
+        """Fit the temperature on the validation logits (V views, n, C) of what the model outputs:
+        with test-time views, their averaged probabilities. The head then ends in it."""
+        if logits is None or len(y) == 0:
+            log.warning("no validation images: probabilities left uncalibrated (calibration temperature needs a validation split)")
+            return None
         t = fit_temperature(logits, y)
         rows = np.arange(len(y))
         before, after = (float(-view_mean_log_probs(logits, temp)[rows, y].mean()) for temp in (1.0, t))
         self.head_ = with_temperature(self.head_, t).eval()
         log.info("calibration: temperature %.3f fitted on %d validation images%s (validation log loss %.4f -> %.4f)",
-                 t, len(y), f", {len(views)} test-time views averaged" if len(views) > 1 else "", before, after)
+                 t, len(y), f", {len(logits)} test-time views averaged" if len(logits) > 1 else "", before, after)
         return t
 
-    def _choose_threshold(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Binary decision threshold from validation features ``x`` and labels ``y``."""
+    def _choose_threshold(self, logits: np.ndarray | None, y: np.ndarray) -> float:
+        """Binary decision threshold on the validation probabilities the model outputs (its
+        test-time views averaged, after the temperature), from their logits (V, n, 2)."""
         policy = self.settings.threshold_policy
         if parse_policy(policy)[0] == "fixed":
             return choose_threshold([], [], policy)
-        if len(set(y.tolist())) < 2:
+        if logits is None or len(set(y.tolist())) < 2:
             log.warning("validation split lacks a class: threshold policy %s not applicable, using 0.5", policy)
             return 0.5
-        t = choose_threshold(y, self._proba_from_features(x)[:, 1], policy)
+        p = np.exp(view_mean_log_probs(logits, self.temperature_ or 1.0))[:, 1]
+        t = choose_threshold(y, p, policy)
         log.info("decision threshold %.4f on P(%s), chosen on validation by %s", t, self.class_names_[1], policy)
         return t
 
