@@ -5,7 +5,8 @@ time includes extraction; peak memory is that process's max RSS. The seed also s
 validation carve and the training order, so several seeds (``--seeds 0 1 2``) show how
 much of a difference between recipes is noise; a mean row per recipe follows. Column
 ``stage2`` says whether fine-tuning replaced the frozen model (``kept frozen`` when it did
-not beat it on validation). ``--data`` is a dataset folder or a manifest CSV (``path,label,split``,
+not beat it on validation); ``val_monitor`` is the kept model's temperature-calibrated
+validation log loss (stage 2's monitor; the same validation images for every recipe of a seed). ``--data`` is a dataset folder or a manifest CSV (``path,label,split``,
 e.g. ``../shared/data/isic8/binary.csv``). ``--variant NAME='ARGS'`` adds a run labelled NAME with
 those ``imgclf train`` arguments (e.g. ``--variant "unfreeze3=--recipe finetune --unfreeze 3"``).
 Prints a Markdown table (and JSON with --out). Usage:
@@ -49,7 +50,12 @@ def run_recipe(data: Path, recipe: str, backbone: str, seed: int, extra: list[st
         return row
     row["seed"] = seed
     m = json.loads((project / recipe / "test_metrics.json").read_text())
-    stages = json.loads((project / recipe / "config.json").read_text()).get("fit_summary", {}).get("stages", [])
+    summary = json.loads((project / recipe / "config.json").read_text()).get("fit_summary", {})
+    stages = summary.get("stages", [])
+    if stages and stages[-1].get("monitor") == "val_calibrated_loss":  # the kept model's, comparable across variants of one seed
+        row["val_monitor"] = stages[-1].get("best_monitor")
+    if summary.get("tta"):
+        row["tta"] = summary["tta"]
     if len(stages) > 1:
         s2 = stages[1]
         row["stage2"] = "kept frozen" if s2.get("kept_start") else f"tuned (epoch {s2.get('best_epoch')})"
@@ -84,7 +90,8 @@ def main() -> int:
             for r, extra in runs:
                 rows.append(run_recipe(Path(args.data), r, args.backbone, seed, extra, Path(tmp)))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    metrics = ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "ece", "sensitivity", "specificity", "wall_s", "peak_rss_mb"]
+    metrics = ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "ece", "sensitivity", "specificity", "val_monitor", "wall_s",
+               "peak_rss_mb"]
     if len(args.seeds) > 1:
         for r, _ in runs:
             ok = [x for x in rows if x["recipe"] == r and x["rc"] == 0]
@@ -98,7 +105,7 @@ def main() -> int:
                 if tuned:
                     mean["stage2"] = f"tuned in {sum(x['stage2'].startswith('tuned') for x in tuned)}/{len(tuned)}"
                 rows.append(mean)
-    cols = ["recipe", "seed", *metrics[:8], "stage2", "stage2_img_s", "wall_s", "peak_rss_mb"]
+    cols = ["recipe", "seed", *metrics[:9], "tta", "stage2", "stage2_img_s", "wall_s", "peak_rss_mb"]
     cols = [c for c in cols if any(c in r for r in rows)]
     print(f"dataset: {args.data}  backbone: {args.backbone}  seeds: {' '.join(map(str, args.seeds))}\n")
     print("| " + " | ".join(cols) + " |")
