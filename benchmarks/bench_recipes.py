@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flowers12"))
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--recipes", nargs="+", default=["seed", "fast", "finetune"])
+    ap.add_argument("--recipes", nargs="*", default=["seed", "fast", "finetune"], help="named recipes to run (none: only the --variant runs)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help="also run NAME with these imgclf train arguments (repeatable)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
