@@ -8,6 +8,7 @@ per-image and per-epoch tables, the report. The CLI's ``train`` and ``demo`` cal
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -148,6 +149,19 @@ def _cross_validate(ds, cv_plan, settings, runtime, run_dir: Path, bootstrap: in
     echo(cv_table)
 
 
+def _resolve_options(root: Path, resume_dir, settings, run, runtime, options: dict, run_given: dict, runtime_given: dict):
+    """(resume folder, its recorded config or None, settings, run options, runtime options): what
+    was given, or with ``--resume`` the run folder's recorded values (flags may only repeat them);
+    a torchrun job restarted by ``--max-restarts`` continues its own run."""
+    if run is None and distributed.current() is not None:
+        run_given, resume_dir = _torchrun_run(root, resume_dir, settings, runtime, options, run_given, runtime_given)
+    recorded = None
+    if resume_dir:
+        recorded = resumable_config(resume_dir, root)
+        settings, run, runtime = resumed_options(recorded, resume_dir, settings, run, runtime, options, run_given, runtime_given)
+    return resume_dir, recorded, settings or make_settings(**options), run or make_run_options(**run_given), runtime or make_runtime(**runtime_given)
+
+
 def train_run(
     data: str | os.PathLike | None = None,
     settings: TrainSettings | None = None,
@@ -175,17 +189,9 @@ def train_run(
     manifest = run.manifest if run is not None else run_given.get("manifest")
     root = _dataset_root(data, manifest)
 
-    def resolve(resume_dir=resume_dir, settings=settings, run=run, runtime=runtime, run_given=run_given):
-        if run is None and distributed.current() is not None:  # a torchrun job restarted by --max-restarts continues its run
-            run_given, resume_dir = _torchrun_run(root, resume_dir, settings, runtime, options, run_given, runtime_given)
-        recorded = None
-        if resume_dir:  # the run folder's recorded settings are this run's
-            recorded = resumable_config(resume_dir, root)
-            settings, run, runtime = resumed_options(recorded, resume_dir, settings, run, runtime, options, run_given, runtime_given)
-        return resume_dir, recorded, settings or make_settings(**options), run or make_run_options(**run_given), runtime or make_runtime(**runtime_given)
-
     # under torchrun rank 0 alone reads the run folder; every rank gets its decision
-    resume_dir, recorded, settings, run, runtime = distributed.main_decides(resolve)
+    resume_dir, recorded, settings, run, runtime = distributed.main_decides(functools.partial(
+        _resolve_options, root, resume_dir, settings, run, runtime, options, run_given, runtime_given))
     cache_dir = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
     if is_within(Path(run.project), root):
         raise ValueError(f"project {run.project} is inside the dataset {root}{' (the manifest folder)' if manifest else ''}; imgclf never writes into the dataset folder")
