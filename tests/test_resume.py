@@ -57,6 +57,25 @@ def resume_env(shapes_root, tmp_path_factory):
     return base, options, full
 
 
+def _stopped_in_stage_one(data, name: str, options: dict, monkeypatch, after_epoch: int) -> Path:
+    """A run on ``data`` interrupted right after stage 1 saved epoch ``after_epoch``; its folder."""
+    from imgclf.runs.train_run import train_run
+    from imgclf.train import checkpoint as checkpoint_module
+
+    save = checkpoint_module.EpochCheckpoint.save
+
+    def save_then_interrupt(self, state, identity):
+        save(self, state, identity)
+        if identity["stage"] == "head" and state.epoch == after_epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(data, name=name, **options)
+    monkeypatch.undo()
+    return Path(options["project"]) / name
+
+
 def test_sigkill_during_stage_two_then_resume_gives_the_same_model(resume_env, shapes_root, monkeypatch):
     import imgclf.model.classifier as model_classifier
     import imgclf.train.finetune as finetune_module
@@ -116,21 +135,9 @@ def test_sigkill_during_stage_two_then_resume_gives_the_same_model(resume_env, s
 def test_failed_stage_one_resumes_and_refusals_are_one_line(resume_env, shapes_root, monkeypatch, capsys):
     from imgclf.cli.main import main
     from imgclf.runs.train_run import train_run
-    from imgclf.train import checkpoint as checkpoint_module
 
     base, options, full = resume_env
-    save = checkpoint_module.EpochCheckpoint.save
-
-    def save_then_interrupt(self, state, identity):
-        save(self, state, identity)
-        if identity["stage"] == "head" and state.epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(shapes_root, name="stopped", **options)
-    monkeypatch.undo()
-    stopped = base / "runs" / "stopped"
+    stopped = _stopped_in_stage_one(shapes_root, "stopped", options, monkeypatch, after_epoch=2)
     assert json.loads((stopped / layout.STATUS).read_text())["status"] == "failed"
 
     # refused, each with one line and before any work: other settings, other data
@@ -177,23 +184,11 @@ def test_resume_refuses_pictures_changed_under_the_same_names(resume_env, shapes
 
     from imgclf.data.datasets import read_split_csv
     from imgclf.runs.train_run import train_run
-    from imgclf.train import checkpoint as checkpoint_module
 
-    base, options, _ = resume_env
+    _, options, _ = resume_env
     copy = tmp_path / "shapes"
     shutil.copytree(shapes_root, copy)
-    save = checkpoint_module.EpochCheckpoint.save
-
-    def save_then_interrupt(self, state, identity):
-        save(self, state, identity)
-        if identity["stage"] == "head" and state.epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(copy, name="changed", **options)
-    monkeypatch.undo()
-    stopped = base / "runs" / "changed"
+    stopped = _stopped_in_stage_one(copy, "changed", options, monkeypatch, after_epoch=1)
     picture = Path(read_split_csv(stopped / layout.SPLIT)["train"][0][0])
     assert picture.is_relative_to(copy)
     with Image.open(picture) as im:
