@@ -182,8 +182,10 @@ def test_tta_auto_chooses_on_validation_and_the_threshold_follows_the_views(tmp_
     assert any(r.getMessage().startswith("tta auto: validation log loss none ") for r in caplog.records)
     # the threshold is chosen on what the model outputs: its views averaged, after the temperature
     val = clf.dataset_.samples["validation"]
-    p = clf.predict_proba([s.path for s in val])[:, 1]
-    assert clf.threshold_ == pytest.approx(choose_threshold(np.array([s.label for s in val]), p, clf.settings.threshold_policy), abs=1e-6)
+    y_val = np.array([s.label for s in val])
+    for model in (clf, ImageClassifier(recipe="fast", tta="flips", epochs=5, cache_dir=tmp_path / "c").fit(root)):
+        p = model.predict_proba([s.path for s in val])[:, 1]
+        assert model.threshold_ == pytest.approx(choose_threshold(y_val, p, model.settings.threshold_policy), abs=1e-6)
 
     # the rule, on constructed validation logits (views in TTA_PRESETS["d4"] order): the fewest views within the margin of the best
     rng = np.random.default_rng(0)
