@@ -270,6 +270,31 @@ def test_early_stop_is_not_undone_by_a_resume(tmp_path):
     assert seen == [] and hist == ref_hist
 
 
+def test_checkpoint_identity_holds_the_images_digest(tmp_path, caplog):
+    """Other pictures: refused. A checkpoint from before the digest: resumed, with a warning."""
+    from imgclf.train.loops import TrainConfig, fit_head
+
+    xt, yt = _features(0)
+    xv, yv = _features(1, n=30)
+    cfg = TrainConfig(epochs=6, patience=0, lr=0.05)
+
+    def stop_at_3(row):
+        if row["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    for saved_with in ("digest-a", None):
+        path = tmp_path / f"{saved_with}.safetensors"
+        with pytest.raises(KeyboardInterrupt):
+            fit_head(xt, yt, xv, yv, 3, cfg, on_epoch=stop_at_3, checkpoint=EpochCheckpoint(path, data=saved_with))
+        if saved_with is not None:
+            with pytest.raises(CheckpointMismatch, match="other images"):
+                fit_head(xt, yt, xv, yv, 3, cfg, checkpoint=EpochCheckpoint(path, data="digest-b"))
+        else:
+            seen = []
+            fit_head(xt, yt, xv, yv, 3, cfg, on_epoch=lambda r: seen.append(r["epoch"]), checkpoint=EpochCheckpoint(path, data="digest-b"))
+            assert seen == [4, 5, 6] and any("predates the images' digest" in r.getMessage() for r in caplog.records)
+
+
 def test_prefix_cache_detects_corruption(tmp_path, caplog):
     from imgclf.train.finetune import PrefixCache
 

@@ -184,6 +184,9 @@ class EpochCheckpoint:
             log.warning("checkpoint %s is unreadable (%s); this stage starts again from its first epoch", self.path, str(e).splitlines()[0] if str(e) else type(e).__name__)
             return None
         wanted = json.loads(json.dumps(self._identity(identity), sort_keys=True))  # the same JSON round trip (tuples → lists)
+        if "images" in wanted and "images" not in saved_identity:  # written before checkpoints held the images' digest
+            log.warning("checkpoint %s predates the images' digest in checkpoints: resumed without checking that the pictures are the same", self.path)
+            wanted.pop("images")
         if saved_identity != wanted:
             diff = sorted(k for k in set(saved_identity) | set(wanted) if saved_identity.get(k) != wanted.get(k))
             raise CheckpointMismatch(f"checkpoint {self.path} was made with other {', '.join(diff)}; it cannot be resumed with these")
