@@ -101,7 +101,7 @@ def run(data: Path, seed: int, work: Path) -> list[dict]:
         r = score(lv[idx], yv, lt[idx], yt, clf.class_names_, st.threshold_policy, clean)
         rows.append({"data": data.name, "seed": seed, "tta": cand, "tuned": tuned, "fit_s": round(fit_s, 1),
                      "extra_view_s_per_image": round(sum(stt[v] for v in views[1:]) / max(len(yt), 1), 4), **r})
-    from imgclf.train.classifier import TTA_AUTO_CANDIDATES, TTA_AUTO_MARGIN
+    from imgclf.config.settings import TTA_AUTO_CANDIDATES, TTA_AUTO_MARGIN
 
     loss = {r["tta"]: r["val_log_loss"] for r in rows if r["tta"] in TTA_AUTO_CANDIDATES}  # the rule of --tta auto
     pick = next(n for n in TTA_AUTO_CANDIDATES if loss[n] <= min(loss.values()) + TTA_AUTO_MARGIN)

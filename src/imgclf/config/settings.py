@@ -29,6 +29,8 @@ TAIL_BN_MODES = ("frozen", "train")
 AUGMENT_PRESETS = ("none", "light", "strong")
 TTA_PRESETS = ("none", "flips", "d4")
 TTA_CHOICES = ("auto", *TTA_PRESETS)  # training: auto = one preset chosen on validation and stored
+TTA_AUTO_CANDIDATES = TTA_PRESETS  # what tta auto chooses among, cheapest first (each view set contains the one before)
+TTA_AUTO_MARGIN = 0.005  # validation log loss (nats) a costlier preset must gain to be chosen
 CALIBRATIONS = ("temperature", "none")
 ENGINES = ("auto", "openvino", "onnxruntime", "torch")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -140,7 +142,7 @@ class TrainSettings(Declared):
     feature_views: int = setting(1, "frozen stage: cached augmented views per training image", ge=1, group="augmentation")
     # decision
     threshold_policy: str = setting("youden", "binary: youden | balanced | sensitivity:S | fixed:T, chosen on validation and stored in the model", check=_check_policy, group="decision")
-    tta: str = setting("none", "test-time augmentation stored with the model: average probabilities over flips/rotations (flips: 4 views; d4: 6, flips and quarter turns); auto = chosen on the validation split: the fewest views whose calibrated validation log loss is within 0.005 of the best of none/flips/d4", choices=TTA_CHOICES, group="decision")
+    tta: str = setting("none", f"test-time augmentation stored with the model: average probabilities over flips/rotations (flips: 4 views; d4: 6, flips and quarter turns); auto = chosen on the validation split: the fewest views whose calibrated validation log loss is within {TTA_AUTO_MARGIN} of the best of {'/'.join(TTA_AUTO_CANDIDATES)}", choices=TTA_CHOICES, group="decision")
     calibration: str = setting("temperature", "post-hoc probability calibration of the final model on the validation split: temperature = one T dividing the logits (bounded, shrunk towards 1 when validation is small or has no mistakes), stored in the model; none = the trained head's probabilities", choices=CALIBRATIONS, group="decision")
     # similar cases (imgclf.model.neighbors)
     neighbors: bool = setting(True, "store a similar-cases index with the model: each training image's features (float16), label, path and a small JPEG thumbnail, for predict --neighbors K and the report's nearest training cases (--no-neighbors: none)", group="similar cases")

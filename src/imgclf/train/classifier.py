@@ -23,7 +23,7 @@ from imgclf.backbones.blocks import BlocksUnknownError
 from imgclf.backbones.specs import BackboneSpec, Preprocessing, get_backbone_spec
 from imgclf.config import layout
 from imgclf.config.recipes import default_unfreeze, make_settings
-from imgclf.config.settings import RUNTIME_FIELDS, TRAIN_FIELDS, SettingError, TrainSettings, make_runtime
+from imgclf.config.settings import RUNTIME_FIELDS, TRAIN_FIELDS, TTA_AUTO_CANDIDATES, TTA_AUTO_MARGIN, SettingError, TrainSettings, make_runtime
 from imgclf.data.augment import TTA_PRESETS, AugmentedView, FixedView, build_augment
 from imgclf.data.datasets import Dataset, load_dataset, with_validation_folder
 from imgclf.engines.runner import BackboneRunner
@@ -38,9 +38,6 @@ from imgclf.train.finetune import finetune, plain_view_extraction, split_blocks,
 from imgclf.train.loops import TrainConfig, fit_head
 
 log = logging.getLogger("imgclf")
-
-TTA_AUTO_CANDIDATES = ("none", "flips", "d4")  # tta auto's choices, cheapest first (each a superset of the one before)
-TTA_AUTO_MARGIN = 0.005  # validation log loss (nats) a costlier preset must gain to be chosen
 
 
 class ImageClassifier(Classifier):
