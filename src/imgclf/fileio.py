@@ -138,6 +138,14 @@ def content_hash(path: str | os.PathLike) -> str:
     return _digest(path, hashlib.blake2b(digest_size=20))
 
 
+def content_hash_or_empty(path: str | os.PathLike) -> str:
+    """:func:`content_hash`, or "" for a file that cannot be read (its decode reports it)."""
+    try:
+        return content_hash(path)
+    except OSError:
+        return ""
+
+
 def default_cache_dir() -> Path:
     """Feature cache, backbone and export cache: $IMGCLF_CACHE_DIR, else the XDG cache."""
     env = os.environ.get("IMGCLF_CACHE_DIR")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.fileio import atomic_write_bytes, content_hash
+from imgclf.fileio import atomic_write_bytes, content_hash_or_empty
 
 log = logging.getLogger("imgclf")
 
@@ -216,11 +216,7 @@ def images_digest(paths) -> str:
     checkpoint's identity."""
     h = hashlib.blake2b(digest_size=16)
     for p in paths:
-        try:
-            h.update(content_hash(p).encode())
-        except OSError:
-            pass
-        h.update(b"|")
+        h.update(content_hash_or_empty(p).encode() + b"|")
     return h.hexdigest()
 
 

@@ -39,7 +39,7 @@ from imgclf.data.augment import AugmentConfig, AugmentedView
 from imgclf.backbones.blocks import backbone_blocks
 from imgclf.engines.cache import ChecksummedFileCache, cache_key
 from imgclf.engines.runtimes import cuda_autocast_dtype
-from imgclf.fileio import content_hash
+from imgclf.fileio import content_hash_or_empty
 from imgclf.data.preprocess import decode_array as _decode
 from imgclf.data.preprocess import decoded_batches
 from imgclf.train.checkpoint import EpochCheckpoint
@@ -238,7 +238,7 @@ def tail_features_from_cache(runner, unfreeze: int, paths: list[str], cache_dir:
     found: list[int] = []
     acts: list[torch.Tensor] = []
     for i, p in enumerate(paths):
-        h = _safe_hash(p)
+        h = content_hash_or_empty(p)
         a = cache.get(h) if h else None
         if a is not None:
             found.append(i)
@@ -279,13 +279,6 @@ def compute_prefix(engine, paths: list[str], prep, transform, hashes: list[str] 
     if cache is not None:
         cache.hits += len(found)
     return (torch.stack([found[i] if i in found else computed[i] for i in ok]) if ok else None), ok, errors
-
-
-def _safe_hash(path: str) -> str:
-    try:
-        return content_hash(path)
-    except OSError:  # unreadable: its decode fails and reports it
-        return ""
 
 
 class ShardedTail:
@@ -500,8 +493,8 @@ def finetune(
     hashes = val_hashes = None
     if views > 1 or cache_dir is not None:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            hashes = list(pool.map(_safe_hash, local_train))
-            val_hashes = list(pool.map(_safe_hash, local_val)) if cache_dir is not None else None
+            hashes = list(pool.map(content_hash_or_empty, local_train))
+            val_hashes = list(pool.map(content_hash_or_empty, local_val)) if cache_dir is not None else None
     plain, keep, _ = compute_prefix(engine, local_train, prep, None, hashes, cache=disk_cache())
     plain = empty if plain is None else plain
     train_views = [plain]
