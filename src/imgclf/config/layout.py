@@ -15,7 +15,7 @@ SPLIT = "split.csv"  # split, class, path of every image used
 EPOCH_METRICS = "metrics.csv"  # one row per epoch and stage
 TEST_METRICS = "test_metrics.json"  # metrics on the test split (schema: imgclf.evaluation.metrics)
 TEST_PREDICTIONS = "test_predictions.csv"  # per test image: path, true, predicted, probabilities
-CHECKPOINT = "checkpoint-{stage}.safetensors"  # per training stage (head, finetune): state after the last complete epoch, for --resume; removed when the run completes
+CHECKPOINT = "checkpoint-{stage}.safetensors"  # per training stage (head, head2…, finetune): state after the last complete epoch, for --resume; removed when the run completes
 SKIPPED = "skipped.csv"  # unreadable files and why
 LOG = "train.log"
 REPORT = "report.html"
@@ -27,3 +27,8 @@ ONNX = "model.onnx"  # default export target inside a run folder
 
 # what a run folder holds, which no command may overwrite from outside (e.g. an --out)
 RUN_FILES = frozenset({MODEL_META, MODEL_TENSORS, NEIGHBORS_TENSORS, NEIGHBORS_META, STATUS, CONFIG, SPLIT, EPOCH_METRICS, TEST_METRICS, TEST_PREDICTIONS, SKIPPED, LOG, REPORT, ONNX, CV_FOLDS, CV_PREDICTIONS, CV_SUMMARY})
+
+
+def head_checkpoint_stage(member: int) -> str:
+    """CHECKPOINT's stage name of stage-1 head ``member`` (0-based; --heads trains several): head, head2, head3, …"""
+    return "head" if member == 0 else f"head{member + 1}"

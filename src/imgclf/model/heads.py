@@ -18,12 +18,13 @@ normalised sigmoids.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
-from imgclf.config.settings import HEAD_KINDS
+from imgclf.config.settings import HEAD_KINDS, MAX_HEADS
 
 
 
@@ -64,6 +65,33 @@ class LogitTemperature(nn.Module):
         return x / self.temperature
 
 
+class HeadMembers(nn.ModuleList):
+    """Several heads on the same features, one output: the log of their mean probability.
+
+    ``softmax`` of that output is the members' averaged probabilities, so every consumer of
+    a head (loss, temperature, threshold, export, Grad-CAM) treats the ensemble as one head.
+    Averaging probabilities of heads trained from different seeds lowers the variance a
+    single small head has on a few hundred images (benchmarks/README.md, "Several heads").
+    """
+
+    def forward(self, x):
+        log_probs = torch.stack([torch.log_softmax(member(x), dim=1) for member in self], 0)
+        return torch.logsumexp(log_probs, 0) - math.log(len(self))
+
+
+def ensemble_head(members: list[nn.Sequential]) -> nn.Sequential:
+    """One head whose output averages ``members``' probabilities (a single member is returned as is)."""
+    if len(members) == 1:
+        return members[0]
+    return nn.Sequential(OrderedDict([("members", HeadMembers(members))]))
+
+
+def head_members(head: nn.Sequential) -> int:
+    """How many heads ``head`` averages (1 for a plain head)."""
+    members = getattr(head, "members", None)
+    return len(members) if isinstance(members, HeadMembers) else 1
+
+
 def with_temperature(head: nn.Sequential, temperature: float) -> nn.Sequential:
     """``head`` followed by a :class:`LogitTemperature` of ``temperature`` (replacing one it has)."""
     layers = [(name, m) for name, m in head.named_children() if name != "temperature"]
@@ -76,8 +104,15 @@ def head_temperature(head: nn.Sequential) -> float | None:
     return float(layer.temperature) if isinstance(layer, LogitTemperature) else None
 
 
-def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5, temperature: bool = False) -> nn.Sequential:
-    """Stable layer names (``norm``, ``fc1``, ``fc2`` / ``fc``, ``temperature``) so saved weights map 1:1."""
+def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5, temperature: bool = False,
+               members: int = 1) -> nn.Sequential:
+    """Stable layer names (``norm``, ``fc1``, ``fc2`` / ``fc``, ``temperature``; ``members.K.*`` for an
+    ensemble of ``members`` heads) so saved weights map 1:1."""
+    if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= MAX_HEADS:
+        raise ValueError(f"head members must be an integer from 1 to {MAX_HEADS}, got {members!r}")
+    if members > 1:
+        head = ensemble_head([build_head(kind, in_dim, n_classes, hidden=hidden, dropout=dropout) for _ in range(members)])
+        return with_temperature(head, 1.0) if temperature else head
     if n_classes < 2:
         raise ValueError("a classifier needs at least 2 classes")
     if kind == "recipe":
@@ -105,13 +140,17 @@ def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dro
     return nn.Sequential(OrderedDict(layers))
 
 
-def head_config(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5, temperature: float | None = None) -> dict:
+def head_config(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5, temperature: float | None = None,
+                members: int = 1) -> dict:
     """The head's architecture as model.json records it; ``temperature``: the calibration layer that
-    ends it (its value, for readers of model.json; the tensor in model.safetensors is what computes)."""
+    ends it (its value, for readers of model.json; the tensor in model.safetensors is what computes);
+    ``members``: heads averaged (recorded only for an ensemble, so single-head bundles read as before)."""
     cfg = {"kind": kind, "in_dim": in_dim, "n_classes": n_classes, "hidden": hidden, "dropout": dropout}
+    if members > 1:
+        cfg["members"] = members
     return {**cfg, "temperature": round(float(temperature), 6)} if temperature is not None else cfg
 
 
 def head_from_config(cfg: dict) -> nn.Sequential:
     return build_head(cfg["kind"], int(cfg["in_dim"]), int(cfg["n_classes"]), hidden=int(cfg.get("hidden", 512)), dropout=float(cfg.get("dropout", 0.5)),
-                      temperature=cfg.get("temperature") is not None)
+                      temperature=cfg.get("temperature") is not None, members=cfg.get("members", 1))

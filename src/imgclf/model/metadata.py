@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgclf.backbones.specs import Preprocessing
+from imgclf.config.settings import MAX_HEADS
 
 BUNDLE_FORMAT = "imgclf-bundle/1"  # a bundle every imgclf version reads
 # a head that ends in a calibration temperature (imgclf.model.heads.LogitTemperature): versions
@@ -151,6 +152,8 @@ class ModelMeta:
             raise problem("head must be an object with a kind and an integer in_dim")
         if head.get("n_classes") != len(names):
             raise problem(f"class_names lists {len(names)} classes but its head has {head.get('n_classes')}")
+        if "members" in head and not (_is_int(head["members"]) and 2 <= head["members"] <= MAX_HEADS):
+            raise problem(f"head members must be an integer from 2 to {MAX_HEADS}, got {head['members']!r}")
         settings = d.get("settings", {})
         if not isinstance(settings, dict):
             raise problem(f"settings must be an object, got {settings!r}")

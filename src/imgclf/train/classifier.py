@@ -22,6 +22,7 @@ from imgclf._version import __version__
 from imgclf.backbones.blocks import BlocksUnknownError
 from imgclf.backbones.specs import BackboneSpec, Preprocessing, get_backbone_spec
 from imgclf.config import layout
+from imgclf.config.layout import head_checkpoint_stage
 from imgclf.config.recipes import default_unfreeze, make_settings
 from imgclf.config.settings import RUNTIME_FIELDS, TRAIN_FIELDS, TTA_AUTO_CANDIDATES, TTA_AUTO_MARGIN, SettingError, TrainSettings, make_runtime
 from imgclf.data.augment import TTA_PRESETS, AugmentedView, FixedView, build_augment
@@ -30,12 +31,12 @@ from imgclf.engines.runner import BackboneRunner
 from imgclf.evaluation.thresholds import choose_threshold, parse_policy
 from imgclf.model.classifier import Classifier
 from imgclf.evaluation.calibration import fit_temperature, view_mean_log_probs
-from imgclf.model.heads import head_config, with_temperature
+from imgclf.model.heads import head_config, head_members, with_temperature
 from imgclf.model.metadata import ModelMeta
 from imgclf.model.neighbors import NeighborIndex, choose_cases
 from imgclf.train.checkpoint import EpochCheckpoint, images_digest
 from imgclf.train.finetune import finetune, plain_view_extraction, split_blocks, tail_features_from_cache
-from imgclf.train.loops import TrainConfig, fit_head
+from imgclf.train.loops import TrainConfig, fit_heads
 
 log = logging.getLogger("imgclf")
 
@@ -164,7 +165,8 @@ class ImageClassifier(Classifier):
             return None if checkpoint_dir is None else EpochCheckpoint(Path(checkpoint_dir) / layout.CHECKPOINT.format(stage=stage), data=images)
 
         # under torchrun rank 0 trains and every rank takes its head: identical everywhere, whatever the CPUs
-        trained = fit_head(xt, yt, xv, yv, n_classes, self.train_config, on_epoch=on_epoch, checkpoint=stage_checkpoint("head")) if distributed.is_main() else None
+        trained = fit_heads(xt, yt, xv, yv, n_classes, self.train_config, st.heads, on_epoch=on_epoch,
+                            checkpoint_for=lambda k: stage_checkpoint(head_checkpoint_stage(k))) if distributed.is_main() else None
         head, history, summary = distributed.broadcast_object(trained)
         summaries = [summary]
 
@@ -321,7 +323,8 @@ class ImageClassifier(Classifier):
             weights=runner.weights.to_dict(),
             preprocessing=spec.preprocessing,
             class_names=tuple(self.class_names_),
-            head=head_config(self.train_config.head, spec.feature_dim, len(self.class_names_), temperature=self.temperature_),
+            head=head_config(self.train_config.head, spec.feature_dim, len(self.class_names_), temperature=self.temperature_,
+                             members=head_members(self.head_)),
             frozen_backbone=self._tuned is None,
             backbone_tuned=None if self._tuned is None else {"unfreeze": unfreeze, "digest": runner.tuned_digest, "tensors": len(self._tuned)},
             recipe=self.recipe,

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imgclf.config.settings import TRAIN_FIELDS, TrainSettings, check_value
-from imgclf.model.heads import build_head
+from imgclf.model.heads import build_head, ensemble_head
 from imgclf.train.checkpoint import EpochCheckpoint, LoopState, capture_global_rng, labels_digest, restore_global_rng
 
 log = logging.getLogger("imgclf")
@@ -512,4 +512,45 @@ def fit_head(
     if hasattr(head, "norm"):
         head.norm.fit(xt.reshape(-1, xt.shape[-1]))
     history, summary = fit_loop(head, xt, yt, xv, yv, n_classes, cfg, on_epoch=on_epoch, stage="head", checkpoint=checkpoint)
+    return head, history, summary
+
+
+def fit_heads(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    cfg: TrainConfig,
+    members: int = 1,
+    on_epoch: Callable[[dict], None] | None = None,
+    checkpoint_for: Callable[[int], EpochCheckpoint | None] | None = None,
+) -> tuple[nn.Sequential, list[dict], dict]:
+    """``members`` heads (:func:`fit_head` with seeds ``cfg.seed + k``), one head averaging their
+    probabilities (:func:`~imgclf.model.heads.ensemble_head`); one member is :func:`fit_head`.
+
+    Each member trains, stops early and keeps its best epoch on its own, as a separately
+    trained model would; ``on_epoch`` sees the first member's epochs (the history returned),
+    and the run log gets one line per further member. ``checkpoint_for(k)``: member k's."""
+    heads, summaries, history = [], [], []
+    for k in range(members):
+        head, hist, summary = fit_head(x_train, y_train, x_val, y_val, n_classes, dataclasses.replace(cfg, seed=cfg.seed + k),
+                                       on_epoch=on_epoch if k == 0 else None, checkpoint=checkpoint_for(k) if checkpoint_for else None)
+        if k == 0:
+            history = hist
+        else:
+            log.info("head %d of %d: best epoch %d of %d, %s %.4f", k + 1, members, summary["best_epoch"], summary["epochs_run"],
+                     summary["monitor"], summary["best_monitor"])
+        heads.append(head)
+        summaries.append(summary)
+    if members == 1:
+        return heads[0], history, summaries[0]
+    head = ensemble_head(heads).eval()
+    summary = {**summaries[0], "members": [{k: s[k] for k in ("best_epoch", "epochs_run", "best_monitor")} for s in summaries]}
+    if len(y_val):
+        with torch.no_grad():
+            log_p = head(torch.from_numpy(np.asarray(x_val, np.float32)))
+        summary["members_val_loss"] = float(F.nll_loss(log_p, torch.from_numpy(np.asarray(y_val, np.int64))))
+        log.info("heads: %d averaged, validation log loss %.4f (first head alone %.4f)", members, summary["members_val_loss"],
+                 summaries[0]["best_monitor"] if summaries[0]["monitor"] == "val_loss" else float("nan"))
     return head, history, summary
