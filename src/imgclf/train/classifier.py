@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -36,7 +37,7 @@ from imgclf.model.metadata import ModelMeta
 from imgclf.model.neighbors import NeighborIndex, choose_cases
 from imgclf.train.checkpoint import EpochCheckpoint, images_digest
 from imgclf.train.finetune import finetune, plain_view_extraction, split_blocks, tail_features_from_cache
-from imgclf.train.loops import TrainConfig, fit_heads
+from imgclf.train.loops import TrainConfig, calibrated_nll, fit_heads
 
 log = logging.getLogger("imgclf")
 
@@ -169,30 +170,43 @@ class ImageClassifier(Classifier):
                             checkpoint_for=lambda k: stage_checkpoint(head_checkpoint_stage(k))) if distributed.is_main() else None
         head, history, summary = distributed.broadcast_object(trained)
         summaries = [summary]
+        frozen_heads = head if head_members(head) > 1 else None  # --heads K: the frozen model stage 2 must beat
 
         if unfreeze:
             cfg2 = TrainConfig.stage2(st)
+            # stage 2 tunes the tail with one head (the first), as it would without --heads; the K frozen
+            # heads stay as they are, to be compared with the tuned model below
+            start = copy.deepcopy(frozen_heads.members[0]) if frozen_heads is not None else head
             # under torchrun every rank fine-tunes its shard as DistributedDataParallel (train/finetune.py);
             # rank 0's tuned tensors and head are then every rank's, identical by construction
             tuned_run = finetune(
-                runner, head, [str(train[i].path) for i in ok_t], yt, [str(val[i].path) for i in ok_v], yv, n_classes, cfg2,
+                runner, start, [str(train[i].path) for i in ok_t], yt, [str(val[i].path) for i in ok_v], yv, n_classes, cfg2,
                 unfreeze=unfreeze, augment=self.augment_config, views=st.finetune_views, tail_bn=st.finetune_bn, on_epoch=on_epoch,
                 cache_dir=runner.cache_root if self.use_cache else None, checkpoint=stage_checkpoint("finetune"),
             )
-            (tuned, hist2, sum2), head = distributed.broadcast_object((tuned_run, head))
+            (tuned, hist2, sum2), start = distributed.broadcast_object((tuned_run, start))
+            if tuned or frozen_heads is None:  # (not tuned: its start again, restored by stage 2)
+                head = start
             if tuned:
                 runner.apply_tuned(tuned)
                 self._tuned = tuned
             history += hist2
             summaries.append(sum2)
             self.finetune_config_ = cfg2.to_dict()
-        self.head_ = head.eval()
-        self.history_ = history
 
         threshold_on_validation = n_classes == 2 and parse_policy(st.threshold_policy)[0] != "fixed"
         decides_on_validation = st.calibration != "none" or threshold_on_validation or st.tta == "auto"
-        if self._tuned is not None and decides_on_validation:  # the backbone changed: validation features too
+        if self._tuned is not None and (decides_on_validation or frozen_heads is not None):  # the backbone changed: validation features too
+            frozen_val = xv, yv, ok_v
             xv, yv, ok_v, _ = self._split_features(val, "validation features")
+            if frozen_heads is not None and len(yv) and self._frozen_heads_win(frozen_heads, frozen_val[0], frozen_val[1], head, xv, yv, summaries[1]):
+                self._runner, self._tuned, head = None, None, frozen_heads  # back to the pretrained backbone
+                runner = self.backbone_runner()
+                xv, yv, ok_v = frozen_val
+        elif frozen_heads is not None:
+            head = frozen_heads
+        self.head_ = head.eval()
+        self.history_ = history
         # test-time views, temperature and threshold, in that order, on what the model will output
         val_paths = [str(s.path) for s in val]
         if st.tta == "auto":
@@ -231,6 +245,29 @@ class ImageClassifier(Classifier):
             x, ok_tuned = self._tuned_plain_features(paths, stage2, unfreeze)
             labels, paths = labels[ok_tuned], [paths[i] for i in ok_tuned]
         return NeighborIndex.build(x, labels, paths, self.class_names_, thumbnail_px=st.neighbors_thumbnail, training_images=len(y), seed=self.seed)
+
+    def _frozen_heads_win(self, frozen_heads, xv_frozen: np.ndarray, yv_frozen: np.ndarray, tuned_head, xv_tuned: np.ndarray, yv_tuned: np.ndarray,
+                          stage2: dict) -> bool:
+        """Whether the K frozen heads (``--heads``) beat the model stage 2 tuned with the first of
+        them, by temperature-calibrated validation log loss (stage 2's own monitor), both on
+        full-precision validation features; ``stage2`` (its summary) records the comparison."""
+        import torch
+
+        def loss(head, x, y) -> float:
+            with torch.no_grad():
+                probs = torch.softmax(head.eval()(torch.from_numpy(np.asarray(x, np.float32))), 1).double().numpy()
+            return calibrated_nll(probs, y)[0]
+
+        # every rank computes the same numbers; rank 0's decision is everyone's
+        heads_loss, tuned_loss = distributed.broadcast_object((loss(frozen_heads, xv_frozen, yv_frozen), loss(tuned_head, xv_tuned, yv_tuned)))
+        win = heads_loss <= tuned_loss
+        stage2["frozen_heads"] = {"heads": head_members(frozen_heads), "val_calibrated_loss": round(heads_loss, 6),
+                                  "tuned_val_calibrated_loss": round(tuned_loss, 6), "kept": win}
+        if win:
+            stage2["kept_start"] = True
+        log.info("stage 2 against the %d frozen heads: calibrated validation log loss %.4f (tuned, one head) vs %.4f (frozen heads) -> %s",
+                 head_members(frozen_heads), tuned_loss, heads_loss, "the frozen heads are the model" if win else "the tuned model is kept")
+        return win
 
     def _tuned_plain_features(self, paths: list[str], stage2: dict | None, unfreeze: int) -> tuple[np.ndarray, list[int]]:
         """Features of ``paths`` through the tuned backbone for the similar-cases index: the tuned

@@ -1,0 +1,122 @@
+"""--heads K: several stage-1 heads on the same features, one head averaging their probabilities,
+through training, the bundle, loading, the ONNX export and a checked model.json."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import bundle_copy
+from imgclf.cli.main import main
+from imgclf.model.bundle import BundleError
+from imgclf.model.heads import HeadMembers, build_head, head_config, head_from_config, head_members, with_temperature
+from imgclf.model.metadata import ModelMeta
+from imgclf.train.loops import TrainConfig, fit_head, fit_heads
+
+
+def _blobs(n=90, d=16, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 2.0, (k, d))
+    y = np.arange(n) % k
+    return (centres[y] + rng.normal(0, 1.5, (n, d))).astype(np.float32), y
+
+
+def test_members_output_is_the_log_of_their_mean_probability():
+    torch.manual_seed(0)
+    head = build_head("recipe", 8, 3, members=3)
+    head.eval()
+    x = torch.randn(5, 8)
+    members = list(head.members)
+    expected = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)
+    out = head(x)
+    torch.testing.assert_close(torch.softmax(out, 1), expected)  # softmax of the output = the average
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(5))  # already log-probabilities
+    assert head_members(head) == 3 and head_members(build_head("recipe", 8, 3)) == 1
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in head.state_dict()} == {"members.0", "members.1", "members.2"}
+
+
+def test_ensemble_config_round_trips_with_its_temperature():
+    head = with_temperature(build_head("linear", 8, 2, members=2), 0.5)
+    cfg = head_config("linear", 8, 2, temperature=0.5, members=2)
+    assert cfg["members"] == 2 and "members" not in head_config("linear", 8, 2)  # single heads read as before
+    again = head_from_config(cfg)
+    again.load_state_dict(head.state_dict(), strict=True)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(again.eval()(x), head.eval()(x))
+    for bad in (0, 17, 2.5, True):
+        with pytest.raises(ValueError, match="head members must be an integer"):
+            build_head("recipe", 8, 2, members=bad)
+
+
+def test_fit_heads_trains_members_from_consecutive_seeds():
+    x, y = _blobs()
+    cfg = TrainConfig(epochs=8, patience=0, seed=3)
+    single, _, _ = fit_head(x, y, x[::3], y[::3], 3, cfg)
+    alone, _, summary1 = fit_heads(x, y, x[::3], y[::3], 3, cfg, members=1)
+    assert isinstance(alone, torch.nn.Sequential) and not hasattr(alone, "members") and "members" not in summary1
+    torch.testing.assert_close(alone.state_dict()["fc2.weight"], single.state_dict()["fc2.weight"])  # one member = fit_head
+
+    seen = []
+    head, history, summary = fit_heads(x, y, x[::3], y[::3], 3, cfg, members=3, on_epoch=seen.append)
+    assert isinstance(head.members, HeadMembers) and len(head.members) == 3
+    # member 0 is the seed-3 head itself; members 1 and 2 come from seeds 4 and 5
+    torch.testing.assert_close(head.members[0].state_dict()["fc2.weight"], single.state_dict()["fc2.weight"])
+    seed4, _, _ = fit_head(x, y, x[::3], y[::3], 3, TrainConfig(epochs=8, patience=0, seed=4))
+    torch.testing.assert_close(head.members[1].state_dict()["fc2.weight"], seed4.state_dict()["fc2.weight"])
+    assert not torch.equal(head.members[1].state_dict()["fc2.weight"], head.members[2].state_dict()["fc2.weight"])
+    assert len(seen) == len(history) == 8  # the first member's epochs
+    assert [m["epochs_run"] for m in summary["members"]] == [8, 8, 8]
+    with torch.no_grad():
+        log_p = head(torch.from_numpy(x[::3]))
+    assert summary["members_val_loss"] == pytest.approx(float(-log_p[torch.arange(len(y[::3])), torch.from_numpy(y[::3])].mean()), rel=1e-5)
+
+
+def test_bad_members_in_model_json_is_one_line():
+    from test_model_metadata import _model_json
+
+    d = _model_json()
+    for bad in ("3", 1, 99):
+        d["head"] = {**d["head"], "members": bad}
+        with pytest.raises(BundleError, match="head members must be an integer from 2 to 16") as info:
+            ModelMeta.from_dict(d, source="run/model.json")
+        assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def heads_run(shapes_root, tmp_path_factory):
+    project = tmp_path_factory.mktemp("heads")
+    rc = main(["-q", "train", str(shapes_root), "--recipe", "fast", "--heads", "3", "--epochs", "6", "--project", str(project), "--name", "h3",
+               "--no-progress", "--no-report", "--bootstrap", "0"])
+    assert rc == 0
+    return project / "h3"
+
+
+def test_cli_run_saves_loads_and_exports_the_averaged_heads(heads_run, shapes_root, tmp_path):
+    from imgclf.export.onnx import export_onnx
+    from imgclf.model.classifier import Classifier
+    from imgclf.predict.onnx_predictor import OnnxClassifier
+
+    meta = json.loads((heads_run / "model.json").read_text())
+    assert meta["head"]["members"] == 3 and meta["settings"]["heads"] == 3
+    summary = json.loads((heads_run / "config.json").read_text())["fit_summary"]["stages"][0]
+    assert len(summary["members"]) == 3 and math.isfinite(summary["members_val_loss"])
+    assert not list(heads_run.glob("checkpoint-*.safetensors"))  # every member's checkpoint removed with the finished run
+    paths = sorted((shapes_root / "test").rglob("*.jpg"))[::4]
+    clf = Classifier.load(heads_run, engine="torch", precision="fp32", use_cache=False)
+    assert head_members(clf.head_) == 3
+    p = clf.predict_proba(paths)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+    d = bundle_copy(heads_run, tmp_path / "m")
+    res = export_onnx(d, d / "model.onnx")  # parity with PyTorch is checked inside; a mismatch raises
+    np.testing.assert_allclose(OnnxClassifier(res.path).predict_proba(paths), p, atol=1e-4)
+
+
+def test_heads_out_of_range_is_a_one_line_error(shapes_root, tmp_path, capsys):
+    for bad in ("0", "17"):
+        rc = main(["train", str(shapes_root), "--heads", bad, "--project", str(tmp_path)])
+        err = capsys.readouterr().err.strip()
+        assert rc != 0 and "heads" in err and len(err.splitlines()) == 1 and not list(tmp_path.iterdir())
