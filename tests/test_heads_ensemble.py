@@ -120,3 +120,42 @@ def test_heads_out_of_range_is_a_one_line_error(shapes_root, tmp_path, capsys):
         rc = main(["train", str(shapes_root), "--heads", bad, "--project", str(tmp_path)])
         err = capsys.readouterr().err.strip()
         assert rc != 0 and "heads" in err and len(err.splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("losses, heads_kept", [((0.1, 0.2), True), ((0.3, 0.2), False)])
+def test_stage_two_replaces_the_frozen_heads_only_when_it_beats_them(shapes_root, tmp_path, monkeypatch, losses, heads_kept):
+    """Stage 2 tunes the tail with the first head; the calibrated validation losses (frozen heads
+    first, tuned second) decide which model is delivered, with the backbone that goes with it."""
+    from imgclf.model.classifier import Classifier
+    from imgclf.train import classifier as train_classifier
+    from imgclf.train.classifier import ImageClassifier
+    from imgclf.train.finetune import split_blocks, tail_state_keys
+
+    given = iter(losses)
+    monkeypatch.setattr(train_classifier, "calibrated_nll", lambda probs, y: (next(given), 1.0))
+    real_finetune = train_classifier.finetune
+
+    def stage2_always_tunes(runner, head, *args, unfreeze, **kwargs):
+        """The real stage 2; when it keeps its start on this tiny set, its tail (weights scaled by 1.05,
+        so that the tuned backbone differs from the pretrained one) is returned as tuned anyway, and
+        the comparison with the frozen heads is always reached."""
+        tuned, history, summary = real_finetune(runner, head, *args, unfreeze=unfreeze, **kwargs)
+        if not tuned:
+            fx = runner.torch_module()
+            sd = fx.state_dict()
+            tuned = {k: sd[k].detach().clone() * (1.05 if sd[k].is_floating_point() and k.endswith("weight") else 1)
+                     for k in tail_state_keys(fx, split_blocks(fx, runner.spec, unfreeze)[1])}
+            summary = {**summary, "kept_start": False}
+        return tuned, history, summary
+
+    monkeypatch.setattr(train_classifier, "finetune", stage2_always_tunes)
+    clf = ImageClassifier(heads=2, epochs=4, finetune_epochs=2, finetune_patience=0, seed=0, cache_dir=tmp_path / "cache", neighbors=False)
+    clf.fit(shapes_root)
+    stage2 = clf.fit_summary_["stages"][1]
+    assert stage2["frozen_heads"]["kept"] is heads_kept and next(given, None) is None
+    assert head_members(clf.head_) == (2 if heads_kept else 1)
+    assert (clf._tuned is None) is heads_kept and clf.meta_.frozen_backbone is heads_kept
+    clf.save(tmp_path / "m")
+    again = Classifier.load(tmp_path / "m", use_cache=False)
+    paths = sorted((shapes_root / "test").rglob("*.jpg"))[::5]
+    np.testing.assert_allclose(again.predict_proba(paths), clf.predict_proba(paths), atol=1e-5)
