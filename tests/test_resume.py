@@ -310,3 +310,34 @@ def test_prefix_cache_detects_corruption(tmp_path, caplog):
     p.write_bytes(bytes(raw))
     assert cache.get("cd" * 10) is None and not p.exists()
     assert any("corrupt entry" in r.getMessage() for r in caplog.records)
+
+
+def test_run_stopped_in_a_later_head_resumes_with_every_head_the_same(resume_env, shapes_root, monkeypatch):
+    """--heads 3: a run stopped after the second head's epoch 2 keeps the first head's finished
+    checkpoint and the second's partial one; the resumed run trains nothing the checkpoints hold
+    and ends with the uninterrupted run's heads, history and metrics."""
+    from imgclf.runs.train_run import train_run
+    from imgclf.train import checkpoint as checkpoint_module
+
+    base, options, _ = resume_env
+    options = {**options, "recipe": "fast", "heads": 3, "project": str(base / "runs-heads")}
+    full = Path(train_run(shapes_root, name="full", **options)["run"])
+    save = checkpoint_module.EpochCheckpoint.save
+
+    def save_then_interrupt(self, state, identity):
+        save(self, state, identity)
+        if self.path.name == layout.CHECKPOINT.format(stage="head2") and state.epoch == 2 and not state.done:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(shapes_root, name="stopped", **options)
+    monkeypatch.undo()
+    stopped = Path(options["project"]) / "stopped"
+    assert EpochCheckpoint(stopped / layout.CHECKPOINT.format(stage="head")).path.exists()
+    assert not (stopped / layout.CHECKPOINT.format(stage="head3")).exists()
+    lines = []
+    train_run(shapes_root, resume=str(stopped), echo=lines.append)
+    assert not [ln for ln in lines if ln.split()[:1] == ["head"]]  # the first head (the history's) was already complete
+    _same_run(full, stopped)
+    assert not list(stopped.glob("checkpoint-*.safetensors"))
