@@ -115,6 +115,21 @@ def test_cli_run_saves_loads_and_exports_the_averaged_heads(heads_run, shapes_ro
     np.testing.assert_allclose(OnnxClassifier(res.path).predict_proba(paths), p, atol=1e-4)
 
 
+def test_gradcam_runs_through_the_averaged_heads(heads_run, shapes_root):
+    from PIL import Image
+
+    from imgclf.explain.gradcam import gradcam
+    from imgclf.model.classifier import Classifier
+
+    clf = Classifier.load(heads_run, engine="torch", precision="fp32", use_cache=False)
+    path = sorted((shapes_root / "test").rglob("*.jpg"))[0]
+    with Image.open(path) as im:
+        heat, k, prob = gradcam(clf, im.convert("RGB"))
+    assert heat.ndim == 2 and heat.min() >= 0 and heat.max() == pytest.approx(1.0) and np.isfinite(heat).all()
+    assert clf.class_names_[k] == clf.predict([path])[0]
+    assert prob == pytest.approx(float(clf.predict_proba([path])[0, k]), abs=1e-4)
+
+
 def test_heads_out_of_range_is_a_one_line_error(shapes_root, tmp_path, capsys):
     for bad in ("0", "17"):
         rc = main(["train", str(shapes_root), "--heads", bad, "--project", str(tmp_path)])

@@ -1,16 +1,17 @@
 """Named recipes: each is a set of overrides of the declared defaults (:mod:`imgclf.config.settings`).
 
 The declared defaults *are* the default recipe, ``finetune``:
-stage 1 trains the head on cached frozen features; stage 2 unfreezes the last K blocks
-(``unfreeze``) and trains them with the head (AdamW, learning rate halved per block
-going down, warmup + cosine, label smoothing, light augmentation through cached views of
-the frozen prefix, BatchNorm statistics kept, best epoch by the temperature-calibrated
-validation loss), and replaces the frozen model only if it beats it on that monitor.
+stage 1 trains five heads on cached frozen features (``heads``; the model averages their
+probabilities); stage 2 unfreezes the last K blocks (``unfreeze``) and trains them with the
+first head (AdamW, learning rate halved per block going down, warmup + cosine, label
+smoothing, light augmentation through cached views of the frozen prefix, BatchNorm
+statistics kept, best epoch by the temperature-calibrated validation loss), and replaces
+the frozen heads only if it beats them on that monitor.
 
-* ``fast`` — stage 1 only: frozen backbone, cached features, head only, early stopping.
+* ``fast`` — stage 1 only: frozen backbone, cached features, the five heads, early stopping.
 * ``seed`` — the tutorial as written, for comparison only: x/255 input scaling (its
   preprocessing bug, kept on purpose and warned about), squash resize with nearest
-  sampling, the tutorial's head with its sigmoid in front of categorical cross-entropy,
+  sampling, the tutorial's head (one) with its sigmoid in front of categorical cross-entropy,
   Adam 1e-3, batch 32, 5 epochs, last-epoch weights, no augmentation, no class weights.
 """
 
@@ -27,7 +28,7 @@ RECIPES: dict[str, dict] = {
     "fast": dict(_FROZEN),
     "seed": {
         **_FROZEN, "head": "tutorial", "epochs": 5, "patience": 0, "checkpoint": "last", "class_weight": "none",
-        "input_scaling": "x/255", "threshold_policy": "fixed:0.5", "calibration": "none",
+        "input_scaling": "x/255", "threshold_policy": "fixed:0.5", "calibration": "none", "heads": 1,
     },
 }
 assert tuple(sorted(RECIPES)) == tuple(sorted(RECIPE_NAMES)) and all(k in TRAIN_FIELDS for r in RECIPES.values() for k in r)
