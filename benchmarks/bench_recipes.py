@@ -52,13 +52,16 @@ def run_recipe(data: Path, recipe: str, backbone: str, seed: int, extra: list[st
     m = json.loads((project / recipe / "test_metrics.json").read_text())
     summary = json.loads((project / recipe / "config.json").read_text()).get("fit_summary", {})
     stages = summary.get("stages", [])
-    if stages and stages[-1].get("monitor") == "val_calibrated_loss":  # the kept model's, comparable across variants of one seed
+    heads_kept = len(stages) > 1 and (stages[1].get("frozen_heads") or {}).get("kept")
+    if heads_kept:  # --heads: the frozen heads beat the tuned model on the same calibrated loss
+        row["val_monitor"] = stages[1]["frozen_heads"]["val_calibrated_loss"]
+    elif stages and stages[-1].get("monitor") == "val_calibrated_loss":  # the kept model's, comparable across variants of one seed
         row["val_monitor"] = stages[-1].get("best_monitor")
     if summary.get("tta"):
         row["tta"] = summary["tta"]
     if len(stages) > 1:
         s2 = stages[1]
-        row["stage2"] = "kept frozen" if s2.get("kept_start") else f"tuned (epoch {s2.get('best_epoch')})"
+        row["stage2"] = "kept frozen" if s2.get("kept_start") or heads_kept else f"tuned (epoch {s2.get('best_epoch')})"
         row["stage2_img_s"] = s2.get("images_per_second")
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "ece"):
         row[key] = m.get(key)

@@ -102,6 +102,7 @@ def test_cli_run_saves_loads_and_exports_the_averaged_heads(heads_run, shapes_ro
 
     meta = json.loads((heads_run / "model.json").read_text())
     assert meta["head"]["members"] == 3 and meta["settings"]["heads"] == 3
+    assert meta["format"] == "imgclf-bundle/3"  # older readers are told they need a newer imgclf
     summary = json.loads((heads_run / "config.json").read_text())["fit_summary"]["stages"][0]
     assert len(summary["members"]) == 3 and math.isfinite(summary["members_val_loss"])
     assert not list(heads_run.glob("checkpoint-*.safetensors"))  # every member's checkpoint removed with the finished run
@@ -170,6 +171,9 @@ def test_stage_two_replaces_the_frozen_heads_only_when_it_beats_them(shapes_root
     assert stage2["frozen_heads"]["kept"] is heads_kept and next(given, None) is None
     assert head_members(clf.head_) == (2 if heads_kept else 1)
     assert (clf._tuned is None) is heads_kept and clf.meta_.frozen_backbone is heads_kept
+    assert stage2["kept_start"] is False  # stage 2 did beat its own start; the frozen heads beat it in turn
+    delivered = clf.fit_summary_["stages"][0 if heads_kept else 1]
+    assert (clf.fit_summary_["best_epoch"], clf.fit_summary_["monitor"]) == (delivered["best_epoch"], delivered["monitor"])
     clf.save(tmp_path / "m")
     again = Classifier.load(tmp_path / "m", use_cache=False)
     paths = sorted((shapes_root / "test").rglob("*.jpg"))[::5]

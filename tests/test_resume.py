@@ -341,3 +341,19 @@ def test_run_stopped_in_a_later_head_resumes_with_every_head_the_same(resume_env
     assert not [ln for ln in lines if ln.split()[:1] == ["head"]]  # the first head (the history's) was already complete
     _same_run(full, stopped)
     assert not list(stopped.glob("checkpoint-*.safetensors"))
+
+
+def test_a_run_recorded_before_heads_existed_resumes_with_one_head(resume_env, shapes_root, monkeypatch):
+    """config.json written before --heads had no ``heads`` setting: such a run trained one head
+    and resumes with one, not with today's default of five."""
+    from imgclf.runs.train_run import train_run
+
+    base, options, _ = resume_env
+    options = {**options, "recipe": "fast", "project": str(base / "runs-old")}
+    stopped = _stopped_in_stage_one(shapes_root, "old", options, monkeypatch, after_epoch=1)
+    config = json.loads((stopped / layout.CONFIG).read_text())
+    assert config["settings"].pop("heads") == 5
+    (stopped / layout.CONFIG).write_text(json.dumps(config))
+    train_run(shapes_root, resume=str(stopped))
+    meta = json.loads((stopped / layout.MODEL_META).read_text())
+    assert "members" not in meta["head"] and meta["settings"]["heads"] == 1

@@ -24,7 +24,10 @@ BUNDLE_FORMAT = "imgclf-bundle/1"  # a bundle every imgclf version reads
 # a head that ends in a calibration temperature (imgclf.model.heads.LogitTemperature): versions
 # before it would fail on the extra tensor, so such a bundle says it needs a newer reader
 CALIBRATED_BUNDLE_FORMAT = "imgclf-bundle/2"
-READABLE_FORMATS = (BUNDLE_FORMAT, CALIBRATED_BUNDLE_FORMAT)
+# several heads averaged (--heads, imgclf.model.heads.HeadMembers, model.json head.members): versions
+# before it would build one head and misread the tensors as tampered, so it needs a newer reader too
+ENSEMBLE_BUNDLE_FORMAT = "imgclf-bundle/3"
+READABLE_FORMATS = (BUNDLE_FORMAT, CALIBRATED_BUNDLE_FORMAT, ENSEMBLE_BUNDLE_FORMAT)
 REQUIRED_KEYS = ("format", "backbone", "weights", "preprocessing", "class_names", "head")
 
 

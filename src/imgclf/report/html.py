@@ -420,7 +420,14 @@ def _training(ctx: dict) -> str:
         def outcome(s):
             if s.get("stage") != "finetune":
                 return ""
-            kept = "frozen model kept: no fine-tuned epoch beat it" if s.get("kept_start") else "fine-tuned blocks kept: " + ", ".join(s.get("trainable_blocks") or [])
+            heads = s.get("frozen_heads") or {}
+            if heads.get("kept"):
+                kept = (f"the {heads.get('heads')} frozen heads kept: calibrated validation loss {_fmt(heads.get('val_calibrated_loss'), 4)}, "
+                        f"the tuned model's {_fmt(heads.get('tuned_val_calibrated_loss'), 4)}")
+            elif s.get("kept_start"):
+                kept = "frozen model kept: no fine-tuned epoch beat it"
+            else:
+                kept = "fine-tuned blocks kept: " + ", ".join(s.get("trainable_blocks") or [])
             return f"{kept} ({_fmt(s.get('images_per_second'), 1)} img/s in stage 2)"
 
         rows = [[_e(s.get("stage", "head")), s.get("epochs_run", ""), s.get("best_epoch", ""), _e(s.get("monitor", "")),

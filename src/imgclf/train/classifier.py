@@ -218,11 +218,12 @@ class ImageClassifier(Classifier):
             self.threshold_ = self._choose_threshold(logits, yv)
         stage2 = summaries[1] if len(summaries) > 1 else None
         self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain, stage2, unfreeze) if st.neighbors else None
+        delivered = summaries[0] if stage2 and stage2.get("frozen_heads", {}).get("kept") else summaries[-1]  # the stage whose model this is
         self.fit_summary_ = {
             "stages": summaries,
-            "best_epoch": summaries[-1]["best_epoch"],
+            "best_epoch": delivered["best_epoch"],
             "epochs_run": sum(s["epochs_run"] for s in summaries),
-            "monitor": summaries[-1]["monitor"],
+            "monitor": delivered["monitor"],
             "threshold": self.threshold_,
             "temperature": self.temperature_,
             "tta": self.tta,
@@ -263,8 +264,6 @@ class ImageClassifier(Classifier):
         win = heads_loss <= tuned_loss
         stage2["frozen_heads"] = {"heads": head_members(frozen_heads), "val_calibrated_loss": round(heads_loss, 6),
                                   "tuned_val_calibrated_loss": round(tuned_loss, 6), "kept": win}
-        if win:
-            stage2["kept_start"] = True
         log.info("stage 2 against the %d frozen heads: calibrated validation log loss %.4f (tuned, one head) vs %.4f (frozen heads) -> %s",
                  head_members(frozen_heads), tuned_loss, heads_loss, "the frozen heads are the model" if win else "the tuned model is kept")
         return win
