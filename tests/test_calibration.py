@@ -45,7 +45,8 @@ def test_model_stores_and_applies_its_temperature(tmp_path, shapes_root, calibra
     from imgclf.model.classifier import Classifier
     from imgclf.train.classifier import ImageClassifier
 
-    clf = ImageClassifier(recipe="fast", epochs=3, calibration=calibration, neighbors=False, cache_dir=tmp_path / "cache").fit(shapes_root)
+    # one head: the format rule for a single head (several heads are imgclf-bundle/3, test_heads_ensemble)
+    clf = ImageClassifier(recipe="fast", epochs=3, heads=1, calibration=calibration, neighbors=False, cache_dir=tmp_path / "cache").fit(shapes_root)
     paths = [s.path for s in clf.dataset_.samples["test"]]
     p = clf.predict_proba(paths)
     clf.save(tmp_path / "m")
