@@ -121,30 +121,25 @@ def main() -> None:
                 _, lt, _ = fit_logits("recipe", x, y, x[va], y[va], x_te, n_classes, seed, epochs=max(1, ep), patience=0, checkpoint="last")
                 rows.append({"task": name, "per_class": k, "n_train": len(sub), "seed": seed, "head": "recipe refit", "val_loss": vl,
                              "T": temp, "best_epoch": ep, **scores(y_te, softmax(lt / temp, 1), n_classes)})
-                if a.ensemble and len(a.backbones) > 1:
-                    pv_sum, pt_sum = 0.0, 0.0
-                    for bb in a.backbones:
-                        xb, xb_te = matrix(feats, bb, "plain", tr_paths)[sub], matrix(feats, bb, "plain", te_paths)
-                        lv, lt, _ = fit_logits("recipe", xb[fit], y[fit], xb[va], y[va], xb_te, n_classes, seed)
-                        temp = fit_temperature(lv, y[va])
-                        pv_sum, pt_sum = pv_sum + softmax(lv / temp, 1), pt_sum + softmax(lt / temp, 1)
-                    pv, pt = pv_sum / len(a.backbones), pt_sum / len(a.backbones)
-                    vl = float(-np.mean(np.log(np.clip(pv[np.arange(len(va)), y[va]], 1e-12, None))))
-                    rows.append({"task": name, "per_class": k, "n_train": len(sub), "seed": seed, "head": "ensemble", "val_loss": vl,
-                                 **scores(y_te, pt, n_classes)})
-                if a.heads:
+                def averaged(label: str, seeds: list[int]) -> None:
+                    """One recipe head per backbone and seed, each calibrated on the carve, probabilities averaged."""
                     pv_all, pt_all = [], []
-                    for k_head in range(a.heads):
+                    for member_seed in seeds:
                         for bb in a.backbones:
                             xb, xb_te = matrix(feats, bb, "plain", tr_paths)[sub], matrix(feats, bb, "plain", te_paths)
-                            lv, lt, _ = fit_logits("recipe", xb[fit], y[fit], xb[va], y[va], xb_te, n_classes, seed * 100 + k_head)
+                            lv, lt, _ = fit_logits("recipe", xb[fit], y[fit], xb[va], y[va], xb_te, n_classes, member_seed)
                             temp = fit_temperature(lv, y[va])
                             pv_all.append(softmax(lv / temp, 1))
                             pt_all.append(softmax(lt / temp, 1))
-                    pv, pt = np.mean(pv_all, 0), np.mean(pt_all, 0)
+                    pv = np.mean(pv_all, 0)
                     vl = float(-np.mean(np.log(np.clip(pv[np.arange(len(va)), y[va]], 1e-12, None))))
-                    rows.append({"task": name, "per_class": k, "n_train": len(sub), "seed": seed, "head": f"heads {a.heads}", "val_loss": vl,
-                                 **scores(y_te, pt, n_classes)})
+                    rows.append({"task": name, "per_class": k, "n_train": len(sub), "seed": seed, "head": label, "val_loss": vl,
+                                 **scores(y_te, np.mean(pt_all, 0), n_classes)})
+
+                if a.ensemble and len(a.backbones) > 1:
+                    averaged("ensemble", [seed])
+                if a.heads:
+                    averaged(f"heads {a.heads}", [seed * 100 + k_head for k_head in range(a.heads)])
                 print(json.dumps({kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in rows[-1].items()}), flush=True)
         a.out.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(a).items()}}, indent=1))  # so far
 

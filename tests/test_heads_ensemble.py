@@ -12,17 +12,11 @@ import torch
 
 from conftest import bundle_copy
 from imgclf.cli.main import main
+from test_training import _blobs
 from imgclf.model.bundle import BundleError
 from imgclf.model.heads import HeadMembers, build_head, head_config, head_from_config, head_members, with_temperature
 from imgclf.model.metadata import ModelMeta
 from imgclf.train.loops import TrainConfig, fit_head, fit_heads
-
-
-def _blobs(n=90, d=16, k=3, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 2.0, (k, d))
-    y = np.arange(n) % k
-    return (centres[y] + rng.normal(0, 1.5, (n, d))).astype(np.float32), y
 
 
 def test_members_output_is_the_log_of_their_mean_probability():

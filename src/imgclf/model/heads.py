@@ -80,9 +80,7 @@ class HeadMembers(nn.ModuleList):
 
 
 def ensemble_head(members: list[nn.Sequential]) -> nn.Sequential:
-    """One head whose output averages ``members``' probabilities (a single member is returned as is)."""
-    if len(members) == 1:
-        return members[0]
+    """One head whose output averages the probabilities of ``members`` (two or more)."""
     return nn.Sequential(OrderedDict([("members", HeadMembers(members))]))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from imgclf import distributed
 from imgclf.config import layout
 from imgclf.config.recipes import make_settings
-from imgclf.config.settings import MAX_HEADS, RunOptions, RuntimeOptions, TrainSettings, make_run_options, make_runtime
+from imgclf.config.settings import RunOptions, RuntimeOptions, TrainSettings, make_run_options, make_runtime
 from imgclf.data.datasets import load_dataset, load_manifest, with_validation_folder, write_split_csv
 from imgclf.data.exclusions import apply_exclusions
 from imgclf.evaluation.metrics import format_metrics
@@ -76,8 +76,7 @@ def _quiet(_text: str) -> None:
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
-    stages = [layout.head_checkpoint_stage(k) for k in range(MAX_HEADS)] + ["finetune"]
-    return [run_dir / layout.CHECKPOINT.format(stage=stage) for stage in stages]
+    return sorted(run_dir.glob(layout.CHECKPOINT.format(stage="*")))  # every stage's: head, head2…, finetune
 
 
 def _dataset_root(data, manifest) -> Path:

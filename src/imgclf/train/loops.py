@@ -548,9 +548,9 @@ def fit_heads(
     head = ensemble_head(heads).eval()
     summary = {**summaries[0], "members": [{k: s[k] for k in ("best_epoch", "epochs_run", "best_monitor")} for s in summaries]}
     if len(y_val):
+        xv, yv = torch.from_numpy(np.asarray(x_val, np.float32)), torch.from_numpy(np.asarray(y_val, np.int64))
         with torch.no_grad():
-            log_p = head(torch.from_numpy(np.asarray(x_val, np.float32)))
-        summary["members_val_loss"] = float(F.nll_loss(log_p, torch.from_numpy(np.asarray(y_val, np.int64))))
-        log.info("heads: %d averaged, validation log loss %.4f (first head alone %.4f)", members, summary["members_val_loss"],
-                 summaries[0]["best_monitor"] if summaries[0]["monitor"] == "val_loss" else float("nan"))
+            first, averaged = (F.cross_entropy(h(xv), yv).item() for h in (heads[0], head))
+        summary["members_val_loss"] = averaged
+        log.info("heads: %d averaged, validation log loss %.4f (first head alone %.4f)", members, averaged, first)
     return head, history, summary
