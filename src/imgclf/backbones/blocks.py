@@ -62,6 +62,8 @@ def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str,
     (shared parameters), only regrouped.
     """
     body = fx.body
+    if spec.family == "branched":
+        raise BlocksUnknownError(f"{spec.name}: stage 2 fine-tunes the blocks of one backbone, and this entry is several")
     if spec.family == "efficientnet_lite":
         net = body.net
         stages, current = [], []

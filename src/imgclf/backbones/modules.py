@@ -7,6 +7,7 @@ import functools
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imgclf.backbones.specs import BackboneSpec, Preprocessing, WeightsRef
@@ -17,7 +18,8 @@ class FeatureExtractor(nn.Module):
     """uint8/float RGB batch (N,3,H,W) in 0..255 → pooled feature vectors (N, D).
 
     Normalisation lives here so exported graphs take raw pixels. ``feature_map`` is the
-    last convolutional stage (for Grad-CAM and partial fine-tuning).
+    last convolutional stage (for Grad-CAM and partial fine-tuning); a tuple of them, one per
+    backbone, for a branched entry (``BranchBodies``).
     """
 
     def __init__(self, body: nn.Module, pool: Callable[[torch.Tensor], torch.Tensor] | nn.Module, prep: Preprocessing):
@@ -77,13 +79,46 @@ class _ConvNextPool(nn.Module):
         return self.norm(x.mean(dim=(2, 3), keepdim=True))
 
 
+class BranchBodies(nn.Module):
+    """Several backbone bodies on one normalised image, each at its own input size (bilinear
+    resize inside the network, so one crop of the largest size feeds all): a tuple of maps."""
+
+    def __init__(self, bodies: list[nn.Module], sizes: list[int], input_size: int):
+        super().__init__()
+        self.bodies = nn.ModuleList(bodies)
+        self.sizes = tuple(None if s == input_size else s for s in sizes)  # None: takes the crop as it is
+
+    def forward(self, x):
+        return tuple(body(x if size is None else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
+                     for body, size in zip(self.bodies, self.sizes))
+
+
+class BranchPools(nn.Module):
+    """Each map through its backbone's pooling, the pooled vectors side by side."""
+
+    def __init__(self, pools: list[nn.Module]):
+        super().__init__()
+        self.pools = nn.ModuleList(pools)
+
+    def forward(self, maps):
+        return torch.cat([pool(m).flatten(1) for pool, m in zip(self.pools, maps)], 1)
+
+
 def build_feature_extractor(spec: BackboneSpec, ref: WeightsRef, *, seed: int = 0) -> FeatureExtractor:
     """Build the frozen feature extractor and load its weights (the expensive step)."""
     prep = spec.preprocessing
     if ref.kind == "none":
         torch.manual_seed(seed)
 
-    if spec.family == "efficientnet_lite":
+    if spec.family == "branched":
+        from imgclf.backbones.weights import resolve_weights
+
+        parts = [build_feature_extractor(b, resolve_weights(b, "none" if ref.kind == "none" else "imagenet", seed=seed + i), seed=seed + i)
+                 for i, b in enumerate(spec.branches)]
+        body = BranchBodies([p.body for p in parts], [b.preprocessing.input_size for b in spec.branches], prep.input_size)
+        fx = FeatureExtractor(body, BranchPools([p.pool for p in parts]), prep)
+
+    elif spec.family == "efficientnet_lite":
         from efficientnet_lite_pytorch import EfficientNet
 
         net = EfficientNet.from_name(spec.arch)

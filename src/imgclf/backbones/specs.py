@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from imgclf.config.names import BACKBONE_NAMES, LITE_NAMES, TORCHVISION_NAMES
+from imgclf.config.names import BACKBONE_NAMES, BRANCHED_EXAMPLE, LITE_NAMES, TORCHVISION_NAMES
 
 
 class UnknownBackboneError(ValueError):
@@ -53,7 +53,7 @@ class BackboneSpec:
     """A registry entry: architecture, weight source, feature point and preprocessing."""
 
     name: str
-    family: str  # "efficientnet_lite" | "torchvision" | "timm"
+    family: str  # "efficientnet_lite" | "torchvision" | "timm" | "branched"
     arch: str
     preprocessing: Preprocessing
     feature_dim: int
@@ -61,9 +61,15 @@ class BackboneSpec:
     pooling: str  # "avg" | "max" | "timm"
     pretrained: str  # description of the pretrained source
     extra: dict = field(default_factory=dict, hash=False, compare=False)
+    branches: tuple["BackboneSpec", ...] = ()  # family "branched": the backbones side by side, in feature order
+
+    @property
+    def feature_parts(self) -> tuple[int, ...]:
+        """Widths of the consecutive feature slices that each come from one backbone."""
+        return tuple(b.feature_dim for b in self.branches) if self.branches else (self.feature_dim,)
 
     def describe(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "family": self.family,
             "arch": self.arch,
@@ -73,6 +79,9 @@ class BackboneSpec:
             "pretrained": self.pretrained,
             "preprocessing": self.preprocessing.to_dict(),
         }
+        if self.branches:
+            d["branches"] = [b.describe() for b in self.branches]
+        return d
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,37 @@ def _timm_spec(model_name: str) -> BackboneSpec:
     )
 
 
+def _branched_spec(name: str) -> BackboneSpec:
+    """``efficientnet_liteA+liteB[+liteC]``: each Lite backbone sees the image at its own input size
+    (resized inside the network from the largest member's crop), features side by side.
+
+    Each backbone's features get their own heads and the probabilities are averaged: a
+    probability ensemble of backbones that was more accurate than any one of them on the
+    data sets in benchmarks/README.md ("The Lite backbones together"), at the cost of
+    running each backbone once per image.
+    """
+    parts = name.removeprefix("efficientnet_").split("+")
+    members = [f"efficientnet_{p}" for p in parts]
+    if not (2 <= len(members) <= len(LITE_NAMES)) or len(set(members)) != len(members) or not all(m in LITE_PACKAGES for m in members):
+        raise UnknownBackboneError(
+            f"unknown backbone {name!r}: several backbones together are two or three different Lite backbones joined by '+', "
+            f"e.g. {BRANCHED_EXAMPLE} or efficientnet_lite0+lite1+lite2"
+        )
+    branches = tuple(_lite_spec(m) for m in members)
+    largest = max(branches, key=lambda b: b.preprocessing.input_size)
+    return BackboneSpec(
+        name=name,
+        family="branched",
+        arch="+".join(b.arch for b in branches),
+        preprocessing=largest.preprocessing,
+        feature_dim=sum(b.feature_dim for b in branches),
+        feature_point="each backbone's pooled features, concatenated in order: " + "; ".join(f"{b.name}: {b.feature_point}" for b in branches),
+        pooling="avg",
+        pretrained="; ".join(b.pretrained for b in branches),
+        branches=branches,
+    )
+
+
 def available_backbones() -> list[str]:
     """Names accepted by ``--backbone`` (plus ``timm:<any timm model>``)."""
     return list(BACKBONE_NAMES)
@@ -206,6 +246,8 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         return _torchvision_spec(name)
     if name.startswith("timm:") and len(name) > 5:
         return _timm_spec(name[5:])
+    if name.startswith("efficientnet_") and "+" in name:
+        return _branched_spec(name)
     raise UnknownBackboneError(
         f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}"
     )

@@ -55,6 +55,12 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = "ima
     if weights is None or str(weights).lower() == "none":
         return WeightsRef("none", f"random-init(seed={seed})", None, "random initialisation")
     w = str(weights)
+    if spec.family == "branched":
+        if w.lower() != "imagenet":
+            raise WeightsFileError(f"weights {w}: a weights file fits one backbone; {spec.name} takes its backbones' own "
+                                   "weights (imagenet) or none")
+        refs = [resolve_weights(b, "imagenet", seed=seed) for b in spec.branches]
+        return WeightsRef("package", "+".join(r.identity for r in refs), None, "; ".join(r.description for r in refs))
     if w.lower() != "imagenet":
         p = Path(w).expanduser()
         if not p.is_file():

@@ -103,7 +103,7 @@ class TrainSettings(Declared):
 
     recipe: str = setting("finetune", "named defaults that the other settings override: seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only); fast = frozen backbone, cached features, head only; finetune = fast, then the last --unfreeze blocks trained with the head, kept only if they beat the frozen model on validation", choices=RECIPE_NAMES, group="model")
     # model
-    backbone: str = setting(DEFAULT_BACKBONE, "backbone registry name (see README: efficientnet_lite0/1/2, vgg16, resnet50, ..., timm:<name>)", group="model")
+    backbone: str = setting(DEFAULT_BACKBONE, "backbone registry name (see README: efficientnet_lite0/1/2, efficientnet_lite0+lite1 = both as one probability ensemble, vgg16, resnet50, ..., timm:<name>)", group="model")
     weights: str = setting("imagenet", "imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.bin/.safetensors state-dict path", group="model")
     head: str = setting("recipe", "recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear; tutorial: the recipe head with the tutorial's sigmoid before the loss (comparison only)", choices=HEAD_KINDS, group="model")
     heads: int = setting(5, "stage 1 trains this many heads on the frozen features (seeds seed, seed+1, ...) and averages their probabilities: an ensemble that lowers the variance of a single head; stage 2 tunes the tail with the first head and replaces the frozen heads only if it beats them on calibrated validation loss", ge=1, le=MAX_HEADS, group="model")

@@ -52,18 +52,20 @@ def _class_index(clf, class_name: str | None) -> int | None:
     return clf.class_names_.index(class_name)
 
 
-def _feature_map(fx, spec, x: torch.Tensor) -> torch.Tensor:
-    """The last conv stage's output, refusing maps Grad-CAM cannot use."""
+def _feature_maps(fx, spec, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The last conv stage's output (one per backbone of a branched entry), refusing maps Grad-CAM cannot use."""
     fmt = getattr(getattr(fx.body, "net", None), "output_fmt", "NCHW")
     fmt = str(getattr(fmt, "value", fmt)).upper()  # timm: a str or a Format enum
     with torch.no_grad():
         fmap = fx.feature_map(x)
-    if fmap.ndim != 4 or fmt != "NCHW":
-        raise ValueError(
-            f"Grad-CAM needs a convolutional feature map (N, C, H, W); the backbone {spec.name} gives "
-            f"{tuple(fmap.shape)} ({'channels-last' if fmap.ndim == 4 else 'a token sequence'}), so it cannot be explained this way"
-        )
-    return fmap
+    maps = fmap if isinstance(fmap, tuple) else (fmap,)
+    for m in maps:
+        if m.ndim != 4 or fmt != "NCHW":
+            raise ValueError(
+                f"Grad-CAM needs a convolutional feature map (N, C, H, W); the backbone {spec.name} gives "
+                f"{tuple(m.shape)} ({'channels-last' if m.ndim == 4 else 'a token sequence'}), so it cannot be explained this way"
+            )
+    return maps
 
 
 def gradcam(clf, image: Image.Image, class_name: str | None = None) -> tuple[np.ndarray, int, float]:
@@ -83,18 +85,22 @@ def gradcam(clf, image: Image.Image, class_name: str | None = None) -> tuple[np.
     head.eval()
     arr = image_to_array(image.convert("RGB"), spec.preprocessing)
     x = torch.from_numpy(arr)[None].float()
-    fmap = _feature_map(fx, spec, x).detach().float().requires_grad_(True)
+    maps = tuple(m.detach().float().requires_grad_(True) for m in _feature_maps(fx, spec, x))
     with torch.enable_grad():
-        pooled = fx.pool(fmap).flatten(1)
+        pooled = fx.pool(maps if len(maps) > 1 else maps[0]).flatten(1)
         logits = head(pooled)
         k = int(logits[0].argmax()) if wanted is None else wanted
-        (grad,) = torch.autograd.grad(logits[0, k], fmap)
+        grads = torch.autograd.grad(logits[0, k], maps)
     with torch.no_grad():
         prob = float(torch.softmax(logits.detach().double(), 1)[0, k])
-        weights = grad.mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((weights * fmap.detach()).sum(1, keepdim=True))
         size = spec.preprocessing.input_size
-        cam = torch.nn.functional.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        weighted = [(g.mean(dim=(2, 3), keepdim=True) * m.detach()).sum(1, keepdim=True) for g, m in zip(grads, maps)]
+        if len(weighted) == 1:
+            weighted = [torch.relu(weighted[0])]
+        # a branched backbone: each backbone's weighted map at the input size, summed before the
+        # ReLU, as its pooled features add up in the logit
+        cam = sum(torch.nn.functional.interpolate(w, size=(size, size), mode="bilinear", align_corners=False) for w in weighted)
+        cam = torch.relu(cam)[0, 0]
         peak = float(cam.max())
         heat = (cam / peak).clamp(0, 1) if peak > 0 else torch.zeros_like(cam)
     return heat.numpy().astype(np.float32), k, prob

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from imgclf.config import layout
 from imgclf.fileio import atomic_write_bytes, file_sha256
-from imgclf.model.metadata import BUNDLE_FORMAT, CALIBRATED_BUNDLE_FORMAT, ENSEMBLE_BUNDLE_FORMAT, BundleError, ModelMeta, read_model_meta
+from imgclf.model.metadata import BRANCHED_BUNDLE_FORMAT, BUNDLE_FORMAT, CALIBRATED_BUNDLE_FORMAT, ENSEMBLE_BUNDLE_FORMAT, BundleError, ModelMeta, read_model_meta
 from imgclf.model.run_status import check_usable
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled, so resolving a bundle stays light
@@ -52,7 +52,9 @@ def save_bundle(directory: str | os.PathLike, head: torch.nn.Module, meta: Model
     for k, v in (backbone_tensors or {}).items():
         tensors[f"backbone.{k}"] = v.detach().contiguous().cpu()
     # a calibrated head, or several heads, have tensors older readers do not expect: the bundle says it needs a newer reader
-    if any(k.startswith("head.members.") for k in tensors):
+    if meta.head.get("parts"):
+        fmt = BRANCHED_BUNDLE_FORMAT
+    elif any(k.startswith("head.members.") for k in tensors):
         fmt = ENSEMBLE_BUNDLE_FORMAT
     elif any(k.startswith("head.") and k.endswith(".temperature") for k in tensors):
         fmt = CALIBRATED_BUNDLE_FORMAT

@@ -79,6 +79,35 @@ class HeadMembers(nn.ModuleList):
         return torch.logsumexp(log_probs, 0) - math.log(len(self))
 
 
+class FeatureSlice(nn.Module):
+    """Feature columns ``[start, stop)``: the part of a branched backbone's features that one of
+    its backbones computed, so a head trained on that backbone alone sees exactly those."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = int(start), int(stop)
+
+    def forward(self, x):
+        return x[:, self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"start={self.start}, stop={self.stop}"
+
+
+def on_slice(head: nn.Sequential, start: int, stop: int) -> nn.Sequential:
+    """``head`` reading only feature columns ``[start, stop)`` (a layer ``features`` in front)."""
+    return nn.Sequential(OrderedDict([("features", FeatureSlice(start, stop)), *head.named_children()]))
+
+
+def part_bounds(parts: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each consecutive feature part of widths ``parts``."""
+    bounds, start = [], 0
+    for width in parts:
+        bounds.append((start, start + int(width)))
+        start += int(width)
+    return bounds
+
+
 def ensemble_head(members: list[nn.Sequential]) -> nn.Sequential:
     """One head whose output averages the probabilities of ``members`` (two or more)."""
     return nn.Sequential(OrderedDict([("members", HeadMembers(members))]))
@@ -103,9 +132,23 @@ def head_temperature(head: nn.Sequential) -> float | None:
 
 
 def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5, temperature: bool = False,
-               members: int = 1) -> nn.Sequential:
+               members: int = 1, parts: tuple[int, ...] | list[int] | None = None) -> nn.Sequential:
     """Stable layer names (``norm``, ``fc1``, ``fc2`` / ``fc``, ``temperature``; ``members.K.*`` for an
-    ensemble of ``members`` heads) so saved weights map 1:1."""
+    ensemble of ``members`` heads) so saved weights map 1:1.
+
+    ``parts``: the widths of a branched backbone's feature parts (summing to ``in_dim``); the
+    ``members`` heads are split evenly between them in order, each reading its part only
+    (``members.K.features``)."""
+    if parts is not None and len(parts) > 1:
+        parts = [int(p) for p in parts]
+        if sum(parts) != in_dim or min(parts) < 1 or not isinstance(members, int) or members % len(parts):
+            raise ValueError(f"head parts {parts} must be positive, sum to in_dim {in_dim} and share the {members!r} members evenly")
+        per_part = members // len(parts)
+        if not 1 <= per_part <= MAX_HEADS:
+            raise ValueError(f"head members per feature part must be an integer from 1 to {MAX_HEADS}, got {per_part}")
+        head = ensemble_head([on_slice(build_head(kind, stop - start, n_classes, hidden=hidden, dropout=dropout), start, stop)
+                              for start, stop in part_bounds(parts) for _ in range(per_part)])
+        return with_temperature(head, 1.0) if temperature else head
     if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= MAX_HEADS:
         raise ValueError(f"head members must be an integer from 1 to {MAX_HEADS}, got {members!r}")
     if members > 1:
@@ -139,16 +182,19 @@ def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dro
 
 
 def head_config(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dropout: float = 0.5, temperature: float | None = None,
-                members: int = 1) -> dict:
+                members: int = 1, parts: tuple[int, ...] | list[int] | None = None) -> dict:
     """The head's architecture as model.json records it; ``temperature``: the calibration layer that
     ends it (its value, for readers of model.json; the tensor in model.safetensors is what computes);
-    ``members``: heads averaged (recorded only for an ensemble, so single-head bundles read as before)."""
+    ``members``: heads averaged (recorded only for an ensemble, so single-head bundles read as before);
+    ``parts``: a branched backbone's feature widths (recorded only when there are several)."""
     cfg = {"kind": kind, "in_dim": in_dim, "n_classes": n_classes, "hidden": hidden, "dropout": dropout}
     if members > 1:
         cfg["members"] = members
+    if parts is not None and len(parts) > 1:
+        cfg["parts"] = [int(p) for p in parts]
     return {**cfg, "temperature": round(float(temperature), 6)} if temperature is not None else cfg
 
 
 def head_from_config(cfg: dict) -> nn.Sequential:
     return build_head(cfg["kind"], int(cfg["in_dim"]), int(cfg["n_classes"]), hidden=int(cfg.get("hidden", 512)), dropout=float(cfg.get("dropout", 0.5)),
-                      temperature=cfg.get("temperature") is not None, members=cfg.get("members", 1))
+                      temperature=cfg.get("temperature") is not None, members=cfg.get("members", 1), parts=cfg.get("parts"))

@@ -27,7 +27,10 @@ CALIBRATED_BUNDLE_FORMAT = "imgclf-bundle/2"
 # several heads averaged (--heads, imgclf.model.heads.HeadMembers, model.json head.members): versions
 # before it would build one head and misread the tensors as tampered, so it needs a newer reader too
 ENSEMBLE_BUNDLE_FORMAT = "imgclf-bundle/3"
-READABLE_FORMATS = (BUNDLE_FORMAT, CALIBRATED_BUNDLE_FORMAT, ENSEMBLE_BUNDLE_FORMAT)
+# several backbones side by side (a branched entry, model.json head.parts): heads that read a slice of
+# the features; a reader before it would build full-width members and misread the tensors
+BRANCHED_BUNDLE_FORMAT = "imgclf-bundle/4"
+READABLE_FORMATS = (BUNDLE_FORMAT, CALIBRATED_BUNDLE_FORMAT, ENSEMBLE_BUNDLE_FORMAT, BRANCHED_BUNDLE_FORMAT)
 REQUIRED_KEYS = ("format", "backbone", "weights", "preprocessing", "class_names", "head")
 
 
@@ -155,8 +158,14 @@ class ModelMeta:
             raise problem("head must be an object with a kind and an integer in_dim")
         if head.get("n_classes") != len(names):
             raise problem(f"class_names lists {len(names)} classes but its head has {head.get('n_classes')}")
-        if "members" in head and not (_is_int(head["members"]) and 2 <= head["members"] <= MAX_HEADS):
-            raise problem(f"head members must be an integer from 2 to {MAX_HEADS}, got {head['members']!r}")
+        parts = head.get("parts")
+        if parts is not None and not (isinstance(parts, list) and len(parts) >= 2 and all(_is_int(p) and p > 0 for p in parts)
+                                      and sum(parts) == head["in_dim"] and "members" in head):
+            raise problem(f"head parts must be two or more positive widths summing to in_dim {head['in_dim']}, with members, got {parts!r}")
+        n_parts = len(parts) if parts else 1
+        if "members" in head and not (_is_int(head["members"]) and 2 <= head["members"] <= MAX_HEADS * n_parts and head["members"] % n_parts == 0):
+            raise problem(f"head members must be an integer from 2 to {MAX_HEADS * n_parts}"
+                          f"{f' shared evenly by {n_parts} parts' if n_parts > 1 else ''}, got {head['members']!r}")
         settings = d.get("settings", {})
         if not isinstance(settings, dict):
             raise problem(f"settings must be an object, got {settings!r}")

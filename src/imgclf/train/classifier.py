@@ -167,7 +167,7 @@ class ImageClassifier(Classifier):
 
         # under torchrun rank 0 trains and every rank takes its head: identical everywhere, whatever the CPUs
         trained = fit_heads(xt, yt, xv, yv, n_classes, self.train_config, st.heads, on_epoch=on_epoch,
-                            checkpoint_for=lambda k: stage_checkpoint(head_checkpoint_stage(k))) if distributed.is_main() else None
+                            checkpoint_for=lambda k: stage_checkpoint(head_checkpoint_stage(k)), parts=runner.spec.feature_parts) if distributed.is_main() else None
         head, history, summary = distributed.broadcast_object(trained)
         summaries = [summary]
         frozen_heads = head if head_members(head) > 1 else None  # --heads K: the frozen model stage 2 must beat
@@ -360,7 +360,7 @@ class ImageClassifier(Classifier):
             preprocessing=spec.preprocessing,
             class_names=tuple(self.class_names_),
             head=head_config(self.train_config.head, spec.feature_dim, len(self.class_names_), temperature=self.temperature_,
-                             members=head_members(self.head_)),
+                             members=head_members(self.head_), parts=spec.feature_parts),
             frozen_backbone=self._tuned is None,
             backbone_tuned=None if self._tuned is None else {"unfreeze": unfreeze, "digest": runner.tuned_digest, "tensors": len(self._tuned)},
             recipe=self.recipe,

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imgclf.config.settings import TRAIN_FIELDS, TrainSettings, check_value
-from imgclf.model.heads import build_head, ensemble_head
+from imgclf.model.heads import build_head, ensemble_head, on_slice, part_bounds
 from imgclf.train.checkpoint import EpochCheckpoint, LoopState, capture_global_rng, labels_digest, restore_global_rng
 
 log = logging.getLogger("imgclf")
@@ -525,25 +525,33 @@ def fit_heads(
     members: int = 1,
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint_for: Callable[[int], EpochCheckpoint | None] | None = None,
+    parts: tuple[int, ...] | None = None,
 ) -> tuple[nn.Sequential, list[dict], dict]:
     """``members`` heads (:func:`fit_head` with seeds ``cfg.seed + k``), one head averaging their
     probabilities (:func:`~imgclf.model.heads.ensemble_head`); one member is :func:`fit_head`.
 
-    Each member trains, stops early and keeps its best epoch on its own, as a separately
-    trained model would; ``on_epoch`` sees the first member's epochs (the history returned),
-    and the run log gets one line per further member. ``checkpoint_for(k)``: member k's."""
+    ``parts``: a branched backbone's feature widths; then ``members`` heads train on each part's
+    columns alone (seeds continuing across parts), so the average is a probability ensemble of
+    the backbones. Each member trains, stops early and keeps its best epoch on its own, as a
+    separately trained model would; ``on_epoch`` sees the first member's epochs (the history
+    returned), and the run log gets one line per further member. ``checkpoint_for(k)``: member k's."""
+    bounds = part_bounds(parts) if parts is not None and len(parts) > 1 else [None]
+    total = members * len(bounds)
     heads, summaries, history = [], [], []
-    for k in range(members):
-        head, hist, summary = fit_head(x_train, y_train, x_val, y_val, n_classes, dataclasses.replace(cfg, seed=cfg.seed + k),
-                                       on_epoch=on_epoch if k == 0 else None, checkpoint=checkpoint_for(k) if checkpoint_for else None)
-        if k == 0:
-            history = hist
-        else:
-            log.info("head %d of %d: best epoch %d of %d, %s %.4f", k + 1, members, summary["best_epoch"], summary["epochs_run"],
-                     summary["monitor"], summary["best_monitor"])
-        heads.append(head)
-        summaries.append(summary)
-    if members == 1:
+    for bound in bounds:
+        xt, xv = (x_train, x_val) if bound is None else (x_train[..., bound[0]:bound[1]], np.asarray(x_val)[..., bound[0]:bound[1]])
+        for _ in range(members):
+            k = len(heads)
+            head, hist, summary = fit_head(xt, y_train, xv, y_val, n_classes, dataclasses.replace(cfg, seed=cfg.seed + k),
+                                           on_epoch=on_epoch if k == 0 else None, checkpoint=checkpoint_for(k) if checkpoint_for else None)
+            if k == 0:
+                history = hist
+            else:
+                log.info("head %d of %d%s: best epoch %d of %d, %s %.4f", k + 1, total, "" if bound is None else f" (features {bound[0]}:{bound[1]})",
+                         summary["best_epoch"], summary["epochs_run"], summary["monitor"], summary["best_monitor"])
+            heads.append(head if bound is None else on_slice(head, *bound))
+            summaries.append(summary)
+    if total == 1:
         return heads[0], history, summaries[0]
     head = ensemble_head(heads).eval()
     summary = {**summaries[0], "members": [{k: s[k] for k in ("best_epoch", "epochs_run", "best_monitor")} for s in summaries]}
@@ -552,5 +560,5 @@ def fit_heads(
         with torch.no_grad():
             first, averaged = (F.cross_entropy(h(xv), yv).item() for h in (heads[0], head))
         summary["members_val_loss"] = averaged
-        log.info("heads: %d averaged, validation log loss %.4f (first head alone %.4f)", members, averaged, first)
+        log.info("heads: %d averaged, validation log loss %.4f (first head alone %.4f)", total, averaged, first)
     return head, history, summary

@@ -1,0 +1,165 @@
+"""Several Lite backbones as one entry (``efficientnet_lite0+lite1``): the registry entry, the
+network (each backbone at its own input size), heads that each read one backbone's features,
+and a run through training, the bundle, loading, Grad-CAM and the ONNX export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import bundle_copy
+from imgclf.backbones.modules import build_feature_extractor
+from imgclf.backbones.specs import UnknownBackboneError, get_backbone_spec
+from imgclf.backbones.weights import WeightsFileError, resolve_weights
+from imgclf.cli.main import main
+from imgclf.model.bundle import BundleError
+from imgclf.model.heads import build_head, head_config, head_from_config, head_members
+from imgclf.model.metadata import ModelMeta
+from imgclf.train.loops import TrainConfig, fit_head, fit_heads
+from test_training import _blobs
+
+PAIR = "efficientnet_lite0+lite1"
+
+
+def test_entry_names_its_backbones_and_takes_the_largest_input():
+    spec = get_backbone_spec(PAIR)
+    lite0, lite1 = get_backbone_spec("efficientnet_lite0"), get_backbone_spec("efficientnet_lite1")
+    assert spec.family == "branched" and spec.branches == (lite0, lite1)
+    assert spec.feature_dim == 2560 and spec.feature_parts == (1280, 1280) and lite0.feature_parts == (1280,)
+    assert spec.preprocessing == lite1.preprocessing  # 240 px: Lite0 is resized down inside the network
+    assert get_backbone_spec("efficientnet_lite2+lite0").preprocessing.input_size == 260
+    assert [b["name"] for b in spec.describe()["branches"]] == ["efficientnet_lite0", "efficientnet_lite1"]
+    for bad in ("efficientnet_lite0+lite0", "efficientnet_lite0+b0", "efficientnet_lite0+lite1+lite2+lite1", "efficientnet_lite0+"):
+        with pytest.raises(UnknownBackboneError, match="two or three different Lite backbones"):
+            get_backbone_spec(bad)
+
+
+def test_weights_are_its_backbones_own_and_a_single_file_is_refused(tmp_path):
+    spec = get_backbone_spec(PAIR)
+    ref = resolve_weights(spec, "imagenet")
+    parts = [resolve_weights(b, "imagenet") for b in spec.branches]
+    assert ref.identity == "+".join(p.identity for p in parts) and ref.kind == "package"
+    f = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, f)
+    with pytest.raises(WeightsFileError, match="a weights file fits one backbone"):
+        resolve_weights(spec, str(f))
+    assert resolve_weights(spec, "none").kind == "none"
+
+
+def test_features_are_each_backbone_at_its_own_size_side_by_side():
+    spec = get_backbone_spec(PAIR)
+    fx = build_feature_extractor(spec, resolve_weights(spec, "imagenet"))
+    lite0, lite1 = spec.branches
+    f0 = build_feature_extractor(lite0, resolve_weights(lite0, "imagenet"))
+    f1 = build_feature_extractor(lite1, resolve_weights(lite1, "imagenet"))
+    x = torch.rand(2, 3, 240, 240, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        got = fx(x)
+        want0 = f0(F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False))
+        want1 = f1(x)
+    assert got.shape == (2, 2560)
+    torch.testing.assert_close(got[:, :1280], want0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[:, 1280:], want1, atol=1e-4, rtol=1e-4)
+    maps = fx.feature_map(x)  # one map per backbone, for Grad-CAM
+    assert [tuple(m.shape[2:]) for m in maps] == [(7, 7), (8, 8)]
+
+
+def test_part_heads_read_only_their_backbone_s_features():
+    torch.manual_seed(0)
+    head = build_head("recipe", 12, 3, members=4, parts=(8, 4)).eval()
+    assert head_members(head) == 4
+    assert [(m.features.start, m.features.stop) for m in head.members] == [(0, 8), (0, 8), (8, 12), (8, 12)]
+    x = torch.randn(5, 12)
+    y = x.clone()
+    y[:, 8:] += 3.0  # the second backbone's features change
+    with torch.no_grad():
+        for k, member in enumerate(head.members):
+            same = torch.equal(member(x), member(y))
+            assert same is (k < 2)
+    cfg = head_config("recipe", 12, 3, members=4, parts=(8, 4))
+    assert cfg["parts"] == [8, 4] and "parts" not in head_config("recipe", 12, 3, members=4, parts=(12,))
+    again = head_from_config(cfg)
+    again.load_state_dict(head.state_dict(), strict=True)
+    torch.testing.assert_close(again.eval()(x), head(x))
+    for parts, members in (((8, 5), 4), ((8, 4), 3), ((8, 4), 34)):
+        with pytest.raises(ValueError, match="head"):
+            build_head("recipe", 12, 3, members=members, parts=parts)
+
+
+def test_fit_heads_trains_each_part_on_its_columns():
+    x, y = _blobs(dim=16)
+    cfg = TrainConfig(epochs=6, patience=0, seed=3)
+    head, _, summary = fit_heads(x, y, x[::3], y[::3], 3, cfg, members=2, parts=(10, 6))
+    assert head_members(head) == 4 and len(summary["members"]) == 4
+    # member 2 is the seed-5 head trained on columns 10..16 alone
+    alone, _, _ = fit_head(x[:, 10:], y, x[::3, 10:], y[::3], 3, TrainConfig(epochs=6, patience=0, seed=5))
+    torch.testing.assert_close(head.members[2].state_dict()["fc2.weight"], alone.state_dict()["fc2.weight"])
+    assert head.members[2].fc1.in_features == 6 and head.members[0].fc1.in_features == 10
+
+
+def test_bad_parts_in_model_json_is_one_line():
+    from test_model_metadata import _model_json
+
+    d = _model_json()
+    dim = d["head"]["in_dim"]
+    for head in ({"parts": [dim - 1, 2], "members": 2}, {"parts": [dim]}, {"parts": [dim - 1, 1]}, {"parts": [dim - 1, 1], "members": 3}):
+        d["head"] = {k: v for k, v in d["head"].items() if k not in ("parts", "members")} | head
+        with pytest.raises(BundleError, match="head (parts|members)") as info:
+            ModelMeta.from_dict(d, source="run/model.json")
+        assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def pair_run(shapes_root, tmp_path_factory):
+    project = tmp_path_factory.mktemp("pair")
+    rc = main(["-q", "train", str(shapes_root), "--backbone", PAIR, "--heads", "2", "--epochs", "4", "--project", str(project),
+               "--name", "p", "--no-progress", "--no-report", "--bootstrap", "0"])
+    assert rc == 0
+    return project / "p"
+
+
+def test_run_trains_the_frozen_pair_and_says_why_stage_two_is_skipped(pair_run, tmp_path, caplog):
+    from imgclf.train.classifier import ImageClassifier
+
+    meta = json.loads((pair_run / "model.json").read_text())
+    assert meta["backbone"]["name"] == PAIR and meta["head"]["parts"] == [1280, 1280] and meta["head"]["members"] == 4
+    assert meta["format"] == "imgclf-bundle/4" and meta["frozen_backbone"] is True
+    assert len(json.loads((pair_run / "config.json").read_text())["fit_summary"]["stages"]) == 1  # the default recipe asked for stage 2
+    with caplog.at_level("WARNING", logger="imgclf"):
+        assert ImageClassifier(backbone=PAIR, cache_dir=tmp_path).stage2_blocks() == 0
+    assert "stage 2 fine-tunes the blocks of one backbone" in caplog.text and "stage 2 skipped" in caplog.text
+    with pytest.raises(ValueError, match="drop unfreeze or use recipe fast"):  # asked for explicitly: refused, not skipped
+        ImageClassifier(backbone=PAIR, unfreeze=1, cache_dir=tmp_path).stage2_blocks()
+
+
+def test_pair_loads_predicts_explains_and_exports(pair_run, shapes_root, tmp_path):
+    from PIL import Image
+
+    from imgclf.explain.gradcam import gradcam
+    from imgclf.export.onnx import export_onnx
+    from imgclf.model.classifier import Classifier
+    from imgclf.predict.onnx_predictor import OnnxClassifier
+
+    paths = sorted((shapes_root / "test").rglob("*.jpg"))[::4]
+    clf = Classifier.load(pair_run, engine="torch", precision="fp32", use_cache=False)
+    p = clf.predict_proba(paths)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+    with Image.open(paths[0]) as im:
+        heat, k, prob = gradcam(clf, im.convert("RGB"))
+    assert heat.shape == (240, 240) and heat.min() >= 0 and heat.max() == pytest.approx(1.0)
+    assert prob == pytest.approx(float(p[0, k]), abs=1e-4)
+    d = bundle_copy(pair_run, tmp_path / "m")
+    res = export_onnx(d, d / "model.onnx")  # parity with PyTorch is checked inside; a mismatch raises
+    np.testing.assert_allclose(OnnxClassifier(res.path).predict_proba(paths), p, atol=1e-4)
+
+
+def test_a_weights_file_with_the_pair_is_a_one_line_error(shapes_root, tmp_path, capsys):
+    f = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, f)
+    rc = main(["train", str(shapes_root), "--backbone", PAIR, "--weights", str(f), "--project", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "fits one backbone" in err and len(err.splitlines()) == 1
