@@ -1,4 +1,5 @@
-"""Compare training recipes (seed, fast, finetune) on one dataset with one backbone, per seed.
+"""Compare training recipes (seed, fast, finetune, ensemble) on one dataset, per seed, each with its own
+backbone (ensemble: efficientnet_lite0+lite1, the others efficientnet_lite0) unless ``--backbone`` names one.
 
 Each recipe runs as a fresh ``imgclf train`` process with an empty feature cache, so wall
 time includes extraction; peak memory is that process's max RSS. The seed also sets the
@@ -11,7 +12,7 @@ e.g. ``../shared/data/isic8/binary.csv``). ``--variant NAME='ARGS'`` adds a run 
 those ``imgclf train`` arguments (e.g. ``--variant "unfreeze3=--recipe finetune --unfreeze 3"``).
 Prints a Markdown table (and JSON with --out). Usage:
 
-    .venv/bin/python benchmarks/bench_recipes.py [--data ../shared/data/flowers12] [--backbone efficientnet_lite0] [--seeds 0 1 2]
+    .venv/bin/python benchmarks/bench_recipes.py [--data ../shared/data/flowers12] [--backbone NAME] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_recipe(data: Path, recipe: str, backbone: str, seed: int, extra: list[str], workdir: Path) -> dict:
+def run_recipe(data: Path, recipe: str, backbone: str | None, seed: int, extra: list[str], workdir: Path) -> dict:
     """One ``imgclf train`` run labelled ``recipe``: the named recipe, or a variant whose ``extra``
     arguments name their own (``--recipe`` given in ``extra`` wins)."""
     cache = workdir / f"cache-{recipe}-{seed}"
     project = workdir / f"runs-{seed}"
     source = ["--manifest", str(data)] if data.suffix.lower() == ".csv" else [str(data)]
     named = [] if "--recipe" in extra else ["--recipe", recipe]
-    cmd = [sys.executable, "-m", "imgclf", "-q", "train", *source, *named, "--backbone", backbone,
+    cmd = [sys.executable, "-m", "imgclf", "-q", "train", *source, *named, *(["--backbone", backbone] if backbone else []),
            "--seed", str(seed), "--project", str(project), "--name", recipe, "--cache-dir", str(cache), "--no-progress", *extra]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -74,9 +75,9 @@ def run_recipe(data: Path, recipe: str, backbone: str, seed: int, extra: list[st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flowers12"))
-    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--backbone", default=None, help="one backbone for every recipe (default: each recipe's own)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--recipes", nargs="*", default=["seed", "fast", "finetune"], help="named recipes to run (none: only the --variant runs)")
+    ap.add_argument("--recipes", nargs="*", default=["seed", "fast", "finetune", "ensemble"], help="named recipes to run (none: only the --variant runs)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help="also run NAME with these imgclf train arguments (repeatable)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
@@ -110,7 +111,7 @@ def main() -> int:
                 rows.append(mean)
     cols = ["recipe", "seed", *metrics[:9], "tta", "stage2", "stage2_img_s", "wall_s", "peak_rss_mb"]
     cols = [c for c in cols if any(c in r for r in rows)]
-    print(f"dataset: {args.data}  backbone: {args.backbone}  seeds: {' '.join(map(str, args.seeds))}\n")
+    print(f"dataset: {args.data}  backbone: {args.backbone or 'each recipe own'}  seeds: {' '.join(map(str, args.seeds))}\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -80,7 +80,7 @@ def shapes_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(shapes_root, tmp_path_factory):
-    """One real `imgclf train` run on the shapes set with the default Lite0 backbone."""
+    """One real `imgclf train` run on the shapes set with the default recipe (Lite0+Lite1, frozen)."""
     from imgclf.cli.main import main
 
     project = tmp_path_factory.mktemp("runs")

@@ -128,9 +128,9 @@ def test_run_trains_the_frozen_pair_and_says_why_stage_two_is_skipped(pair_run, 
     meta = json.loads((pair_run / "model.json").read_text())
     assert meta["backbone"]["name"] == PAIR and meta["head"]["parts"] == [1280, 1280] and meta["head"]["members"] == 4
     assert meta["format"] == "imgclf-bundle/4" and meta["frozen_backbone"] is True
-    assert len(json.loads((pair_run / "config.json").read_text())["fit_summary"]["stages"]) == 1  # the default recipe asked for stage 2
+    assert len(json.loads((pair_run / "config.json").read_text())["fit_summary"]["stages"]) == 1
     with caplog.at_level("WARNING", logger="imgclf"):
-        assert ImageClassifier(backbone=PAIR, cache_dir=tmp_path).stage2_blocks() == 0
+        assert ImageClassifier(recipe="finetune", backbone=PAIR, cache_dir=tmp_path).stage2_blocks() == 0
     assert "stage 2 fine-tunes the blocks of one backbone" in caplog.text and "stage 2 skipped" in caplog.text
     with pytest.raises(ValueError, match="drop unfreeze or use recipe fast"):  # asked for explicitly: refused, not skipped
         ImageClassifier(backbone=PAIR, unfreeze=1, cache_dir=tmp_path).stage2_blocks()

@@ -20,7 +20,7 @@ def _train_parser():
 
 
 def test_bad_unfreeze_is_refused_before_the_dataset_scan_and_before_a_run_folder(tmp_path, capsys):
-    rc = main(["train", str(tmp_path / "no-such-data"), "--project", str(tmp_path / "runs"), "--unfreeze", "999", "--no-progress"])
+    rc = main(["train", str(tmp_path / "no-such-data"), "--project", str(tmp_path / "runs"), "--recipe", "finetune", "--unfreeze", "999", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "unfreeze must be between 1 and" in err and "no-such-data" not in err, err
     assert not (tmp_path / "runs").exists()
@@ -39,7 +39,7 @@ def test_every_declared_setting_is_a_train_flag_with_its_help():
 
 def test_recipes_only_override_declared_settings_and_unknown_names_are_refused():
     assert all(set(r) <= set(TRAIN_FIELDS) for r in RECIPES.values())
-    assert make_settings() == TrainSettings()  # the declared defaults are the default recipe
+    assert make_settings("finetune") == TrainSettings(recipe="finetune")  # the declared defaults are the finetune recipe
     with pytest.raises(SettingError, match="unknown setting.*epoch\\b"):
         make_settings(epoch=3)
     from imgclf.train.classifier import ImageClassifier
@@ -74,7 +74,7 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, capsys):
 
 
 def test_stage_two_optimiser_values_are_settings_that_reach_the_loop():
-    s = make_settings(finetune_optimizer="adam", finetune_weight_decay=0.05, finetune_warmup_epochs=0.0, finetune_schedule="constant")
+    s = make_settings("finetune", finetune_optimizer="adam", finetune_weight_decay=0.05, finetune_warmup_epochs=0.0, finetune_schedule="constant")
     cfg = TrainConfig.stage2(s)
     assert (cfg.optimizer, cfg.weight_decay, cfg.warmup_epochs, cfg.schedule) == ("adam", 0.05, 0.0, "constant")
     default = TrainConfig.stage2(make_settings())

@@ -39,8 +39,9 @@ def test_export_writes_one_graph_with_metadata_and_sidecar(exported, capsys):
     data = onnx_path.read_bytes()
     assert side["format"] == "imgclf-onnx/1"
     assert side["onnx_sha256"] == hashlib.sha256(data).hexdigest() and side["onnx_size"] == len(data)
-    assert side["class_names"] == ["circle", "square", "triangle"] and side["input_size"] == 224
-    assert side["preprocessing"]["mean"] == [127.0, 127.0, 127.0] and "centre-crop 224x224" in side["resize_policy"]
+    size = json.loads((exported / "model.json").read_text())["preprocessing"]["input_size"]  # 240: the default Lite0+Lite1 pair
+    assert side["class_names"] == ["circle", "square", "triangle"] and side["input_size"] == size == 240
+    assert side["preprocessing"]["mean"] == [127.0, 127.0, 127.0] and "centre-crop 240x240" in side["resize_policy"]
     assert side["threshold"] is None and side["decision"] == "argmax"
     p = side["parity"]
     assert p["n_images"] == 6 and p["source"] == "given images" and p["max_abs_diff"] <= 1e-4 and p["top1_agree"] == 6
@@ -48,13 +49,13 @@ def test_export_writes_one_graph_with_metadata_and_sidecar(exported, capsys):
     model = onnx.load_from_string(data)
     props = {kv.key: kv.value for kv in model.metadata_props}
     assert json.loads(props["imgclf.class_names"]) == side["class_names"]
-    assert props["imgclf.input_size"] == "224" and json.loads(props["imgclf.threshold"]) is None
+    assert props["imgclf.input_size"] == "240" and json.loads(props["imgclf.threshold"]) is None
     assert json.loads(props["imgclf.preprocessing"])["interpolation"] == "bicubic"
     assert props == side["onnx_metadata"]
     (inp,), (out,) = model.graph.input, model.graph.output
     assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
-    assert dims == ["batch", 3, 224, 224]
+    assert dims == ["batch", 3, 240, 240]
     assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", 3]
     # normalisation is inside the graph: the mean/std constants are there, applied to a Cast of the uint8 input
     assert any(n.op_type == "Cast" and n.input[0] == "image" for n in model.graph.node)

@@ -159,7 +159,7 @@ def test_stage_two_replaces_the_frozen_heads_only_when_it_beats_them(shapes_root
         return tuned, history, summary
 
     monkeypatch.setattr(train_classifier, "finetune", stage2_always_tunes)
-    clf = ImageClassifier(heads=2, epochs=4, finetune_epochs=2, finetune_patience=0, seed=0, cache_dir=tmp_path / "cache", neighbors=False)
+    clf = ImageClassifier(recipe="finetune", heads=2, epochs=4, finetune_epochs=2, finetune_patience=0, seed=0, cache_dir=tmp_path / "cache", neighbors=False)
     clf.fit(shapes_root)
     stage2 = clf.fit_summary_["stages"][1]
     assert stage2["frozen_heads"]["kept"] is heads_kept and next(given, None) is None

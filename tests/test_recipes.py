@@ -262,11 +262,20 @@ def test_tail_batchnorm_statistics_frozen_or_following_batches():
         TailModel([], nn.Identity(), nn.Identity(), False, "nope")
 
 
-def test_default_recipe_is_finetune():
+def test_default_recipe_is_the_frozen_lite_pair():
     from imgclf.config.recipes import DEFAULT_RECIPE
+    from imgclf.config.settings import SettingError
 
-    assert DEFAULT_RECIPE == "finetune" and ImageClassifier().recipe == "finetune"
+    assert DEFAULT_RECIPE == "ensemble" and ImageClassifier().recipe == "ensemble"
+    default = make_settings()
+    assert (default.backbone, default.finetune_epochs, default.heads) == ("efficientnet_lite0+lite1", 0, 5)
+    finetune = make_settings("finetune")
+    assert finetune.backbone == "efficientnet_lite0" and finetune.finetune_epochs > 0 and make_settings("fast").backbone == "efficientnet_lite0"
     assert make_settings("seed").head == "tutorial" and make_settings().finetune_bn == "frozen"
+    # stage 2 asked for under the default recipe: one line naming the way out, not a silent skip
+    with pytest.raises(SettingError, match="stage 2 fine-tunes the blocks of one backbone.*--recipe finetune"):
+        make_settings(finetune_epochs=3)
+    assert make_settings(finetune_epochs=3, backbone="efficientnet_lite0").finetune_epochs == 3
 
 
 def test_finetune_that_does_not_help_keeps_the_frozen_model(shapes_root, tmp_path):
@@ -310,8 +319,9 @@ def test_timm_backbone_fine_tunes_its_last_block(shapes_root, tmp_path, monkeypa
     import imgclf.train.loops
 
     monkeypatch.setattr(imgclf.train.loops, "better", lambda *a: True)  # every stage-2 epoch counts as better: tuned weights kept
-    clf = ImageClassifier(backbone="timm:test_efficientnet", weights="none", epochs=2, finetune_epochs=2, finetune_views=1, cache_dir=tmp_path / "c")
-    clf.fit(shapes_root)  # the default recipe: stage 2 on the last block (conv_head + bn2)
+    clf = ImageClassifier(recipe="finetune", backbone="timm:test_efficientnet", weights="none", epochs=2, finetune_epochs=2, finetune_views=1,
+                          cache_dir=tmp_path / "c")
+    clf.fit(shapes_root)  # stage 2 on the last block (conv_head + bn2)
     stage2 = clf.fit_summary_["stages"][1]
     assert stage2["stage"] == "finetune" and stage2["trainable_blocks"] == ["head"]
     assert clf._tuned and all(k.startswith(("body.net.conv_head", "body.net.bn2")) for k in clf._tuned), sorted(clf._tuned or [])
@@ -324,8 +334,8 @@ def test_unmapped_timm_backbone_skips_stage_two_or_refuses_unfreeze(shapes_root,
         raise bb.BlocksUnknownError(f"{name}: its block structure is not mapped, so it cannot be fine-tuned")
 
     monkeypatch.setattr(bb, "_timm_blocks", unknown)
-    clf = ImageClassifier(backbone="timm:test_resnet", weights="none", epochs=2, cache_dir=tmp_path / "c")
-    clf.fit(shapes_root)  # the default recipe is finetune
+    clf = ImageClassifier(recipe="finetune", backbone="timm:test_resnet", weights="none", epochs=2, cache_dir=tmp_path / "c")
+    clf.fit(shapes_root)
     assert [s["stage"] for s in clf.fit_summary_["stages"]] == ["head"]
     assert any("stage 2 skipped" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="not mapped"):

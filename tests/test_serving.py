@@ -61,7 +61,7 @@ def test_healthz_model_page_static_and_docs(client, model):
     assert client.get("/healthz").json()["status"] == "ok"
     info = client.get("/v1/model").json()
     assert info["class_names"] == ["circle", "square", "triangle"] and info["model_id"] == model.model_id
-    assert info["engine"] == "onnxruntime" and info["input_size"] == 224 and info["threshold"] is None
+    assert info["engine"] == "onnxruntime" and info["input_size"] == model.input_size == 240 and info["threshold"] is None
     assert info["explain"] is False and info["limits"]["max_upload_mb"] == 10 and info["api_key_required"] is False
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -404,7 +404,7 @@ def test_explain_endpoint_present_only_with_the_module(model, exported, images, 
         r = c.post("/v1/explain", files={"file": ("sq.jpg", jpeg, "image/jpeg")})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert r.headers["x-class"] == "square" and float(r.headers["x-probability"]) == 0.75
-        assert Image.open(io.BytesIO(r.content)).size == (224, 224)
+        assert Image.open(io.BytesIO(r.content)).size == (224, 224)  # the fake heatmap's size
         r = c.post("/v1/explain?class_name=triangle", files={"file": ("sq.jpg", jpeg, "image/jpeg")})
         assert r.headers["x-class"] == "triangle" and fake.calls[-1] == ((96, 96), "triangle")
         assert_error(c.post("/v1/explain?class_name=dog", files={"file": ("sq.jpg", jpeg, "image/jpeg")}), 400, "unknown-class")
@@ -431,7 +431,7 @@ def test_explain_with_the_real_module(model, exported, images):
         r = c.post("/v1/explain", files={"file": ("sq.jpg", images["square"].read_bytes(), "image/jpeg")})
     assert r.status_code == 200, r.text
     assert r.headers["x-class"] in model.class_names_ and 0 <= float(r.headers["x-probability"]) <= 1
-    assert Image.open(io.BytesIO(r.content)).size == (224, 224)
+    assert Image.open(io.BytesIO(r.content)).size == (240, 240)  # the default pair's input crop
 
 
 def test_serving_model_loading_and_cli_errors(exported, tmp_path, capsys):
