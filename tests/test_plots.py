@@ -66,6 +66,19 @@ def test_training_curves_with_stages_and_strings(tmp_path):
     ]
     _check_png(plots.training_curves(rows, tmp_path / "curves.png"))
     _check_png(plots.training_curves([], tmp_path / "empty.png"), (100, 100))
+    # the marked epoch is the delivered stage's: stage 1's (epoch 5) when the frozen heads were kept
+    last = plots.training_curves(rows, tmp_path / "last.png", kept_stage="finetune").read_bytes()
+    assert last == (tmp_path / "curves.png").read_bytes()
+    assert plots.training_curves(rows, tmp_path / "heads.png", kept_stage="head").read_bytes() != last
+
+
+def test_report_marks_the_delivered_stage():
+    from imgclf.report.html import _kept_stage
+
+    tuned = {"fit_summary": {"stages": [{"stage": "head"}, {"stage": "finetune", "kept_start": False}]}}
+    heads = {"fit_summary": {"stages": [{"stage": "head"}, {"stage": "finetune", "kept_start": False, "frozen_heads": {"kept": True}}]}}
+    start = {"fit_summary": {"stages": [{"stage": "head"}, {"stage": "finetune", "kept_start": True}]}}
+    assert _kept_stage(tuned) is None and _kept_stage({}) is None and _kept_stage(heads) == _kept_stage(start) == "head"
 
 
 def test_absent_class_and_grid(tmp_path):

@@ -58,11 +58,13 @@ def _float(v):
     return f
 
 
-def training_curves(history: Sequence[dict], path: str | os.PathLike) -> Path:
+def training_curves(history: Sequence[dict], path: str | os.PathLike, kept_stage: str | None = None) -> Path:
     """Loss and accuracy per epoch, train vs validation; best epoch and stage changes marked.
 
     ``history`` rows are ``metrics.csv`` rows (strings are fine): epoch, train_loss,
-    train_accuracy, val_loss, val_accuracy, best, and optionally stage.
+    train_accuracy, val_loss, val_accuracy, best, and optionally stage. ``kept_stage``: the
+    stage whose model was delivered (its best epoch is the one marked), e.g. ``head`` when
+    stage 2 ran but the frozen heads beat it; by default the last best epoch of any stage.
     """
     x = np.arange(1, len(history) + 1)
     fig = _figure(10, 3.8)
@@ -71,7 +73,8 @@ def training_curves(history: Sequence[dict], path: str | os.PathLike) -> Path:
         for ax in axes:
             ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
         return save_figure(fig, path)
-    best = [i + 1 for i, r in enumerate(history) if str(r.get("best", "")).lower() in ("true", "1", "yes")]
+    best = [i + 1 for i, r in enumerate(history) if str(r.get("best", "")).lower() in ("true", "1", "yes")
+            and (kept_stage is None or str(r.get("stage", "") or "") == kept_stage)]
     stages = [str(r.get("stage", "") or "") for r in history]
     for ax, key, label in ((axes[0], "loss", "loss (cross-entropy)"), (axes[1], "accuracy", "accuracy")):
         ax.plot(x, [_float(r.get(f"train_{key}")) for r in history], "-o", ms=3, color=_TRAIN, label="train")

@@ -611,6 +611,15 @@ def _environment(ctx: dict) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def _kept_stage(config: dict) -> str | None:
+    """The stage whose model the run delivered: stage 1's when stage 2 ran but the frozen heads
+    beat it or no tuned epoch beat its start; None (the last best epoch) otherwise."""
+    stages = (config.get("fit_summary") or {}).get("stages") or []
+    if len(stages) > 1 and ((stages[1].get("frozen_heads") or {}).get("kept") or stages[1].get("kept_start")):
+        return str(stages[0].get("stage") or "head")
+    return None
+
+
 def _make_plots(ctx: dict, plots_dir: Path) -> dict[str, Path]:
     from imgclf.evaluation import plots
 
@@ -623,7 +632,7 @@ def _make_plots(ctx: dict, plots_dir: Path) -> dict[str, Path]:
         except Exception as e:  # noqa: BLE001 - one broken plot must not lose the report
             log.warning("report: plot %s failed: %s", key, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
-    attempt("training_curves", plots.training_curves, ctx["history"], plots_dir / "training_curves.png")
+    attempt("training_curves", plots.training_curves, ctx["history"], plots_dir / "training_curves.png", kept_stage=_kept_stage(ctx["config"]))
     if m.get("confusion_matrix"):
         attempt("confusion_matrix", plots.confusion_matrices, m["confusion_matrix"]["counts"], m["confusion_matrix"]["labels"], plots_dir / "confusion_matrix.png")
     if m.get("per_class"):
