@@ -144,6 +144,4 @@ def test_trained_run_records_the_cpu_device(trained_run):
     config = json.loads((trained_run / "config.json").read_text())
     assert config["runtime"]["device"] == "auto"
     assert config["backbone_engine"]["device"] == "cpu"
-    assert "device: cpu (--device auto)" in (trained_run / "train.log").read_text()
-    tuned = [s for s in config["fit_summary"]["stages"] if s["stage"] == "finetune"]
-    assert all(s["device"] == "cpu" for s in tuned)
+    assert "device: cpu (--device auto)" in (trained_run / "train.log").read_text()  # (stage 2's device: test_recipes)

@@ -131,7 +131,7 @@ def test_a_train_run_stores_the_index_and_predict_gives_neighbours(trained_run, 
     assert found[1] is None and str(tmp_path / "missing.jpg") in clf.errors_
     thumb = clf.neighbor_index().thumbnail(found[0][0].index)
     assert Image.open(io.BytesIO(thumb)).format == "JPEG"
-    # a neighbour of a training image is itself, with similarity 1 (same preprocessing, tuned backbone)
+    # a neighbour of a training image is itself, with similarity 1 (same preprocessing, same backbone)
     own = sorted(train_paths)[0]
     first = clf.neighbors([own], k=1)[0][0]
     assert first.path == own and first.similarity == pytest.approx(1.0, abs=2e-3)

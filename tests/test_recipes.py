@@ -78,7 +78,7 @@ def test_finetune_changes_exactly_the_unfrozen_blocks_and_keeps_frozen_bn(shapes
     # --finetune-bn frozen (default): the tail's BN statistics are kept, its scale/shift train
     assert not any("running_" in k for k in changed)
     assert any(k.endswith("_bn1.weight") or k.endswith("_bn1.bias") for k in changed)
-    assert clf.meta_.backbone_tuned["unfreeze"] == 2
+    assert clf.meta_.backbone_tuned["unfreeze"] == 2 and clf.fit_summary_["stages"][1]["device"] == "cpu"
     # fp32 on the CPU trains the tail channels-last; the runner's blocks come back contiguous
     stage2 = clf.fit_summary_["stages"][1]
     assert stage2["channels_last"] == (stage2["precision"] == "fp32")

@@ -72,7 +72,7 @@ def make_settings(recipe: str | None = None, **overrides) -> TrainSettings:
     asked = sorted(k for k in given if _is_stage2(k))
     if asked and settings.finetune_epochs > 0 and "+" in settings.backbone and "backbone" not in given:  # the recipe's several backbones
         raise SettingError(f"{', '.join(asked)}: stage 2 fine-tunes the blocks of one backbone, and {settings.backbone} is several; "
-                           "use --recipe finetune (efficientnet_lite0) or name one --backbone")
+                           "use --recipe finetune (efficientnet_lite0; --backbone chooses another single backbone)")
     return settings
 
 

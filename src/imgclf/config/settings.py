@@ -99,14 +99,16 @@ class Declared:
 
 @dataclass(frozen=True)
 class TrainSettings(Declared):
-    """What a training run does. Defaults are the default recipe's (``finetune``)."""
+    """What a training run does. The declared values are the ``finetune`` recipe's; ``recipe`` names
+    the default recipe, ``ensemble``, whose overrides (:mod:`imgclf.config.recipes`) ``make_settings``
+    applies: build settings with ``make_settings``, not with ``TrainSettings()`` alone."""
 
-    recipe: str = setting("ensemble", "named settings that the other flags override: ensemble = efficientnet_lite0+lite1 frozen, cached features, five heads per backbone, probabilities averaged; fast = efficientnet_lite0 frozen, five heads (about half the time); finetune = fast, then the last --unfreeze blocks trained with the first head, kept only if they beat the frozen heads on validation; seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only)", choices=RECIPE_NAMES, group="model")
+    recipe: str = setting("ensemble", "named settings that the other flags override: ensemble = efficientnet_lite0+lite1 frozen, cached features, five heads per backbone, probabilities averaged; fast = efficientnet_lite0 frozen, five heads (about two thirds of the time); finetune = fast, then the last --unfreeze blocks trained with the first head, kept only if they beat the frozen heads on validation; seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only)", choices=RECIPE_NAMES, group="model")
     # model
     backbone: str = setting(DEFAULT_BACKBONE, "backbone registry name (see README: efficientnet_lite0/1/2, efficientnet_lite0+lite1 = both as one probability ensemble, vgg16, resnet50, ..., timm:<name>)", group="model")
     weights: str = setting("imagenet", "imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.bin/.safetensors state-dict path", group="model")
     head: str = setting("recipe", "recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear; tutorial: the recipe head with the tutorial's sigmoid before the loss (comparison only)", choices=HEAD_KINDS, group="model")
-    heads: int = setting(5, "stage 1 trains this many heads on the frozen features (seeds seed, seed+1, ...) and averages their probabilities: an ensemble that lowers the variance of a single head; stage 2 tunes the tail with the first head and replaces the frozen heads only if it beats them on calibrated validation loss", ge=1, le=MAX_HEADS, group="model")
+    heads: int = setting(5, "stage 1 trains this many heads on the frozen features (this many per backbone for several backbones together) (seeds seed, seed+1, ...) and averages their probabilities: an ensemble that lowers the variance of a single head; stage 2 tunes the tail with the first head and replaces the frozen heads only if it beats them on calibrated validation loss", ge=1, le=MAX_HEADS, group="model")
     input_scaling: str = setting("entry", "entry: the backbone's own preprocessing; x/255: the tutorial's bug (squash resize, nearest), comparison only", choices=INPUT_SCALINGS, group="model")
     # stage 1: the head on cached frozen features
     epochs: int = setting(30, "maximum head epochs", ge=1)

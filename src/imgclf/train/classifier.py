@@ -45,8 +45,8 @@ log = logging.getLogger("imgclf")
 class ImageClassifier(Classifier):
     """Transfer-learned image classifier on an ImageNet backbone with cached features.
 
-    ``recipe`` (``seed`` | ``fast`` | ``finetune``, see :mod:`imgclf.config.recipes`) sets the
-    defaults; every setting given overrides it. ``fit`` validates the data and learns;
+    ``recipe`` (``ensemble``, the default | ``fast`` | ``finetune`` | ``seed``, see
+    :mod:`imgclf.config.recipes`) sets the defaults; every setting given overrides it. ``fit`` validates the data and learns;
     fitted attributes end in ``_``.
     """
 
@@ -103,7 +103,7 @@ class ImageClassifier(Classifier):
                     split_blocks(runner.torch_module(), runner.spec, unfreeze)
                 except BlocksUnknownError as e:
                     if st.unfreeze is not None:  # asked for explicitly
-                        raise ValueError(f"{e}; drop unfreeze or use recipe fast") from None
+                        raise ValueError(f"{e}; drop unfreeze (the frozen backbone's heads are then the model)") from None
                     log.warning("%s: stage 2 skipped, the frozen backbone's head is the model", e)
                     unfreeze = 0
             self._unfreeze = unfreeze
