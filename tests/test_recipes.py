@@ -276,6 +276,8 @@ def test_default_recipe_is_the_frozen_lite_pair():
     with pytest.raises(SettingError, match="stage 2 fine-tunes the blocks of one backbone.*--recipe finetune"):
         make_settings(finetune_epochs=3)
     assert make_settings(finetune_epochs=3, backbone="efficientnet_lite0").finetune_epochs == 3
+    # the pair named explicitly with stage 2 asked for: accepted, and no fit runs stage 2 on it
+    assert not make_settings(finetune_epochs=3, backbone="efficientnet_lite0+lite1").stage2 and make_settings("finetune").stage2
 
 
 def test_finetune_that_does_not_help_keeps_the_frozen_model(shapes_root, tmp_path):

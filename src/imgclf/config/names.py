@@ -7,3 +7,8 @@ TORCHVISION_NAMES = ("vgg16", "resnet50", "efficientnet_b0", "mobilenet_v3_large
 # side, one group of heads per backbone, probabilities averaged); any two or three of LITE_NAMES
 BRANCHED_EXAMPLE = "efficientnet_lite0+lite1"
 BACKBONE_NAMES = LITE_NAMES + (BRANCHED_EXAMPLE,) + TORCHVISION_NAMES + ("timm:<name>",)
+
+
+def is_branched(name: str) -> bool:
+    """Whether ``name`` asks for several backbones together (stage 2 cannot fine-tune those)."""
+    return name.startswith("efficientnet_") and "+" in name

@@ -23,7 +23,7 @@ The declared defaults are the ``finetune`` recipe on EfficientNet-Lite0; the def
 
 from __future__ import annotations
 
-from imgclf.config.names import BRANCHED_EXAMPLE
+from imgclf.config.names import BRANCHED_EXAMPLE, is_branched
 from imgclf.config.settings import RECIPE_NAMES, TRAIN_FIELDS, SettingError, TrainSettings, build
 
 DEFAULT_RECIPE = TRAIN_FIELDS["recipe"].default
@@ -70,7 +70,7 @@ def make_settings(recipe: str | None = None, **overrides) -> TrainSettings:
     recipe = recipe or DEFAULT_RECIPE
     settings = build(TrainSettings, TRAIN_FIELDS, "setting(s)", **{**recipe_values(recipe, given), **given, "recipe": recipe})
     asked = sorted(k for k in given if _is_stage2(k))
-    if asked and settings.finetune_epochs > 0 and "+" in settings.backbone and "backbone" not in given:  # the recipe's several backbones
+    if asked and settings.finetune_epochs > 0 and is_branched(settings.backbone) and "backbone" not in given:  # the recipe's several backbones
         raise SettingError(f"{', '.join(asked)}: stage 2 fine-tunes the blocks of one backbone, and {settings.backbone} is several; "
                            "use --recipe finetune (efficientnet_lite0; --backbone chooses another single backbone)")
     return settings

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-from imgclf.config.names import DEFAULT_BACKBONE
+from imgclf.config.names import DEFAULT_BACKBONE, is_branched
 
 HEAD_KINDS = ("recipe", "linear", "tutorial")
 MAX_HEADS = 16  # --heads: each head costs one stage-1 fit and one head pass per prediction
@@ -165,7 +165,8 @@ class TrainSettings(Declared):
 
     @property
     def stage2(self) -> bool:
-        return self.finetune_epochs > 0
+        """Whether a fit runs stage 2: asked for, and one backbone (several together skip it)."""
+        return self.finetune_epochs > 0 and not is_branched(self.backbone)
 
 
 @dataclass(frozen=True)
