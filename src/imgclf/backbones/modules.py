@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgclf.backbones.specs import BackboneSpec, Preprocessing, WeightsRef
-from imgclf.backbones.weights import WeightsUnavailableError, load_into, read_state_dict
+from imgclf.backbones.weights import WeightsUnavailableError, load_into, read_state_dict, resolve_weights
 
 
 class FeatureExtractor(nn.Module):
@@ -111,8 +111,6 @@ def build_feature_extractor(spec: BackboneSpec, ref: WeightsRef, *, seed: int = 
         torch.manual_seed(seed)
 
     if spec.family == "branched":
-        from imgclf.backbones.weights import resolve_weights
-
         parts = [build_feature_extractor(b, resolve_weights(b, "none" if ref.kind == "none" else "imagenet", seed=seed + i), seed=seed + i)
                  for i, b in enumerate(spec.branches)]
         body = BranchBodies([p.body for p in parts], [b.preprocessing.input_size for b in spec.branches], prep.input_size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from imgclf.config.names import BACKBONE_NAMES, BRANCHED_EXAMPLE, LITE_NAMES, TORCHVISION_NAMES
+from imgclf.config.names import BACKBONE_NAMES, ENSEMBLE_BACKBONE, LITE_NAMES, TORCHVISION_NAMES, is_branched
 
 
 class UnknownBackboneError(ValueError):
@@ -208,16 +208,15 @@ def _branched_spec(name: str) -> BackboneSpec:
     (resized inside the network from the largest member's crop), features side by side.
 
     Each backbone's features get their own heads and the probabilities are averaged: a
-    probability ensemble of backbones that was more accurate than any one of them on the
-    data sets in benchmarks/README.md ("The Lite backbones together"), at the cost of
-    running each backbone once per image.
+    probability ensemble of backbones whose errors differ, at the cost of running each
+    backbone once per image (benchmarks/README.md, "The Lite backbones together").
     """
     parts = name.removeprefix("efficientnet_").split("+")
     members = [f"efficientnet_{p}" for p in parts]
-    if not (2 <= len(members) <= len(LITE_NAMES)) or len(set(members)) != len(members) or not all(m in LITE_PACKAGES for m in members):
+    if len(members) < 2 or len(set(members)) != len(members) or not all(m in LITE_PACKAGES for m in members):
         raise UnknownBackboneError(
             f"unknown backbone {name!r}: several backbones together are two or three different Lite backbones joined by '+', "
-            f"e.g. {BRANCHED_EXAMPLE} or efficientnet_lite0+lite1+lite2"
+            f"e.g. {ENSEMBLE_BACKBONE} or efficientnet_lite0+lite1+lite2"
         )
     branches = tuple(_lite_spec(m) for m in members)
     largest = max(branches, key=lambda b: b.preprocessing.input_size)
@@ -246,7 +245,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         return _torchvision_spec(name)
     if name.startswith("timm:") and len(name) > 5:
         return _timm_spec(name[5:])
-    if name.startswith("efficientnet_") and "+" in name:
+    if is_branched(name):
         return _branched_spec(name)
     raise UnknownBackboneError(
         f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}"

@@ -99,8 +99,11 @@ def on_slice(head: nn.Sequential, start: int, stop: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict([("features", FeatureSlice(start, stop)), *head.named_children()]))
 
 
-def part_bounds(parts: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each consecutive feature part of widths ``parts``."""
+def part_bounds(parts: tuple[int, ...] | list[int] | None) -> list[tuple[int, int] | None]:
+    """``[start, stop)`` of each consecutive feature part of widths ``parts``; ``[None]`` (all the
+    features) when there are not several parts."""
+    if parts is None or len(parts) < 2:
+        return [None]
     bounds, start = [], 0
     for width in parts:
         bounds.append((start, start + int(width)))
@@ -139,20 +142,17 @@ def build_head(kind: str, in_dim: int, n_classes: int, *, hidden: int = 512, dro
     ``parts``: the widths of a branched backbone's feature parts (summing to ``in_dim``); the
     ``members`` heads are split evenly between them in order, each reading its part only
     (``members.K.features``)."""
-    if parts is not None and len(parts) > 1:
-        parts = [int(p) for p in parts]
-        if sum(parts) != in_dim or min(parts) < 1 or not isinstance(members, int) or members % len(parts):
-            raise ValueError(f"head parts {parts} must be positive, sum to in_dim {in_dim} and share the {members!r} members evenly")
-        per_part = members // len(parts)
-        if not 1 <= per_part <= MAX_HEADS:
-            raise ValueError(f"head members per feature part must be an integer from 1 to {MAX_HEADS}, got {per_part}")
-        head = ensemble_head([on_slice(build_head(kind, stop - start, n_classes, hidden=hidden, dropout=dropout), start, stop)
-                              for start, stop in part_bounds(parts) for _ in range(per_part)])
-        return with_temperature(head, 1.0) if temperature else head
-    if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= MAX_HEADS:
-        raise ValueError(f"head members must be an integer from 1 to {MAX_HEADS}, got {members!r}")
+    bounds = part_bounds(parts)
+    if len(bounds) > 1 and (sum(parts) != in_dim or min(parts) < 1):
+        raise ValueError(f"head parts {list(parts)} must be positive widths summing to in_dim {in_dim}")
+    if not (isinstance(members, int) and not isinstance(members, bool) and members % len(bounds) == 0
+            and 1 <= members // len(bounds) <= MAX_HEADS):
+        each = f" for each of {len(bounds)} feature parts" if len(bounds) > 1 else ""
+        raise ValueError(f"head members must be an integer from 1 to {MAX_HEADS}{each}, got {members!r}")
     if members > 1:
-        head = ensemble_head([build_head(kind, in_dim, n_classes, hidden=hidden, dropout=dropout) for _ in range(members)])
+        head = ensemble_head([build_head(kind, in_dim, n_classes, hidden=hidden, dropout=dropout) if b is None
+                              else on_slice(build_head(kind, b[1] - b[0], n_classes, hidden=hidden, dropout=dropout), *b)
+                              for b in bounds for _ in range(members // len(bounds))])
         return with_temperature(head, 1.0) if temperature else head
     if n_classes < 2:
         raise ValueError("a classifier needs at least 2 classes")

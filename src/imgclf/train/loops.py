@@ -535,7 +535,7 @@ def fit_heads(
     the backbones. Each member trains, stops early and keeps its best epoch on its own, as a
     separately trained model would; ``on_epoch`` sees the first member's epochs (the history
     returned), and the run log gets one line per further member. ``checkpoint_for(k)``: member k's."""
-    bounds = part_bounds(parts) if parts is not None and len(parts) > 1 else [None]
+    bounds = part_bounds(parts)
     total = members * len(bounds)
     heads, summaries, history = [], [], []
     for bound in bounds:
