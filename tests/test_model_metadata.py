@@ -11,6 +11,9 @@ from imgclf.backbones.specs import get_backbone_spec
 from imgclf.model.metadata import BUNDLE_FORMAT, FIELD_ORDER, BundleError, ModelMeta, read_model_meta
 
 
+_HEAD = {"kind": "linear", "in_dim": 1280, "n_classes": 3, "hidden": 512, "dropout": 0.5}
+
+
 def _model_json(**changes) -> dict:
     """A model.json as training writes it (Lite0 entry, 3 classes, linear head)."""
     spec = get_backbone_spec("efficientnet_lite0")
@@ -21,7 +24,7 @@ def _model_json(**changes) -> dict:
         "weights": {"kind": "package", "identity": "lite0:abc", "path": "/x/lite0.pth", "description": "lite0"},
         "preprocessing": spec.preprocessing.to_dict(),
         "class_names": ["circle", "square", "triangle"],
-        "head": {"kind": "linear", "in_dim": 1280, "n_classes": 3, "hidden": 512, "dropout": 0.5},
+        "head": dict(_HEAD),
         "frozen_backbone": False,
         "backbone_tuned": {"unfreeze": 2, "digest": "fe29", "tensors": 24},
         "recipe": "finetune",
@@ -78,6 +81,11 @@ def test_older_files_load_and_unknown_keys_are_kept():
     ({"threshold": True}, "threshold must be a number or an object"),
     ({"settings": []}, "settings must be an object"),
     ({"tta": 3}, "tta must be"),
+    # --heads: several heads averaged; a branched backbone's feature parts share them evenly
+    *[({"head": {**_HEAD, "members": bad}}, "head members must be an integer from 2 to 16") for bad in ("3", 1, 99)],
+    *[({"head": {**_HEAD, **bad}}, "head parts must be") for bad in ({"parts": [1279, 2], "members": 2}, {"parts": [1280], "members": 2},
+                                                                     {"parts": [1279, 1]})],
+    ({"head": {**_HEAD, "parts": [1279, 1], "members": 3}}, "head members must be an integer from 2 to 32 shared evenly by 2 parts"),
 ])
 def test_bad_model_json_is_one_line_naming_the_problem(change, message):
     with pytest.raises(BundleError, match=message) as info:
