@@ -26,10 +26,14 @@ PAIR = "efficientnet_lite0+lite1"
 def test_entry_names_its_backbones_and_takes_the_largest_input():
     spec = get_backbone_spec(PAIR)
     lite0, lite1 = get_backbone_spec("efficientnet_lite0"), get_backbone_spec("efficientnet_lite1")
-    assert spec.family == "branched" and spec.branches == (lite0, lite1)
-    assert spec.feature_dim == 2560 and spec.feature_parts == (1280, 1280) and lite0.feature_parts == (1280,)
+    assert spec.family == "branched" and [b.name for b in spec.branches] == [lite0.name, lite1.name]
+    assert [b.preprocessing for b in spec.branches] == [lite0.preprocessing, lite1.preprocessing]
+    # each member: its last four stages pooled (80 + 112 + 192 + 320 channels), not the conv head's 1280
+    assert spec.feature_dim == 1408 and spec.feature_parts == (704, 704) and lite0.feature_parts == (1280,)
     assert spec.preprocessing == lite1.preprocessing  # 240 px: Lite0 is resized down inside the network
-    assert get_backbone_spec("efficientnet_lite2+lite0").preprocessing.input_size == 260
+    trio = get_backbone_spec("efficientnet_lite2+lite0")
+    assert trio.preprocessing.input_size == 260 and trio.feature_parts == (88 + 120 + 208 + 352, 704)
+    assert get_backbone_spec("efficientnet_lite0").describe() != spec.branches[0].describe()  # so their caches differ
     assert [b["name"] for b in spec.describe()["branches"]] == ["efficientnet_lite0", "efficientnet_lite1"]
     for bad in ("efficientnet_lite0+lite0", "efficientnet_lite0+b0", "efficientnet_lite0+lite1+lite2+lite1", "efficientnet_lite0+"):
         with pytest.raises(UnknownBackboneError, match="two or three different Lite backbones"):
@@ -48,22 +52,33 @@ def test_weights_are_its_backbones_own_and_a_single_file_is_refused(tmp_path):
     assert resolve_weights(spec, "none").kind == "none"
 
 
-def test_features_are_each_backbone_at_its_own_size_side_by_side():
+def _pooled_stage_outputs(name: str, x: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+    """The plain Lite network run as it always is, the outputs of ``blocks`` caught by hooks, pooled."""
+    plain = get_backbone_spec(name)
+    fx = build_feature_extractor(plain, resolve_weights(plain, "imagenet"))
+    caught = {}
+    for i in blocks:
+        fx.body.net._blocks[i].register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(i, out))
+    with torch.no_grad():
+        fx(x)
+    return torch.cat([caught[i].mean(dim=(2, 3)) for i in blocks], 1)
+
+
+def test_features_are_each_backbone_s_last_four_stages_at_its_own_size_side_by_side():
     spec = get_backbone_spec(PAIR)
     fx = build_feature_extractor(spec, resolve_weights(spec, "imagenet"))
-    lite0, lite1 = spec.branches
-    f0 = build_feature_extractor(lite0, resolve_weights(lite0, "imagenet"))
-    f1 = build_feature_extractor(lite1, resolve_weights(lite1, "imagenet"))
     x = torch.rand(2, 3, 240, 240, generator=torch.Generator().manual_seed(0)) * 255
     with torch.no_grad():
         got = fx(x)
-        want0 = f0(F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False))
-        want1 = f1(x)
-    assert got.shape == (2, 2560)
-    torch.testing.assert_close(got[:, :1280], want0, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got[:, 1280:], want1, atol=1e-4, rtol=1e-4)
-    maps = fx.feature_map(x)  # one map per backbone, for Grad-CAM
-    assert [tuple(m.shape[2:]) for m in maps] == [(7, 7), (8, 8)]
+    # the last blocks of stages 4-7: Lite0 has 16 blocks, Lite1 21
+    want0 = _pooled_stage_outputs("efficientnet_lite0", F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False), [7, 10, 14, 15])
+    want1 = _pooled_stage_outputs("efficientnet_lite1", x, [10, 14, 19, 20])
+    assert got.shape == (2, 1408)
+    torch.testing.assert_close(got[:, :704], want0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[:, 704:], want1, atol=1e-4, rtol=1e-4)
+    maps = fx.feature_map(x)  # every pooled map, for Grad-CAM
+    assert [tuple(m.shape[1:]) for m in maps] == [(80, 14, 14), (112, 14, 14), (192, 7, 7), (320, 7, 7),
+                                                  (80, 15, 15), (112, 15, 15), (192, 8, 8), (320, 8, 8)]
 
 
 def test_part_heads_read_only_their_backbone_s_features():
@@ -112,8 +127,8 @@ def test_run_trains_the_frozen_pair_and_says_why_stage_two_is_skipped(pair_run, 
     from imgclf.train.classifier import ImageClassifier
 
     meta = json.loads((pair_run / "model.json").read_text())
-    assert meta["backbone"]["name"] == PAIR and meta["head"]["parts"] == [1280, 1280] and meta["head"]["members"] == 4
-    assert meta["format"] == "imgclf-bundle/4" and meta["frozen_backbone"] is True
+    assert meta["backbone"]["name"] == PAIR and meta["head"]["parts"] == [704, 704] and meta["head"]["members"] == 4
+    assert meta["format"] == "imgclf-bundle/5" and meta["frozen_backbone"] is True
     assert len(json.loads((pair_run / "config.json").read_text())["fit_summary"]["stages"]) == 1
     with caplog.at_level("WARNING", logger="imgclf"):
         assert ImageClassifier(recipe="finetune", backbone=PAIR, cache_dir=tmp_path).stage2_blocks() == 0
@@ -149,3 +164,14 @@ def test_a_weights_file_with_the_pair_is_a_one_line_error(shapes_root, tmp_path,
     rc = main(["train", str(shapes_root), "--backbone", PAIR, "--weights", str(f), "--project", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "fits one backbone" in err and len(err.splitlines()) == 1
+
+
+def test_a_pair_model_from_before_stage_features_is_refused_in_one_line(pair_run, shapes_root, tmp_path, capsys):
+    # an imgclf-bundle/4 pair model: its heads read the members' conv-head features (1280 each)
+    d = bundle_copy(pair_run, tmp_path / "old")
+    meta = json.loads((d / "model.json").read_text())
+    meta["format"], meta["head"]["parts"], meta["head"]["in_dim"] = "imgclf-bundle/4", [1280, 1280], 2560
+    (d / "model.json").write_text(json.dumps(meta))
+    rc = main(["predict", str(d), str(next((shapes_root / "test").rglob("*.jpg")))])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "width 1280+1280" in err and "704+704" in err and "retrain" in err, err

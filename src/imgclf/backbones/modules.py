@@ -18,8 +18,9 @@ class FeatureExtractor(nn.Module):
     """uint8/float RGB batch (N,3,H,W) in 0..255 → pooled feature vectors (N, D).
 
     Normalisation lives here so exported graphs take raw pixels. ``feature_map`` is the
-    last convolutional stage (for Grad-CAM and partial fine-tuning); a tuple of them, one per
-    backbone, for a branched entry (``BranchBodies``).
+    last convolutional stage (for Grad-CAM and partial fine-tuning); for an entry that pools
+    several stages (``LiteStageMaps``) or several backbones (``BranchBodies``), a tuple of the
+    maps its pooled features come from.
     """
 
     def __init__(self, body: nn.Module, pool: Callable[[torch.Tensor], torch.Tensor] | nn.Module, prep: Preprocessing):
@@ -79,9 +80,46 @@ class _ConvNextPool(nn.Module):
         return self.norm(x.mean(dim=(2, 3), keepdim=True))
 
 
+class LiteStageMaps(nn.Module):
+    """An EfficientNet-Lite's stem and blocks, returning the outputs of its last ``count``
+    stages as a tuple of maps (the conv head is not run).
+
+    Why: pooled, those mid-level maps carried more of what separates dermoscopy and flower
+    classes than the conv head's 1,280 ImageNet-tuned channels did, in cross-validation on
+    every set measured (benchmarks/README.md, "Stage outputs instead of the conv head").
+    """
+
+    def __init__(self, net: nn.Module, count: int):
+        super().__init__()
+        self.net = net
+        blocks = list(net._blocks)
+        # the first block of each stage keeps the decoder's list-valued stride (as in backbones.blocks)
+        ends = [i for i in range(len(blocks)) if i == len(blocks) - 1 or isinstance(blocks[i + 1]._block_args.stride, (list, tuple))]
+        self.taps = tuple(ends[-count:])
+
+    def forward(self, x):
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        maps = []
+        for i, block in enumerate(net._blocks):
+            rate = net._global_params.drop_connect_rate
+            x = block(x, drop_connect_rate=rate * i / len(net._blocks) if rate else rate)  # as extract_features (inactive in eval)
+            if i in self.taps:
+                maps.append(x)
+        return tuple(maps)
+
+
+class MapsAvgPool(nn.Module):
+    """Each map of a tuple average-pooled, the pooled vectors side by side."""
+
+    def forward(self, maps):
+        return torch.cat([m.mean(dim=(2, 3)) for m in maps], 1)
+
+
 class BranchBodies(nn.Module):
     """Several backbone bodies on one normalised image, each at its own input size (bilinear
-    resize inside the network, so one crop of the largest size feeds all): a tuple of maps."""
+    resize inside the network, so one crop of the largest size feeds all): every body's maps,
+    in order, as one flat tuple."""
 
     def __init__(self, bodies: list[nn.Module], sizes: list[int], input_size: int):
         super().__init__()
@@ -89,19 +127,11 @@ class BranchBodies(nn.Module):
         self.sizes = tuple(None if s == input_size else s for s in sizes)  # None: takes the crop as it is
 
     def forward(self, x):
-        return tuple(body(x if size is None else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
-                     for body, size in zip(self.bodies, self.sizes))
-
-
-class BranchPools(nn.Module):
-    """Each map through its backbone's pooling, the pooled vectors side by side."""
-
-    def __init__(self, pools: list[nn.Module]):
-        super().__init__()
-        self.pools = nn.ModuleList(pools)
-
-    def forward(self, maps):
-        return torch.cat([pool(m).flatten(1) for pool, m in zip(self.pools, maps)], 1)
+        maps = []
+        for body, size in zip(self.bodies, self.sizes):
+            out = body(x if size is None else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
+            maps.extend(out if isinstance(out, tuple) else (out,))
+        return tuple(maps)
 
 
 def build_feature_extractor(spec: BackboneSpec, ref: WeightsRef, *, seed: int = 0) -> FeatureExtractor:
@@ -113,8 +143,10 @@ def build_feature_extractor(spec: BackboneSpec, ref: WeightsRef, *, seed: int = 
     if spec.family == "branched":
         parts = [build_feature_extractor(b, resolve_weights(b, "none" if ref.kind == "none" else "imagenet", seed=seed + i), seed=seed + i)
                  for i, b in enumerate(spec.branches)]
+        if not all(isinstance(p.pool, MapsAvgPool) for p in parts):
+            raise AssertionError(f"{spec.name}: a branched entry's members pool their stage maps")
         body = BranchBodies([p.body for p in parts], [b.preprocessing.input_size for b in spec.branches], prep.input_size)
-        fx = FeatureExtractor(body, BranchPools([p.pool for p in parts]), prep)
+        fx = FeatureExtractor(body, MapsAvgPool(), prep)
 
     elif spec.family == "efficientnet_lite":
         from efficientnet_lite_pytorch import EfficientNet
@@ -123,7 +155,10 @@ def build_feature_extractor(spec: BackboneSpec, ref: WeightsRef, *, seed: int = 
         if ref.path:
             load_into(net, read_state_dict(ref.path), ignore_prefixes=("_fc.",), source=ref.description)
         net._fc = nn.Identity()
-        fx = FeatureExtractor(_NetCall(net, "extract_features"), GlobalAvgPool(), prep)
+        if spec.extra.get("stages"):
+            fx = FeatureExtractor(LiteStageMaps(net, spec.extra["stages"]), MapsAvgPool(), prep)
+        else:
+            fx = FeatureExtractor(_NetCall(net, "extract_features"), GlobalAvgPool(), prep)
 
     elif spec.family == "torchvision":
         import torchvision

@@ -118,7 +118,19 @@ _TORCHVISION = {
 assert tuple(LITE_PACKAGES) == LITE_NAMES and tuple(_TORCHVISION) == TORCHVISION_NAMES
 
 
-def _lite_spec(name: str) -> BackboneSpec:
+# output channels of the last block of each EfficientNet-Lite stage (stages 1-7, before the conv head)
+LITE_STAGE_WIDTHS = {
+    "efficientnet_lite0": (16, 24, 40, 80, 112, 192, 320),
+    "efficientnet_lite1": (16, 24, 40, 80, 112, 192, 320),
+    "efficientnet_lite2": (16, 24, 48, 88, 120, 208, 352),
+}
+# a branched entry's members pool the outputs of their last this many stages instead of the conv head
+BRANCH_STAGES = 4
+
+
+def _lite_spec(name: str, stages: int = 0) -> BackboneSpec:
+    """A Lite backbone; ``stages`` > 0: its features are the outputs of its last ``stages`` stages,
+    each average-pooled, side by side, and the conv head is not run (a branched entry's members)."""
     pkg, _, size = LITE_PACKAGES[name]
     # EfficientNet-Lite was trained in TF with (x - 127) / 128 and a 0.875 centre crop,
     # bicubic; tested here: this gives markedly better ImageNet predictions than the
@@ -130,7 +142,7 @@ def _lite_spec(name: str) -> BackboneSpec:
         mean=(127.0, 127.0, 127.0),
         std=(128.0, 128.0, 128.0),
     )
-    return BackboneSpec(
+    spec = BackboneSpec(
         name=name,
         family="efficientnet_lite",
         arch=name.replace("_", "-"),
@@ -140,6 +152,13 @@ def _lite_spec(name: str) -> BackboneSpec:
         pooling="avg",
         pretrained=f"PyPI package {pkg.replace('_', '-')}",
     )
+    if stages:
+        widths = LITE_STAGE_WIDTHS[name][-stages:]
+        spec = dataclasses.replace(
+            spec, feature_dim=sum(widths), pooling="avg per stage", extra={"stages": stages},
+            feature_point=f"outputs of the last {stages} stages ({', '.join(map(str, widths))} ch; no conv head) → global average pooling each, concatenated",
+        )
+    return spec
 
 
 def _torchvision_spec(name: str) -> BackboneSpec:
@@ -218,7 +237,7 @@ def _branched_spec(name: str) -> BackboneSpec:
             f"unknown backbone {name!r}: several backbones together are two or three different Lite backbones joined by '+', "
             f"e.g. {ENSEMBLE_BACKBONE} or efficientnet_lite0+lite1+lite2"
         )
-    branches = tuple(_lite_spec(m) for m in members)
+    branches = tuple(_lite_spec(m, stages=BRANCH_STAGES) for m in members)
     largest = max(branches, key=lambda b: b.preprocessing.input_size)
     return BackboneSpec(
         name=name,

@@ -322,6 +322,10 @@ class Classifier:
             if meta.settings.get("input_scaling") != "x/255":
                 log.warning("model.json preprocessing differs from the registry's current entry; using the model's")
             spec = dataclasses.replace(spec, preprocessing=prep)
+        widths = list(meta.head.get("parts") or [meta.head.get("in_dim")])
+        if widths != list(spec.feature_parts):
+            raise BundleError(f"{path}: the model's head reads features of width {'+'.join(map(str, widths))} and {spec.name} gives "
+                              f"{'+'.join(map(str, spec.feature_parts))} in this imgclf (its features changed since the model was trained); retrain it")
         clf._spec = spec
         recorded = meta.weights
         kind = recorded.get("kind")

@@ -28,9 +28,11 @@ CALIBRATED_BUNDLE_FORMAT = "imgclf-bundle/2"
 # before it would build one head and misread the tensors as tampered, so it needs a newer reader too
 ENSEMBLE_BUNDLE_FORMAT = "imgclf-bundle/3"
 # several backbones side by side (a branched entry, model.json head.parts): heads that read a slice of
-# the features; a reader before it would build full-width members and misread the tensors
-BRANCHED_BUNDLE_FORMAT = "imgclf-bundle/4"
-READABLE_FORMATS = (BUNDLE_FORMAT, CALIBRATED_BUNDLE_FORMAT, ENSEMBLE_BUNDLE_FORMAT, BRANCHED_BUNDLE_FORMAT)
+# the features; a reader before it would build full-width members and misread the tensors. /5: the
+# members' features became their pooled stage outputs (not the conv head's), so a reader of /4 would
+# compute features of another width; a /4 bundle is read and then refused by Classifier.load's width check
+BRANCHED_BUNDLE_FORMAT = "imgclf-bundle/5"
+READABLE_FORMATS = (BUNDLE_FORMAT, CALIBRATED_BUNDLE_FORMAT, ENSEMBLE_BUNDLE_FORMAT, "imgclf-bundle/4", BRANCHED_BUNDLE_FORMAT)
 REQUIRED_KEYS = ("format", "backbone", "weights", "preprocessing", "class_names", "head")
 
 
