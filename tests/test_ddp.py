@@ -7,7 +7,8 @@ masks for the whole batch (train/finetune.py, ShardedTail), so each optimiser st
 single-process step; only the order of float sums differs (each rank sums its part of the
 gradient, then the all-reduce adds the parts). Those rounding differences (~1e-7 relative per
 step) are why the comparison is close rather than bitwise: losses within 1e-4 relative,
-probabilities within 1e-3, the same predicted classes.
+probabilities within 1e-3, the same predicted classes. Both runs are fp32 (``--precision fp32``):
+on a CPU with bf16, autocast's roundings (~1e-3) would differ with the batch's partition.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 from imgclf.cli.main import main
 from imgclf.config import layout
 
-TRAIN_FLAGS = ["--recipe", "finetune", "--epochs", "3", "--finetune-epochs", "2", "--unfreeze", "2", "--finetune-views", "2",
+TRAIN_FLAGS = ["--recipe", "finetune", "--precision", "fp32", "--epochs", "3", "--finetune-epochs", "2", "--unfreeze", "2", "--finetune-views", "2",
                "--bootstrap", "0", "--no-report", "--no-neighbors", "--no-progress"]
 
 

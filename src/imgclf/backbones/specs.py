@@ -228,7 +228,11 @@ def _branched_spec(name: str) -> BackboneSpec:
 
     Each backbone's features get their own heads and the probabilities are averaged: a
     probability ensemble of backbones whose errors differ, at the cost of running each
-    backbone once per image (benchmarks/README.md, "The Lite backbones together").
+    backbone once per image (benchmarks/README.md, "The Lite backbones together"). A member's
+    features are its last ``BRANCH_STAGES`` stages' outputs, pooled, not its conv head's: the
+    entry is never fine-tuned (stage 2 tunes one backbone), so nothing needs the conv head, and
+    the stage outputs carried more of what separates the classes measured (benchmarks/README.md,
+    "Stage outputs instead of the conv head").
     """
     parts = name.removeprefix("efficientnet_").split("+")
     members = [f"efficientnet_{p}" for p in parts]

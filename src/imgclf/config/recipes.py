@@ -4,10 +4,11 @@ The declared defaults are the ``finetune`` recipe on EfficientNet-Lite0; the def
 ``ensemble``, overrides them:
 
 * ``ensemble`` (default) — ``efficientnet_lite0+lite1`` frozen: each image through both
-  backbones once (features cached), five heads per backbone on its own features, all their
-  probabilities averaged: two backbones' different errors averaged out, without stage 2's
-  cost (what it measured against the others: benchmarks/README.md, "The default becomes
-  Lite0 + Lite1 frozen").
+  backbones once (features cached: each backbone's last four stages' outputs, pooled), five
+  heads per backbone on its own features, all their probabilities averaged: two backbones'
+  different errors averaged out, without stage 2's cost (what it measured against the others:
+  benchmarks/README.md, "The default becomes Lite0 + Lite1 frozen" and "Stage outputs instead
+  of the conv head").
 * ``fast`` — stage 1 only on Lite0: frozen backbone, cached features, the five heads.
 * ``finetune`` — the declared defaults: stage 1 trains five heads on Lite0's cached frozen
   features; stage 2 unfreezes the last K blocks (``unfreeze``) and trains them with the

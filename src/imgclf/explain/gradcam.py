@@ -53,7 +53,8 @@ def _class_index(clf, class_name: str | None) -> int | None:
 
 
 def _feature_maps(fx, spec, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The last conv stage's output (one per backbone of a branched entry), refusing maps Grad-CAM cannot use."""
+    """The maps the pooled features come from (the last conv stage's output; several for a branched
+    entry), refusing maps Grad-CAM cannot use."""
     fmt = getattr(getattr(fx.body, "net", None), "output_fmt", "NCHW")
     fmt = str(getattr(fmt, "value", fmt)).upper()  # timm: a str or a Format enum
     with torch.no_grad():
@@ -97,8 +98,8 @@ def gradcam(clf, image: Image.Image, class_name: str | None = None) -> tuple[np.
         weighted = [(g.mean(dim=(2, 3), keepdim=True) * m.detach()).sum(1, keepdim=True) for g, m in zip(grads, maps)]
         if len(weighted) == 1:
             weighted = [torch.relu(weighted[0])]
-        # a branched backbone: each backbone's weighted map at the input size, summed before the
-        # ReLU, as its pooled features add up in the logit
+        # several pooled maps (a branched entry: each backbone's last stages): each weighted map at
+        # the input size, summed before the ReLU, as their pooled features add up in the logit
         cam = sum(torch.nn.functional.interpolate(w, size=(size, size), mode="bilinear", align_corners=False) for w in weighted)
         cam = torch.relu(cam)[0, 0]
         peak = float(cam.max())

@@ -1,0 +1,154 @@
+"""Which pooled activations of a frozen EfficientNet-Lite carry the classes: the conv head's
+1,280 channels (what a Lite entry pools) or the outputs of its stages (issue 12).
+
+Step 1 runs Lite0 and Lite1 (PyTorch fp32, imgclf's own preprocessing) once over every image
+of flowers12 and isic8 and keeps, per image: the conv head's map average- and max-pooled, and
+the output of the last block of each of stages 1-7 average-pooled. Step 2 scores feature sets
+by 5-fold stratified cross-validation over all labelled images of a task (train + test; the
+same folds for every set): per fold, a stratified 20 % of the training folds is carved for
+validation, ``--heads`` recipe heads (imgclf's ``fit_head``, the default stage-1 settings)
+train on the rest, their averaged probabilities get one temperature fitted on the carve, and
+the held-out fold is scored; a pair (``L0+L1``) averages the two backbones' calibrated
+probabilities. Feature sets: ``B|names`` with ``B`` in L0, L1, L0+L1 and ``names`` joined by
+``.`` from ``avg`` (conv head, average), ``max`` (conv head, max), ``mK`` (the last K stages).
+Each group is centred and scaled to unit RMS on the training folds (``--raw``: concatenated as
+they are, leaving it to the head's own standardisation, as the product does).
+
+    .venv/bin/python benchmarks/explore_stages.py --cache /tmp/stages \\
+        --tasks isic8 isic8-binary flowers12 --sets "L0|avg" "L0|m4" "L0|avg.m4" "L0+L1|avg" "L0+L1|m4"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from explore_head_size import carve, fit_logits  # noqa: E402
+from explore_heads import image_lists, scores  # noqa: E402
+
+BACKBONES = {"L0": "efficientnet_lite0", "L1": "efficientnet_lite1"}
+
+
+def extract(name: str, paths: list[str], cache: Path) -> dict[str, np.ndarray]:
+    """{"final_avg", "final_max", "s1".."s7"} → (n, C) for ``paths``, cached in ``cache``."""
+    import torch
+
+    from imgclf.backbones.modules import build_feature_extractor
+    from imgclf.backbones.specs import get_backbone_spec
+    from imgclf.backbones.weights import resolve_weights
+    from imgclf.data.preprocess import decode_array
+
+    file = cache / f"{name}.npz"
+    if file.exists():
+        z = np.load(file)
+        if list(z["paths"]) == paths:
+            return {k: z[k] for k in z.files if k != "paths"}
+    spec = get_backbone_spec(name)
+    fx = build_feature_extractor(spec, resolve_weights(spec, "imagenet"))
+    blocks = list(fx.body.net._blocks)
+    ends = [i for i in range(len(blocks)) if i == len(blocks) - 1 or isinstance(blocks[i + 1]._block_args.stride, (list, tuple))]
+    caught: dict[int, torch.Tensor] = {}
+    for i in ends:
+        blocks[i].register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(i, out))
+    out: dict[str, list] = {k: [] for k in ["final_avg", "final_max", *(f"s{j + 1}" for j in range(len(ends)))]}
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        for start in range(0, len(paths), 32):
+            arrays = list(pool.map(lambda p: decode_array(p, spec.preprocessing)[0], paths[start:start + 32]))
+            with torch.no_grad():
+                fmap = fx.feature_map(torch.from_numpy(np.stack(arrays)))
+            out["final_avg"].append(fmap.mean((2, 3)).numpy())
+            out["final_max"].append(fmap.amax((2, 3)).numpy())
+            for j, i in enumerate(ends):
+                out[f"s{j + 1}"].append(caught[i].mean((2, 3)).numpy())
+    print(f"{name}: {len(paths)} images in {time.perf_counter() - started:.0f} s", flush=True)
+    feats = {k: np.concatenate(v) for k, v in out.items()}
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(file, paths=np.array(paths), **feats)
+    return feats
+
+
+def columns(feats: dict[str, np.ndarray], names: list[str]) -> list[str]:
+    stages = sorted((k for k in feats if k.startswith("s")), key=lambda k: int(k[1:]))
+    picked = []
+    for n in names:
+        picked += {"avg": ["final_avg"], "max": ["final_max"]}.get(n) or stages[-int(n[1:]):]
+    return picked
+
+
+def features(groups: list[np.ndarray], train: np.ndarray, raw: bool) -> np.ndarray:
+    if raw:
+        return np.concatenate(groups, 1).astype(np.float32)
+    scaled = []
+    for g in groups:
+        centred = g - g[train].mean(0)
+        scaled.append(centred / np.sqrt((centred[train] ** 2).mean()))
+    return np.concatenate(scaled, 1).astype(np.float32)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def calibrated_member(x, y, train, held_out, n_classes, seed, heads):
+    """``heads`` recipe heads on ``train`` minus a carve; held-out probabilities with the carve's temperature."""
+    from imgclf.evaluation.calibration import fit_temperature
+
+    fit, carve_idx = carve(y[train], 0.2, seed)
+    tr, va = train[fit], train[carve_idx]
+    val, test = [], []
+    for k in range(heads):
+        lv, lt, _ = fit_logits("recipe", x[tr], y[tr], x[va], y[va], x[held_out], n_classes, seed * 100 + k)
+        val.append(softmax(lv))
+        test.append(softmax(lt))
+    lv, lt = np.log(np.mean(val, 0) + 1e-12), np.log(np.mean(test, 0) + 1e-12)
+    t = fit_temperature(lv, y[va])
+    return softmax(lt / t)
+
+
+def main() -> None:
+    from sklearn.model_selection import StratifiedKFold
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--cache", type=Path, required=True, help="where the pooled activations are kept between runs")
+    ap.add_argument("--tasks", nargs="+", default=["isic8", "isic8-binary", "flowers12"])
+    ap.add_argument("--sets", nargs="+", default=["L0|avg", "L0|m4", "L0|avg.m4", "L0+L1|avg", "L0+L1|m4"])
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--raw", action="store_true", help="no per-group scaling (the product's own standardisation only)")
+    args = ap.parse_args()
+
+    tasks = image_lists(args.data)
+    paths = sorted({p for t in tasks.values() for s in ("train", "test") for p in t[s][0]})
+    row_of = {p: i for i, p in enumerate(paths)}
+    feats = {b: extract(name, paths, args.cache) for b, name in BACKBONES.items()}
+    print("| task | features | accuracy | balanced acc | ROC-AUC | log loss | ECE |\n|---|---|---|---|---|---|---|")
+    for task in args.tasks:
+        t = tasks[task]
+        rows = np.array([row_of[p] for p in t["train"][0] + t["test"][0]])
+        y = np.concatenate([t["train"][1], t["test"][1]])
+        n_classes = len(t["classes"])
+        for name in args.sets:
+            members, names = name.split("|")
+            oof = np.zeros((len(y), n_classes))
+            for fold, (train, held_out) in enumerate(StratifiedKFold(5, shuffle=True, random_state=0).split(rows, y)):
+                probs = []
+                for b in members.split("+"):
+                    x = features([feats[b][c][rows] for c in columns(feats[b], names.split("."))], train, args.raw)
+                    probs.append(calibrated_member(x, y, train, held_out, n_classes, fold, args.heads))
+                oof[held_out] = np.mean(probs, 0)
+            s = scores(y, oof, n_classes)
+            auc = f"{s['roc_auc']:.4f}" if "roc_auc" in s else ""
+            print(f"| {task} | {name.replace('|', ' ')} | {s['accuracy']:.4f} | {s['balanced_accuracy']:.4f} | {auc} "
+                  f"| {s['log_loss']:.4f} | {s['ece']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
