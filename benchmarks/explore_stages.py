@@ -1,18 +1,19 @@
-"""Which pooled activations of a frozen EfficientNet-Lite carry the classes: the conv head's
-1,280 channels (what a Lite entry pools) or the outputs of its stages (issue 12).
+"""Which pooled activations of a frozen EfficientNet-Lite carry the classes: the conv head's 1,280
+channels (what a Lite entry pools) or the outputs of its stages (issue 12).
 
-Step 1 runs Lite0 and Lite1 (PyTorch fp32, imgclf's own preprocessing) once over every image
-of flowers12 and isic8 and keeps, per image: the conv head's map average- and max-pooled, and
-the output of the last block of each of stages 1-7 average-pooled. Step 2 scores feature sets
-by 5-fold stratified cross-validation over all labelled images of a task (train + test; the
-same folds for every set): per fold, a stratified 20 % of the training folds is carved for
-validation, ``--heads`` recipe heads (imgclf's ``fit_head``, the default stage-1 settings)
-train on the rest, their averaged probabilities get one temperature fitted on the carve, and
-the held-out fold is scored; a pair (``L0+L1``) averages the two backbones' calibrated
-probabilities. Feature sets: ``B|names`` with ``B`` in L0, L1, L0+L1 and ``names`` joined by
-``.`` from ``avg`` (conv head, average), ``max`` (conv head, max), ``mK`` (the last K stages).
-Each group is centred and scaled to unit RMS on the training folds (``--raw``: concatenated as
-they are, leaving it to the head's own standardisation, as the product does).
+Step 1 runs each backbone named in ``--sets`` (L0, L1, L2: Lite0/1/2; PyTorch fp32, imgclf's
+own preprocessing) once over every image of flowers12 and isic8 and keeps, per image: the conv
+head's map average- and max-pooled, and the output of the last block of each of stages 1-7
+average-pooled. Step 2 scores feature sets by 5-fold stratified cross-validation over all
+labelled images of a task (train + test; the same folds for every set): per fold, a stratified
+20 % of the training folds is carved for validation, ``--heads`` recipe heads (imgclf's
+``fit_head``, the default stage-1 settings) train on the rest, their averaged probabilities get
+one temperature fitted on the carve, and the held-out fold is scored; a pair (``L0+L1``)
+averages the two backbones' calibrated probabilities. Feature sets: ``B|names`` with ``B`` one
+of L0, L1, L2 or several joined by ``+``, and ``names`` joined by ``.`` from ``avg`` (conv
+head, average), ``max`` (conv head, max), ``mK`` (the last K stages). Each group is centred and
+scaled to unit RMS on the training folds (``--raw``: concatenated as they are, leaving it to
+the head's own standardisation, as the product does).
 
     .venv/bin/python benchmarks/explore_stages.py --cache /tmp/stages \\
         --tasks isic8 isic8-binary flowers12 --sets "L0|avg" "L0|m4" "L0|avg.m4" "L0+L1|avg" "L0+L1|m4"
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from explore_head_size import carve, fit_logits  # noqa: E402
 from explore_heads import image_lists, scores  # noqa: E402
 
-BACKBONES = {"L0": "efficientnet_lite0", "L1": "efficientnet_lite1"}
+BACKBONES = {"L0": "efficientnet_lite0", "L1": "efficientnet_lite1", "L2": "efficientnet_lite2"}
 
 
 def extract(name: str, paths: list[str], cache: Path) -> dict[str, np.ndarray]:
@@ -128,7 +129,8 @@ def main() -> None:
     tasks = image_lists(args.data)
     paths = sorted({p for t in tasks.values() for s in ("train", "test") for p in t[s][0]})
     row_of = {p: i for i, p in enumerate(paths)}
-    feats = {b: extract(name, paths, args.cache) for b, name in BACKBONES.items()}
+    used = {b for name in args.sets for b in name.split("|")[0].split("+")}
+    feats = {b: extract(name, paths, args.cache) for b, name in BACKBONES.items() if b in used}
     print("| task | features | accuracy | balanced acc | ROC-AUC | log loss | ECE |\n|---|---|---|---|---|---|---|")
     for task in args.tasks:
         t = tasks[task]
