@@ -103,7 +103,7 @@ class TrainSettings(Declared):
     the default recipe, ``ensemble``, whose overrides (:mod:`imgclf.config.recipes`) ``make_settings``
     applies: build settings with ``make_settings``, not with ``TrainSettings()`` alone."""
 
-    recipe: str = setting("ensemble", "named settings that the other flags override: ensemble = efficientnet_lite0+lite1 frozen, cached features, five heads per backbone, probabilities averaged; fast = efficientnet_lite0 frozen, five heads (about two thirds of the time); finetune = fast, then the last --unfreeze blocks trained with the first head, kept only if they beat the frozen heads on validation; seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only)", choices=RECIPE_NAMES, group="model")
+    recipe: str = setting("ensemble", "named settings that the other flags override: ensemble = efficientnet_lite0+lite1 frozen (each backbone's last four stages pooled), cached features, five heads per backbone, probabilities averaged; fast = efficientnet_lite0 frozen (its conv head pooled), five heads (one backbone to run); finetune = fast, then the last --unfreeze blocks trained with the first head, kept only if they beat the frozen heads on validation; seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only)", choices=RECIPE_NAMES, group="model")
     # model
     backbone: str = setting(DEFAULT_BACKBONE, "backbone registry name (see README: efficientnet_lite0/1/2, efficientnet_lite0+lite1 = both as one probability ensemble, vgg16, resnet50, ..., timm:<name>)", group="model")
     weights: str = setting("imagenet", "imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.bin/.safetensors state-dict path", group="model")
