@@ -40,7 +40,7 @@ def extract(name: str, paths: list[str], cache: Path) -> dict[str, np.ndarray]:
     """{"final_avg", "final_max", "s1".."s7"} → (n, C) for ``paths``, cached in ``cache``."""
     import torch
 
-    from imgclf.backbones.modules import build_feature_extractor
+    from imgclf.backbones.modules import build_feature_extractor, lite_stage_ends
     from imgclf.backbones.specs import get_backbone_spec
     from imgclf.backbones.weights import resolve_weights
     from imgclf.data.preprocess import decode_array
@@ -53,7 +53,7 @@ def extract(name: str, paths: list[str], cache: Path) -> dict[str, np.ndarray]:
     spec = get_backbone_spec(name)
     fx = build_feature_extractor(spec, resolve_weights(spec, "imagenet"))
     blocks = list(fx.body.net._blocks)
-    ends = [i for i in range(len(blocks)) if i == len(blocks) - 1 or isinstance(blocks[i + 1]._block_args.stride, (list, tuple))]
+    ends = lite_stage_ends(fx.body.net)
     caught: dict[int, torch.Tensor] = {}
     for i in ends:
         blocks[i].register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(i, out))
@@ -93,13 +93,10 @@ def features(groups: list[np.ndarray], train: np.ndarray, raw: bool) -> np.ndarr
     return np.concatenate(scaled, 1).astype(np.float32)
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def calibrated_member(x, y, train, held_out, n_classes, seed, heads):
     """``heads`` recipe heads on ``train`` minus a carve; held-out probabilities with the carve's temperature."""
+    from scipy.special import softmax
+
     from imgclf.evaluation.calibration import fit_temperature
 
     fit, carve_idx = carve(y[train], 0.2, seed)
@@ -107,11 +104,11 @@ def calibrated_member(x, y, train, held_out, n_classes, seed, heads):
     val, test = [], []
     for k in range(heads):
         lv, lt, _ = fit_logits("recipe", x[tr], y[tr], x[va], y[va], x[held_out], n_classes, seed * 100 + k)
-        val.append(softmax(lv))
-        test.append(softmax(lt))
+        val.append(softmax(lv, 1))
+        test.append(softmax(lt, 1))
     lv, lt = np.log(np.mean(val, 0) + 1e-12), np.log(np.mean(test, 0) + 1e-12)
     t = fit_temperature(lv, y[va])
-    return softmax(lt / t)
+    return softmax(lt / t, 1)
 
 
 def main() -> None:

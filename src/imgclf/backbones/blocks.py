@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from imgclf.backbones.modules import FeatureExtractor
+from imgclf.backbones.modules import FeatureExtractor, lite_stage_ends
 from imgclf.backbones.specs import BackboneSpec
 
 
@@ -66,14 +66,8 @@ def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str,
         raise BlocksUnknownError(f"{spec.name}: stage 2 fine-tunes the blocks of one backbone, and this entry is several")
     if spec.family == "efficientnet_lite":
         net = body.net
-        stages, current = [], []
-        for blk in net._blocks:
-            # the first block of each stage keeps the decoder's list-valued stride
-            if current and isinstance(blk._block_args.stride, (list, tuple)):
-                stages.append(current)
-                current = []
-            current.append(blk)
-        stages.append(current)
+        ends, blocks = lite_stage_ends(net), list(net._blocks)
+        stages = [blocks[start:end + 1] for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends)]
         stem, head = nn.Sequential(net._conv_stem, net._bn0, net._swish), nn.Sequential(net._conv_head, net._bn1, net._swish)
         return [("stem", stem)] + [(f"stage{i + 1}", nn.Sequential(*s)) for i, s in enumerate(stages)] + [("head", head)]
     if spec.family == "torchvision":

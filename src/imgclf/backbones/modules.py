@@ -80,30 +80,34 @@ class _ConvNextPool(nn.Module):
         return self.norm(x.mean(dim=(2, 3), keepdim=True))
 
 
+def lite_stage_ends(net: nn.Module) -> list[int]:
+    """Index of the last block of each stage of an EfficientNet-Lite network, in order: the first
+    block of each stage keeps the decoder's list-valued stride (the others an int)."""
+    blocks = list(net._blocks)
+    return [i for i in range(len(blocks)) if i == len(blocks) - 1 or isinstance(blocks[i + 1]._block_args.stride, (list, tuple))]
+
+
 class LiteStageMaps(nn.Module):
     """An EfficientNet-Lite's stem and blocks, returning the outputs of its last ``count``
     stages as a tuple of maps (the conv head is not run).
 
-    Why: pooled, those mid-level maps carried more of what separates dermoscopy and flower
-    classes than the conv head's 1,280 ImageNet-tuned channels did, in cross-validation on
-    every set measured (benchmarks/README.md, "Stage outputs instead of the conv head").
+    Why: pooled, those mid-level maps carried more of what separates dermoscopy classes than
+    the conv head's 1,280 ImageNet-tuned channels did, in cross-validation (benchmarks/README.md,
+    "Stage outputs instead of the conv head").
     """
 
     def __init__(self, net: nn.Module, count: int):
         super().__init__()
         self.net = net
-        blocks = list(net._blocks)
-        # the first block of each stage keeps the decoder's list-valued stride (as in backbones.blocks)
-        ends = [i for i in range(len(blocks)) if i == len(blocks) - 1 or isinstance(blocks[i + 1]._block_args.stride, (list, tuple))]
-        self.taps = tuple(ends[-count:])
+        self.taps = tuple(lite_stage_ends(net)[-count:])
 
     def forward(self, x):
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))
+        rate, n = net._global_params.drop_connect_rate or 0.0, len(net._blocks)
         maps = []
         for i, block in enumerate(net._blocks):
-            rate = net._global_params.drop_connect_rate
-            x = block(x, drop_connect_rate=rate * i / len(net._blocks) if rate else rate)  # as extract_features (inactive in eval)
+            x = block(x, drop_connect_rate=rate * i / n)  # as extract_features (inactive in eval)
             if i in self.taps:
                 maps.append(x)
         return tuple(maps)
@@ -143,8 +147,6 @@ def build_feature_extractor(spec: BackboneSpec, ref: WeightsRef, *, seed: int = 
     if spec.family == "branched":
         parts = [build_feature_extractor(b, resolve_weights(b, "none" if ref.kind == "none" else "imagenet", seed=seed + i), seed=seed + i)
                  for i, b in enumerate(spec.branches)]
-        if not all(isinstance(p.pool, MapsAvgPool) for p in parts):
-            raise AssertionError(f"{spec.name}: a branched entry's members pool their stage maps")
         body = BranchBodies([p.body for p in parts], [b.preprocessing.input_size for b in spec.branches], prep.input_size)
         fx = FeatureExtractor(body, MapsAvgPool(), prep)
 
