@@ -270,11 +270,15 @@ def test_default_recipe_is_the_frozen_lite_pair():
     default = make_settings()
     assert (default.backbone, default.finetune_epochs, default.heads) == ("efficientnet_lite0+lite1", 0, 5)
     finetune = make_settings("finetune")
-    assert finetune.backbone == "efficientnet_lite0" and finetune.finetune_epochs > 0 and make_settings("fast").backbone == "efficientnet_lite0"
-    assert make_settings("seed").head == "tutorial" and make_settings().finetune_bn == "frozen"
+    assert finetune.backbone == "efficientnet_lite0" and finetune.finetune_epochs > 0 and make_settings("fast").backbone == "efficientnet_lite0_stages"
+    assert make_settings("seed").head == "tutorial" and make_settings("seed").backbone == "efficientnet_lite0" and make_settings().finetune_bn == "frozen"
     # stage 2 asked for under the default recipe: one line naming the way out, not a silent skip
-    with pytest.raises(SettingError, match="stage 2 fine-tunes the blocks of one backbone.*--recipe finetune"):
+    with pytest.raises(SettingError, match="stage 2 fine-tunes the last blocks of one backbone.*is several.*--recipe finetune"):
         make_settings(finetune_epochs=3)
+    # under fast, asking for stage 2 brings the conv-head Lite0 that stage 2 fine-tunes
+    asked = make_settings("fast", finetune_epochs=3)
+    assert asked.backbone == "efficientnet_lite0" and asked.stage2
+    assert not make_settings("fast", finetune_epochs=3, backbone="efficientnet_lite0_stages").stage2
     assert make_settings(finetune_epochs=3, backbone="efficientnet_lite0").finetune_epochs == 3
     # the pair named explicitly with stage 2 asked for: accepted, and no fit runs stage 2 on it
     assert not make_settings(finetune_epochs=3, backbone="efficientnet_lite0+lite1").stage2 and make_settings("finetune").stage2

@@ -8,6 +8,7 @@ from torch import nn
 
 from imgclf.backbones.modules import FeatureExtractor, lite_stage_ends
 from imgclf.backbones.specs import BackboneSpec
+from imgclf.config.names import lite_base
 
 
 class BlocksUnknownError(ValueError):
@@ -64,6 +65,9 @@ def backbone_blocks(fx: FeatureExtractor, spec: BackboneSpec) -> list[tuple[str,
     body = fx.body
     if spec.family == "branched":
         raise BlocksUnknownError(f"{spec.name}: stage 2 fine-tunes the blocks of one backbone, and this entry is several")
+    if spec.family == "efficientnet_lite" and spec.extra.get("stages"):
+        raise BlocksUnknownError(f"{spec.name}: its features are stage outputs from inside the network, and stage 2 fine-tunes "
+                                 f"the conv-head entry ({lite_base(spec.name)})")
     if spec.family == "efficientnet_lite":
         net = body.net
         ends, blocks = lite_stage_ends(net), list(net._blocks)

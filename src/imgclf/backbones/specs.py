@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from imgclf.config.names import BACKBONE_NAMES, ENSEMBLE_BACKBONE, LITE_NAMES, TORCHVISION_NAMES, is_branched
+from imgclf.config.names import BACKBONE_NAMES, ENSEMBLE_BACKBONE, LITE_NAMES, LITE_STAGE_NAMES, TORCHVISION_NAMES, is_branched, lite_base
 
 
 class UnknownBackboneError(ValueError):
@@ -124,13 +124,15 @@ LITE_STAGE_WIDTHS = {
     "efficientnet_lite1": (16, 24, 40, 80, 112, 192, 320),
     "efficientnet_lite2": (16, 24, 48, 88, 120, 208, 352),
 }
-# a branched entry's members pool the outputs of their last this many stages instead of the conv head
-BRANCH_STAGES = 4
+# a ``*_stages`` entry and each member of a branched entry pool the outputs of their last this many
+# stages instead of the conv head
+LITE_FEATURE_STAGES = 4
 
 
 def _lite_spec(name: str, stages: int = 0) -> BackboneSpec:
     """A Lite backbone; ``stages`` > 0: its features are the outputs of its last ``stages`` stages,
-    each average-pooled, side by side, and the conv head is not run (a branched entry's members)."""
+    each average-pooled, side by side, and the conv head is not run (a ``*_stages`` entry and a
+    branched entry's members)."""
     pkg, _, size = LITE_PACKAGES[name]
     # EfficientNet-Lite was trained in TF with (x - 127) / 128 and a 0.875 centre crop,
     # bicubic; tested here: this gives markedly better ImageNet predictions than the
@@ -229,7 +231,7 @@ def _branched_spec(name: str) -> BackboneSpec:
     Each backbone's features get their own heads and the probabilities are averaged: a
     probability ensemble of backbones whose errors differ, at the cost of running each
     backbone once per image (benchmarks/README.md, "The Lite backbones together"). A member's
-    features are its last ``BRANCH_STAGES`` stages' outputs, pooled, not its conv head's: the
+    features are its last ``LITE_FEATURE_STAGES`` stages' outputs, pooled, not its conv head's: the
     entry is never fine-tuned (stage 2 tunes one backbone), so nothing needs the conv head, and
     the stage outputs carried more of what separates the classes measured (benchmarks/README.md,
     "Stage outputs instead of the conv head").
@@ -241,7 +243,7 @@ def _branched_spec(name: str) -> BackboneSpec:
             f"unknown backbone {name!r}: several backbones together are two or three different Lite backbones joined by '+', "
             f"e.g. {ENSEMBLE_BACKBONE} or efficientnet_lite0+lite1+lite2"
         )
-    branches = tuple(_lite_spec(m, stages=BRANCH_STAGES) for m in members)
+    branches = tuple(_lite_spec(m, stages=LITE_FEATURE_STAGES) for m in members)
     largest = max(branches, key=lambda b: b.preprocessing.input_size)
     return BackboneSpec(
         name=name,
@@ -264,6 +266,9 @@ def available_backbones() -> list[str]:
 def get_backbone_spec(name: str) -> BackboneSpec:
     if name in LITE_PACKAGES:
         return _lite_spec(name)
+    if name in LITE_STAGE_NAMES:
+        # why the stage outputs: benchmarks/README.md, "Stage outputs instead of the conv head"
+        return dataclasses.replace(_lite_spec(lite_base(name), stages=LITE_FEATURE_STAGES), name=name)
     if name in _TORCHVISION:
         return _torchvision_spec(name)
     if name.startswith("timm:") and len(name) > 5:

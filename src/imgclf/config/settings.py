@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-from imgclf.config.names import DEFAULT_BACKBONE, is_branched
+from imgclf.config.names import DEFAULT_BACKBONE, is_frozen_only
 
 HEAD_KINDS = ("recipe", "linear", "tutorial")
 MAX_HEADS = 16  # --heads: each head costs one stage-1 fit and one head pass per prediction
@@ -103,9 +103,9 @@ class TrainSettings(Declared):
     the default recipe, ``ensemble``, whose overrides (:mod:`imgclf.config.recipes`) ``make_settings``
     applies: build settings with ``make_settings``, not with ``TrainSettings()`` alone."""
 
-    recipe: str = setting("ensemble", "named settings that the other flags override: ensemble = efficientnet_lite0+lite1 frozen (each backbone's last four stages pooled), cached features, five heads per backbone, probabilities averaged; fast = efficientnet_lite0 frozen (its conv head pooled), five heads (one backbone to run); finetune = fast, then the last --unfreeze blocks trained with the first head, kept only if they beat the frozen heads on validation; seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only)", choices=RECIPE_NAMES, group="model")
+    recipe: str = setting("ensemble", "named settings that the other flags override: ensemble = efficientnet_lite0+lite1 frozen (each backbone's last four stages pooled), cached features, five heads per backbone, probabilities averaged; fast = efficientnet_lite0_stages frozen (Lite0's last four stages pooled), five heads (one backbone to run); finetune = efficientnet_lite0 frozen (its conv head pooled), five heads, then the last --unfreeze blocks trained with the first head, kept only if they beat the frozen heads on validation; seed = the tutorial as written (x/255 and sigmoid bugs kept, 5 epochs; comparison only)", choices=RECIPE_NAMES, group="model")
     # model
-    backbone: str = setting(DEFAULT_BACKBONE, "backbone registry name (see README: efficientnet_lite0/1/2, efficientnet_lite0+lite1 = both as one probability ensemble, vgg16, resnet50, ..., timm:<name>)", group="model")
+    backbone: str = setting(DEFAULT_BACKBONE, "backbone registry name (see README: efficientnet_lite0/1/2, efficientnet_lite0_stages = Lite0 pooling its last four stages' outputs (frozen only), efficientnet_lite0+lite1 = both as one probability ensemble, vgg16, resnet50, ..., timm:<name>)", group="model")
     weights: str = setting("imagenet", "imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.bin/.safetensors state-dict path", group="model")
     head: str = setting("recipe", "recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear; tutorial: the recipe head with the tutorial's sigmoid before the loss (comparison only)", choices=HEAD_KINDS, group="model")
     heads: int = setting(5, "stage 1 trains this many heads on the frozen features (this many per backbone for several backbones together) (seeds seed, seed+1, ...) and averages their probabilities: an ensemble that lowers the variance of a single head; stage 2 tunes the tail with the first head and replaces the frozen heads only if it beats them on calibrated validation loss", ge=1, le=MAX_HEADS, group="model")
@@ -165,8 +165,9 @@ class TrainSettings(Declared):
 
     @property
     def stage2(self) -> bool:
-        """Whether a fit runs stage 2: asked for, and one backbone (several together skip it)."""
-        return self.finetune_epochs > 0 and not is_branched(self.backbone)
+        """Whether a fit runs stage 2: asked for, and a backbone it can fine-tune (several together,
+        or a Lite entry pooling its stage outputs, skip it)."""
+        return self.finetune_epochs > 0 and not is_frozen_only(self.backbone)
 
 
 @dataclass(frozen=True)
