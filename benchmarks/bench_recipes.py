@@ -1,5 +1,5 @@
 """Compare training recipes (seed, fast, finetune, ensemble) on one dataset, per seed, each with its own
-backbone (ensemble: efficientnet_lite0+lite1, the others efficientnet_lite0) unless ``--backbone`` names one.
+backbone (ensemble: efficientnet_lite0+lite1, fast: efficientnet_lite0_stages, the others efficientnet_lite0) unless ``--backbone`` names one.
 
 Each recipe runs as a fresh ``imgclf train`` process with an empty feature cache, so wall
 time includes extraction; peak memory is that process's max RSS. The seed also sets the

@@ -223,3 +223,39 @@ def test_report_renders_in_headless_chromium(leaky_run, tmp_path):
     assert all(u == url or u.startswith("data:") for u in requests), [u[:80] for u in requests if not u.startswith("data:")]
     with Image.open(tmp_path / "report.png") as shot:
         assert shot.size[1] > 3000 and np.asarray(shot.convert("L")).std() > 10
+
+
+def test_metrics_without_the_test_images_copied_from_training():
+    from imgclf.evaluation.metrics import classification_metrics
+    from imgclf.report.html import _metrics, _without_copies
+
+    names = ["benign", "malignant"]
+    paths = [f"/d/test/{i}.jpg" for i in range(8)]
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p1 = np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.7, 0.6, 0.2])  # 3.jpg and 7.jpg wrong
+    probs = np.stack([1 - p1, p1], 1)
+    insp = {
+        "duplicates": {"cross_split": [
+            {"paths": ["/d/test/3.jpg", "/d/train/a.jpg"], "splits": ["train", "test"], "classes": ["benign"]},
+            {"paths": ["/d/test/7.jpg", "/d/validation/b.jpg"], "splits": ["validation", "test"], "classes": ["benign", "malignant"]},
+            {"paths": ["/d/train/c.jpg", "/d/validation/c.jpg"], "splits": ["train", "validation"], "classes": ["benign"]},
+        ]},
+        "near_duplicates": {"cross_split": [
+            {"paths": ["/d/train/e.jpg", "/d/test/5.jpg"], "splits": ["train", "test"], "classes": ["malignant"]},
+            {"paths": ["/d/validation/f.jpg", "/d/test/6.jpg"], "splits": ["validation", "test"], "classes": ["malignant"]},
+            {"paths": ["/d/train/g.jpg", "/d/validation/h.jpg"], "splits": ["train", "validation"], "classes": ["benign", "malignant"]},
+        ]},
+    }
+    metrics = classification_metrics(y, probs, names, threshold=0.5, bootstrap=50)
+    ctx = {"inspection": insp, "metrics": metrics, "paths": paths, "y_true": y, "probs": probs, "n_pred": 8, "class_names": names}
+    wc = _without_copies(ctx)
+    assert (wc["copied"], wc["relabelled"]) == (4, 1)  # 3, 5, 6, 7; only 7's copy carries another label
+    kept = [0, 1, 2, 4]
+    want = classification_metrics(y[kept], probs[kept], names, threshold=0.5, bootstrap=50)
+    assert wc["metrics"]["n"] == 4 and wc["metrics"]["accuracy"] == want["accuracy"] == 1.0 and wc["metrics"]["ci"] == want["ci"]
+    ctx["without_copies"] = wc
+    section = _metrics(ctx)
+    assert 'id="without-copies"' in section and "without copies (n = 4)" in section and "all test images (n = 8)" in section
+    # nothing copied, or the dataset not checked: no second column
+    assert _without_copies({**ctx, "inspection": {"duplicates": {"cross_split": []}}}) is None
+    assert _without_copies({**ctx, "inspection": None}) is None

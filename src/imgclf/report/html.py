@@ -239,6 +239,44 @@ def _run_split_map(split_csv: Path) -> dict[str, str] | None:
     return {str(p): split for split, rows in read_split_csv(split_csv).items() for p, _ in rows}
 
 
+def _test_copies(insp: dict, test_paths: list[str]) -> tuple[set[str], set[str]]:
+    """Real paths of the scored test images that have an exact or near copy in train or
+    validation, and those of them whose copy is filed under another class."""
+    test = {os.path.realpath(p) for p in test_paths}
+    copied, relabelled = set(), set()
+    groups = [(g["paths"], g["splits"], g["classes"]) for g in insp["duplicates"]["cross_split"]]
+    groups += [([g["paths"][1]], g["splits"], g["classes"]) for g in (insp.get("near_duplicates") or {}).get("cross_split", [])
+               if g["splits"][1] == "test"]
+    for paths, splits, classes in groups:
+        if not set(splits) & {"train", "validation"}:
+            continue
+        hit = {r for r in map(os.path.realpath, paths) if r in test}
+        copied |= hit
+        if len(classes) > 1:
+            relabelled |= hit
+    return copied, relabelled
+
+
+def _without_copies(ctx: dict) -> dict | None:
+    """Test metrics over the test images that have no copy in train or validation (None when
+    the check did not run or found none): a copy scores memory, not generalisation, and one
+    filed under another class scores the labels."""
+    insp, m = ctx["inspection"], ctx["metrics"]
+    if insp is None or not ctx["n_pred"]:
+        return None
+    copied, relabelled = _test_copies(insp, ctx["paths"])
+    if not copied:
+        return None
+    from imgclf.evaluation.metrics import classification_metrics
+
+    keep = np.array([os.path.realpath(p) not in copied for p in ctx["paths"]])
+    threshold = m.get("threshold") if len(ctx["class_names"]) == 2 else None
+    resamples = (m.get("ci") or {}).get("n_resamples") or 0
+    clean = classification_metrics(ctx["y_true"][keep], ctx["probs"][keep], ctx["class_names"], threshold=threshold,
+                                   bootstrap=int(resamples) if keep.any() else 0, seed=(m.get("ci") or {}).get("seed") or 0)
+    return {"copied": len(copied), "relabelled": len(relabelled), "metrics": clean}
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -467,6 +505,19 @@ def _metrics(ctx: dict) -> str:
                  o["tp"], o["fn"], o["tn"], o["fp"]] for i, o in enumerate(ops)]
         out.append(f"<h3>Operating points (positive class: {_e(m.get('positive_class'))})</h3>")
         out.append(_table(["threshold", "sensitivity", "specificity", "PPV", "NPV", "TP", "FN", "TN", "FP"], rows, set(range(1, 9))))
+    wc = ctx.get("without_copies")
+    if wc is not None:
+        c = wc["metrics"]
+        out.append('<h3 id="without-copies">Without the test images copied from train or validation</h3>')
+        rows = [[_e(label), _fmt(m.get(key)), _fmt(c.get(key)), _ci(c, key) if key in ("accuracy", "balanced_accuracy", "roc_auc") else ""]
+                for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("roc_auc", "ROC-AUC"),
+                                   ("log_loss", "log loss"), ("ece", "expected calibration error")) if key in m]
+        out.append(_table(["metric", f"all test images (n = {m.get('n')})", f"without copies (n = {c['n']})", "95% CI"], rows, {1, 2, 3}))
+        out.append(f'<p class="note">{wc["copied"]} test image(s) have an exact or near copy in train or validation (see '
+                   '<a href="#leakage">Leakage</a>)' + (f", {wc['relabelled']} of them under another class there" if wc["relabelled"] else "")
+                   + ". A copy with the same label measures memory rather than generalisation; one filed under another class measures the "
+                   "labels. The second column scores the same predictions without those images; neither column is the single truth when "
+                   "the labels conflict.</p>")
     pc = m.get("per_class") or {}
     auc_pc = m.get("roc_auc_per_class") or {}
     rows = [[_e(c), _fmt(v["precision"]), _fmt(v["recall"]), _fmt(v["f1"]), v["support"]] + ([_fmt(auc_pc.get(c))] if auc_pc else []) for c, v in pc.items()]
@@ -762,6 +813,14 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
 
     warns = []
     insp = ctx["inspection"]
+    ctx["without_copies"] = wc = _without_copies(ctx)
+    if wc is not None:
+        c = wc["metrics"]
+        warns.append(f"<b>{wc['copied']} test image(s) are copies of train or validation images</b>"
+                     + (f" ({wc['relabelled']} of them filed there under another class)" if wc["relabelled"] else "")
+                     + f": without them (n = {c['n']}) accuracy {_fmt(c['accuracy'])}, balanced accuracy {_fmt(c['balanced_accuracy'])}"
+                     + (f", ROC-AUC {_fmt(c['roc_auc'])}" if c.get("roc_auc") is not None else "")
+                     + '. See <a href="#without-copies">Metrics</a>.')
     if insp is not None:
         near_counts = (insp.get("near_duplicates") or {}).get("counts", {})
         if near_counts.get("test~train"):
