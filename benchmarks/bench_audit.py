@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--work", default=None, help="scratch folder (default: a new temporary folder under /tmp)")
+    ap.add_argument("--backbone", default=None, help="imgclf audit --backbone (default: the audit's own)")
     args = ap.parse_args(argv)
     data = Path(args.data)
     work = Path(args.work or tempfile.mkdtemp(prefix="imgclf-bench-audit-"))
@@ -77,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         copy = work / f"noisy-seed{seed}"
         flipped = planted_copy(data, copy, args.fraction, seed)
         command = ["-q", "audit", str(copy), "--project", str(work / "audits"), "--name", f"seed{seed}", "--folds", str(args.folds),
-                   "--seed", str(seed), "--no-progress"]
+                   "--seed", str(seed), "--no-progress", *(["--backbone", args.backbone] if args.backbone else [])]
         print("imgclf " + " ".join(command), file=sys.stderr)
         t0 = time.perf_counter()
         if imgclf_main(command) != 0:
             return 1
         results.append({"seed": seed, **score(work / "audits" / f"seed{seed}" / "audit.csv", flipped), "seconds": time.perf_counter() - t0})
         shutil.rmtree(copy)
-    print(f"\n{data}: {args.fraction:.0%} of train labels flipped, {args.folds}-fold out-of-fold audit\n")
+    print(f"\n{data}: {args.fraction:.0%} of train labels flipped, {args.folds}-fold out-of-fold audit, backbone {args.backbone or 'default'}\n")
     print("| seed | images | flipped (N) | precision@N | flagged by cleanlab (flipped among them) | ROC-AUC | seconds |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:

@@ -139,7 +139,7 @@ def audit_dataset(
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    from imgclf.config.names import DEFAULT_BACKBONE
+    from imgclf.config.names import FAST_BACKBONE
     from imgclf.model.classifier import Classifier
 
     if folds < 2:
@@ -152,7 +152,9 @@ def audit_dataset(
     samples = [s for split in AUDITED_SPLITS for s in ds.samples.get(split, [])]
     if not samples:
         raise ValueError(f"{root}: no training or validation images to audit")
-    clf = Classifier(backbone or DEFAULT_BACKBONE, weights, seed=seed, **runtime)
+    # Lite0's stage outputs by default: on dermoscopy with planted flips they ranked the flips far
+    # better than its conv head (benchmarks/README.md, "imgclf audit"), and fast runs share them
+    clf = Classifier(backbone or FAST_BACKBONE, weights, seed=seed, **runtime)
     features, ok, errors = clf.features([s.path for s in samples], desc="audit features")
     skipped = [(str(p), e) for p, e in ds.unreadable] + [(str(samples[i].path), msg) for i, msg in errors.items()]
     samples = [samples[i] for i in ok]

@@ -29,7 +29,7 @@ def register(subparsers, commands) -> None:
     p.add_argument("--name", default="audit", help="audit folder name; -2, -3... appended if taken (default: audit)")
     p.add_argument("--folds", type=bounded(int, "an integer", lambda v: v >= 2, ">= 2"), default=5, help="cross-validation folds (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: 0)")
-    p.add_argument("--backbone", default=None, help="backbone registry name for the features (default: efficientnet_lite0)")
+    p.add_argument("--backbone", default=None, help="backbone registry name for the features (default: efficientnet_lite0_stages, Lite0's last four stages pooled, as --recipe fast)")
     p.add_argument("--weights", default="imagenet", help="backbone weights: imagenet, none or a state-dict file (default: imagenet)")
     p.add_argument("--top", type=positive_int, default=50, help="label suspects shown in audit.html (default: 50)")
     p.add_argument("--no-duplicates", action="store_true", help="skip the exact-duplicate check (it decodes every image once more)")

@@ -512,7 +512,7 @@ def _metrics(ctx: dict) -> str:
         rows = [[_e(label), _fmt(m.get(key)), _fmt(c.get(key)), _ci(c, key) if key in ("accuracy", "balanced_accuracy", "roc_auc") else ""]
                 for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("roc_auc", "ROC-AUC"),
                                    ("log_loss", "log loss"), ("ece", "expected calibration error")) if key in m]
-        out.append(_table(["metric", f"all test images (n = {m.get('n')})", f"without copies (n = {c['n']})", "95% CI"], rows, {1, 2, 3}))
+        out.append(_table(["metric", f"all test images (n = {m.get('n')})", f"without copies (n = {c['n']})", "95% CI (without copies)"], rows, {1, 2, 3}))
         out.append(f'<p class="note">{wc["copied"]} test image(s) have an exact or near copy in train or validation (see '
                    '<a href="#leakage">Leakage</a>)' + (f", {wc['relabelled']} of them under another class there" if wc["relabelled"] else "")
                    + ". A copy with the same label measures memory rather than generalisation; one filed under another class measures the "
