@@ -27,7 +27,8 @@ Engines:
                   (within parity), feature cache off; its load time includes that measurement.
 
 The model is ``--model`` or, by default, a quick one trained here on the generated folder
-(default backbone, ``--recipe fast`` where the CLI has it) and exported with
+(``--recipe fast`` where the CLI has it: efficientnet_lite0_stages since 2026-12-02, the conv-head
+efficientnet_lite0 before) and exported with
 ``imgclf export --quantize int8``. Everything lives in a temporary folder removed at the end
 (``--keep-temp`` keeps it); nothing is written into the repository or the user's cache.
 """
@@ -114,7 +115,7 @@ def _imgclf(*args: str, env=None) -> subprocess.CompletedProcess:
 
 
 def train_and_export(images: Path, work: Path, env) -> tuple[Path, dict]:
-    """A quick default-backbone model on ``images`` (flat layout), exported fp32 + int8."""
+    """A quick ``--recipe fast`` model on ``images`` (flat layout), exported fp32 + int8."""
     help_text = _imgclf("train", "--help", env=env).stdout
     recipe = ["--recipe", "fast"] if "--recipe" in help_text else []
     t = time.perf_counter()

@@ -81,6 +81,7 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help="also run NAME with these imgclf train arguments (repeatable)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--keep", default=None, help="keep the run folders under this folder (runs-SEED/RECIPE, with report.html) instead of a temporary one")
     args = ap.parse_args()
     runs = [(r, []) for r in args.recipes]
     for v in args.variant:
@@ -90,9 +91,10 @@ def main() -> int:
         runs.append((name, shlex.split(rest)))
     rows = []
     with tempfile.TemporaryDirectory(prefix="imgclf-bench-recipes-") as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)  # --keep: the run folders (runs-SEED/RECIPE) stay there
         for seed in args.seeds:
             for r, extra in runs:
-                rows.append(run_recipe(Path(args.data), r, args.backbone, seed, extra, Path(tmp)))
+                rows.append(run_recipe(Path(args.data), r, args.backbone, seed, extra, work))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     metrics = ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "ece", "sensitivity", "specificity", "val_monitor", "wall_s",
                "peak_rss_mb"]

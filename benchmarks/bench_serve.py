@@ -23,7 +23,7 @@ Per phase: requests/s, latency p50/p95/p99/max, errors (any non-200 or transport
 machine's CPUs with the server: on a small machine the numbers are a floor, not the server's ceiling.
 
 The model is ``--model`` (run folder or .onnx) or, by default, a quick one trained here on
-``--data`` (default-backbone, ``--recipe fast``, ``--train-epochs``, no report); its quality does
+``--data`` (``--recipe fast``: efficientnet_lite0_stages, ``--train-epochs``, no report); its quality does
 not matter for serving speed. Everything lives in a temporary folder removed at the end.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def test_flipped_labels_rank_on_top(flipped_root, audit_run):
         assert by_path[path]["given_label"] == dst_class
         assert by_path[path]["suggested_label"] == src_class
         assert "label" in by_path[path]["issue"].split(";")
+    assert json.loads((out / "audit.json").read_text())["backbone"] == "efficientnet_lite0_stages"  # the default: fast's features
 
 
 def test_audit_csv_columns_and_order(flipped_root, audit_run):

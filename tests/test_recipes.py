@@ -279,6 +279,7 @@ def test_default_recipe_is_the_frozen_lite_pair():
     asked = make_settings("fast", finetune_epochs=3)
     assert asked.backbone == "efficientnet_lite0" and asked.stage2
     assert not make_settings("fast", finetune_epochs=3, backbone="efficientnet_lite0_stages").stage2
+    assert make_settings("fast", finetune_epochs=0).backbone == "efficientnet_lite0_stages"  # no stage 2 asked after all
     assert make_settings(finetune_epochs=3, backbone="efficientnet_lite0").finetune_epochs == 3
     # the pair named explicitly with stage 2 asked for: accepted, and no fit runs stage 2 on it
     assert not make_settings(finetune_epochs=3, backbone="efficientnet_lite0+lite1").stage2 and make_settings("finetune").stage2

@@ -70,6 +70,8 @@ def leaky_run(trained_run, shapes_root, tmp_path_factory):
             other = names[(names.index(r["true"]) + 1) % len(names)]
             r[r["true"]], r[other] = r[other], r[r["true"]]
             r["predicted"] = other
+    circle = next(r for r in preds if r["true"] == "circle" and r["predicted"] == "circle")
+    preds += [{**circle, "path": str(data / "test" / "circle" / n)} for n in ("copy_q90.jpg", "copy_big.png")]  # the copies, scored
     _write_rows(run / "test_predictions.csv", preds)
     html_path = write_run_report(run, gradcam_images=8)
     return run, html_path
@@ -120,6 +122,11 @@ def test_report_flags_near_copies_and_shows_mistakes(leaky_run):
     leakage = text[text.index('id="leakage"'):text.index('<section id="configuration">')]
     assert "copy_q90.jpg" in leakage and "copy_big.png" in leakage
     assert leakage.count("test ~ train") == 2  # exactly the two planted pairs, nothing unrelated
+    # the scored copies: named in the summary and scored apart in Metrics, the other images only
+    n_scored = len(_rows(run / "test_predictions.csv"))
+    assert "2 test image(s) are copies of train or validation images" in summary and "another class" not in summary
+    metrics = text[text.index('<section id="metrics">'):text.index('<section id="plots">')]
+    assert 'id="without-copies"' in metrics and f"without copies (n = {n_scored - 2})" in metrics
     mistakes = text[text.index('<section id="mistakes">'):text.index('<section id="environment">')]
     n_shown = int(re.search(r"The (\d+) misclassified test images", mistakes).group(1))
     assert n_shown >= 3 and "Grad-CAM" in mistakes
@@ -250,6 +257,14 @@ def test_metrics_without_the_test_images_copied_from_training():
     ctx = {"inspection": insp, "metrics": metrics, "paths": paths, "y_true": y, "probs": probs, "n_pred": 8, "class_names": names}
     wc = _without_copies(ctx)
     assert (wc["copied"], wc["relabelled"]) == (4, 1)  # 3, 5, 6, 7; only 7's copy carries another label
+    # with the run's placement of each image, a copy is relabelled only where its own class differs
+    twins = {"paths": ["/d/test/0.jpg", "/d/test/4.jpg", "/d/train/z.jpg"], "splits": ["train", "test"], "classes": ["benign", "malignant"]}
+    placed = {"/d/test/0.jpg": ("test", "benign"), "/d/test/4.jpg": ("test", "malignant"), "/d/train/z.jpg": ("train", "benign")}
+    twin_ctx = {**ctx, "inspection": {"duplicates": {"cross_split": [twins]}}, "placed": placed}
+    assert (lambda w: (w["copied"], w["relabelled"]))(_without_copies(twin_ctx)) == (2, 1)
+    # near copies beyond the capped pair list still count
+    capped = {"duplicates": {"cross_split": []}, "near_duplicates": {"cross_split": [], "test_with_copies": ["/d/test/2.jpg"]}}
+    assert _without_copies({**ctx, "inspection": capped})["copied"] == 1
     kept = [0, 1, 2, 4]
     want = classification_metrics(y[kept], probs[kept], names, threshold=0.5, bootstrap=50)
     assert wc["metrics"]["n"] == 4 and wc["metrics"]["accuracy"] == want["accuracy"] == 1.0 and wc["metrics"]["ci"] == want["ci"]

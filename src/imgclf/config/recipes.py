@@ -63,7 +63,8 @@ def recipe_values(recipe: str, given: dict) -> dict:
         raise SettingError(f"recipe must be one of {', '.join(RECIPE_NAMES)}, got {recipe!r}")
     values = dict(RECIPES[recipe])
     if any(_is_stage2(k) for k in given):
-        values = {k: v for k, v in values.items() if not _is_stage2(k) and not (k == "backbone" and v in LITE_STAGE_NAMES)}
+        tuned = given.get("finetune_epochs", TRAIN_FIELDS["finetune_epochs"].default) > 0  # stage 2 will run
+        values = {k: v for k, v in values.items() if not _is_stage2(k) and not (tuned and k == "backbone" and v in LITE_STAGE_NAMES)}
     return values
 
 

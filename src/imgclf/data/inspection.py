@@ -30,7 +30,8 @@ structure to compare and are left to the exact check. Not caught: crops, flips a
 hash is not invariant to them). Pairs that are exact duplicates are reported only as those. Results: ``near_duplicates`` {method, max_distance, min_correlation,
 pairs (how many), cross_split: [{paths: [earlier, later], splits, classes, distance,
 correlation}] (the first 10,000), counts:
-{"<later>~<earlier>": images of <later> with a near-copy in <earlier>}} and a
+{"<later>~<earlier>": images of <later> with a near-copy in <earlier>}, test_with_copies: [every
+test image with a near-copy in train or validation]} and a
 ``LEAKAGE (near-duplicates):`` warning per split pair.
 
 Reads only: files are opened read-only and nothing is written anywhere.
@@ -247,7 +248,10 @@ def inspect_dataset(
             if results[i]["ok"] and dup_split[i] is not None and results[i]["phash"] is not None
         ]
         near = _near_duplicates(sigs, items)
-        for key, paths in near.pop("_later_paths").items():
+        later_paths = near.pop("_later_paths")
+        # complete, unlike the pair list (capped): the test images with a near-copy in an earlier split
+        near["test_with_copies"] = sorted({p for key, paths in later_paths.items() if key.startswith("test~") for p in paths})
+        for key, paths in later_paths.items():
             later, earlier = key.split("~")
             warnings.append(
                 f"LEAKAGE (near-duplicates): {len(paths)} images in {later} have near-copies in {earlier} "

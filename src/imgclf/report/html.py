@@ -239,21 +239,32 @@ def _run_split_map(split_csv: Path) -> dict[str, str] | None:
     return {str(p): split for split, rows in read_split_csv(split_csv).items() for p, _ in rows}
 
 
-def _test_copies(insp: dict, test_paths: list[str]) -> tuple[set[str], set[str]]:
+def _test_copies(insp: dict, test_paths: list[str], placed: dict[str, tuple[str, str]]) -> tuple[set[str], set[str]]:
     """Real paths of the scored test images that have an exact or near copy in train or
-    validation, and those of them whose copy is filed under another class."""
+    validation, and those of them whose copy there is filed under another class.
+
+    ``placed``: real path → (split, class) of the run's images (split.csv); without it a
+    group's classes tell whether its copies disagree."""
     test = {os.path.realpath(p) for p in test_paths}
     copied, relabelled = set(), set()
-    groups = [(g["paths"], g["splits"], g["classes"]) for g in insp["duplicates"]["cross_split"]]
-    groups += [([g["paths"][1]], g["splits"], g["classes"]) for g in (insp.get("near_duplicates") or {}).get("cross_split", [])
-               if g["splits"][1] == "test"]
-    for paths, splits, classes in groups:
-        if not set(splits) & {"train", "validation"}:
+    for g in insp["duplicates"]["cross_split"]:
+        if not set(g["splits"]) & {"train", "validation"}:
             continue
-        hit = {r for r in map(os.path.realpath, paths) if r in test}
-        copied |= hit
-        if len(classes) > 1:
-            relabelled |= hit
+        members = [os.path.realpath(p) for p in g["paths"]]
+        earlier = [placed[r][1] for r in members if r in placed and placed[r][0] in ("train", "validation")]
+        for r in (r for r in members if r in test):
+            copied.add(r)
+            own = placed.get(r, (None, None))[1]
+            if (any(c != own for c in earlier) if earlier and own is not None else len(g["classes"]) > 1):
+                relabelled.add(r)
+    near = insp.get("near_duplicates") or {}
+    copied |= {r for r in map(os.path.realpath, near.get("test_with_copies", [])) if r in test}
+    for g in near.get("cross_split", []):  # the listed pairs (capped): enough to tell relabelled copies
+        r = os.path.realpath(g["paths"][1])
+        if g["splits"][1] == "test" and g["splits"][0] != "test" and r in test:
+            copied.add(r)
+            if len(g["classes"]) > 1:
+                relabelled.add(r)
     return copied, relabelled
 
 
@@ -264,7 +275,7 @@ def _without_copies(ctx: dict) -> dict | None:
     insp, m = ctx["inspection"], ctx["metrics"]
     if insp is None or not ctx["n_pred"]:
         return None
-    copied, relabelled = _test_copies(insp, ctx["paths"])
+    copied, relabelled = _test_copies(insp, ctx["paths"], ctx.get("placed") or {})
     if not copied:
         return None
     from imgclf.evaluation.metrics import classification_metrics
@@ -275,6 +286,15 @@ def _without_copies(ctx: dict) -> dict | None:
     clean = classification_metrics(ctx["y_true"][keep], ctx["probs"][keep], ctx["class_names"], threshold=threshold,
                                    bootstrap=int(resamples) if keep.any() else 0, seed=(m.get("ci") or {}).get("seed") or 0)
     return {"copied": len(copied), "relabelled": len(relabelled), "metrics": clean}
+
+
+def _run_placement(split_csv: Path) -> dict[str, tuple[str, str]]:
+    """real path → (split, class) of the run's own split.csv (empty when the run has none)."""
+    from imgclf.data.datasets import read_split_csv
+
+    if not split_csv.is_file():
+        return {}
+    return {os.path.realpath(p): (split, c) for split, rows in read_split_csv(split_csv).items() for p, c in rows}
 
 
 # --------------------------------------------------------------------------- sections
@@ -806,6 +826,7 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
             manifest = (config.get("dataset") or {}).get("manifest")  # a manifest run: inspect the listed images, not the CSV's folder
             source = {"manifest": manifest} if manifest and Path(manifest).is_file() else {"root": root}
             ctx["inspection"] = inspect_dataset(**source, split_of=_run_split_map(run_dir / layout.SPLIT))
+            ctx["placed"] = _run_placement(run_dir / layout.SPLIT)
         except Exception as e:  # noqa: BLE001 - report the rest
             ctx["inspection_note"] = f"dataset check failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     else:

@@ -379,5 +379,6 @@ class ImageClassifier(Classifier):
         clf = super().load(path, **kwargs)
         recorded = clf.meta_.settings
         known = {k: v for k, v in recorded.items() if k in TRAIN_FIELDS and k != "recipe"}
+        known.setdefault("backbone", clf.meta_.backbone_name)  # a bundle without recorded settings: its own backbone
         clf._use_settings(make_settings(recorded.get("recipe"), **known))
         return clf
