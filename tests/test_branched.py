@@ -63,12 +63,17 @@ def _pooled_stage_outputs(name: str, x: torch.Tensor, blocks: list[int]) -> torc
     return torch.cat([caught[i].mean(dim=(2, 3)) for i in blocks], 1)
 
 
-def test_features_are_each_backbone_s_last_four_stages_at_its_own_size_side_by_side():
-    spec = get_backbone_spec(PAIR)
+def entry_features(name: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """(random 0..255 images, the registry entry's features of them, its extractor)."""
+    spec = get_backbone_spec(name)
     fx = build_feature_extractor(spec, resolve_weights(spec, "imagenet"))
-    x = torch.rand(2, 3, 240, 240, generator=torch.Generator().manual_seed(0)) * 255
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255
     with torch.no_grad():
-        got = fx(x)
+        return x, fx(x), fx
+
+
+def test_features_are_each_backbone_s_last_four_stages_at_its_own_size_side_by_side():
+    x, got, fx = entry_features(PAIR, 240, 0)
     # the last blocks of stages 4-7: Lite0 has 16 blocks, Lite1 21
     want0 = _pooled_stage_outputs("efficientnet_lite0", F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False), [7, 10, 14, 15])
     want1 = _pooled_stage_outputs("efficientnet_lite1", x, [10, 14, 19, 20])

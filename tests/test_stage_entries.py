@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from conftest import bundle_copy
-from imgclf.backbones.modules import build_feature_extractor
 from imgclf.backbones.specs import get_backbone_spec
 from imgclf.backbones.weights import resolve_weights
 from imgclf.cli.main import main
 from imgclf.config.names import BACKBONE_NAMES, LITE_NAMES
 from imgclf.model.classifier import Classifier
 from imgclf.api import ImageClassifier
-from test_branched import _pooled_stage_outputs
+from test_branched import _pooled_stage_outputs, entry_features
 
 STAGES = "efficientnet_lite0_stages"
 
@@ -35,11 +34,7 @@ def test_entry_is_lite0_with_its_weights_and_preprocessing_but_other_features():
 
 
 def test_features_are_the_plain_network_s_last_four_stage_outputs_pooled():
-    spec = get_backbone_spec(STAGES)
-    fx = build_feature_extractor(spec, resolve_weights(spec, "imagenet"))
-    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 255
-    with torch.no_grad():
-        got = fx(x)
+    x, got, _ = entry_features(STAGES, 224, 1)
     torch.testing.assert_close(got, _pooled_stage_outputs("efficientnet_lite0", x, [7, 10, 14, 15]), atol=1e-4, rtol=1e-4)
 
 
