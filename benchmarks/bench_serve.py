@@ -6,8 +6,8 @@ then a slow-client flood.
     .venv/bin/python benchmarks/bench_serve.py --clients 4 16 --seconds 20
     .venv/bin/python benchmarks/bench_serve.py --model runs/train --out serve.json
 
-Starts ``imgclf serve MODEL --port 0`` (``--engine auto``: the model's ONNX export, made at start
-if missing) in its own process on 127.0.0.1; nothing leaves the machine. Then:
+Starts ``imgclf serve MODEL --port 0 --engine ENGINE`` (default auto: the model's ONNX export,
+made at start if missing, or the feature path where it measured faster) in its own process on 127.0.0.1; nothing leaves the machine. Then:
 
 1. warm-up: 10 sequential requests, then ``--warmup-seconds`` of 8 clients;
 2. for each ``--clients`` value, that many asyncio clients each POST one 224×224 JPEG to
@@ -61,10 +61,10 @@ def proc_status_mb(pid: int, field: str) -> float:
     return float("nan")
 
 
-def start_server(model: Path, env, batch_wait_ms: float, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, env, batch_wait_ms: float, max_batch: int, engine: str = "auto") -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgclf", "-q", "serve", str(model), "--host", LOOPBACK, "--port", "0", "--no-explain",
-         "--batch-wait-ms", str(batch_wait_ms), "--max-batch", str(max_batch)],
+         "--batch-wait-ms", str(batch_wait_ms), "--max-batch", str(max_batch), "--engine", engine],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1,
     )
     lines: queue.Queue = queue.Queue()
@@ -225,6 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--flood-seconds", type=float, default=8, help="/healthz measurement during the flood (default: 8)")
     ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="server --batch-wait-ms (default: 5, the server's default)")
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"], help="imgclf serve --engine (default: auto)")
     ap.add_argument("--train-epochs", type=int, default=3, help="head epochs of the quick model (default: 3)")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     ap.add_argument("--keep-temp", action="store_true")
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
         bodies = [p.read_bytes() for p in paths]
         model = Path(args.model) if args.model else train_quick_model(images, work, env, args.train_epochs)
         t = time.perf_counter()
-        proc, base = start_server(model, env, args.batch_wait_ms, args.max_batch)
+        proc, base = start_server(model, env, args.batch_wait_ms, args.max_batch, args.engine)
         log(f"server up in {time.perf_counter() - t:.0f} s at {base}")
         port = int(base.rstrip("/").rsplit(":", 1)[1])
         try:

@@ -468,3 +468,34 @@ def test_serving_model_loading_and_cli_errors(exported, tmp_path, capsys):
         assert main(["serve", str(exported), *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("imgclf: error:") and bad[0] in err[0], err
+
+
+def test_auto_serves_the_feature_path_where_it_measured_faster(trained_run, images, tmp_path, monkeypatch):
+    """serve --engine auto takes predict's measured choice: here any gain is enough, so the
+    feature path, which answers like the export (within the auto parity bound) and whose
+    Classifier also searches the similar cases; a stored choice is read back, not measured."""
+    from conftest import bundle_copy
+    from imgclf.predict import choose
+    from imgclf.predict.feature_arrays import FeatureArrayClassifier
+    from imgclf.serve.app import load_serving_model
+
+    d = bundle_copy(trained_run, tmp_path / "m")
+    monkeypatch.setenv("IMGCLF_AUTO_SWITCH_GAIN", "0")
+    served, bundle = load_serving_model(d, cache_dir=tmp_path / "c")
+    assert isinstance(served, FeatureArrayClassifier) and bundle == d
+    info = served.info()
+    assert info["engine"].startswith("features (") and info["engine_choice"]["features_img_s"] > 0
+    export, _ = load_serving_model(d, "onnx", cache_dir=tmp_path / "c")
+    assert isinstance(export, OnnxClassifier)
+    with TestClient(create_app(served, ServeConfig(), bundle_dir=bundle, explain=False)) as c:
+        assert c.app.state.similar.classifier is served.clf  # one backbone for predictions and similar cases
+        r = c.post("/v1/predict?neighbors=2", files={"file": ("s.jpg", images["square"].read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    (pred,) = r.json()["predictions"]
+    got = np.array([pred["probabilities"][k] for k in served.class_names_])
+    want = export.predict_proba([images["square"]])[0]
+    assert np.abs(got - want).max() <= choose.AUTO_PARITY_ATOL and got.argmax() == want.argmax() and len(pred["neighbors"]) == 2
+    monkeypatch.setattr(choose, "measure_engines", lambda *a, **k: pytest.fail("measured twice"))
+    assert isinstance(load_serving_model(d, cache_dir=tmp_path / "c")[0], FeatureArrayClassifier)
+    monkeypatch.undo()  # the session's IMGCLF_AUTO_SWITCH_GAIN=inf: measured under a new cache, the export kept
+    assert isinstance(load_serving_model(d, cache_dir=tmp_path / "c3")[0], OnnxClassifier)

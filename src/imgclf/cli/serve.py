@@ -30,14 +30,14 @@ def register(subparsers, commands) -> None:
 
     p = subparsers.add_parser(
         "serve", help="serve a model over HTTP (REST API + web page)",
-        description="Serve MODEL (run folder, model.json or an exported .onnx) with FastAPI + uvicorn. ONNX Runtime on the model's export (made now if missing) unless --engine torch.",
+        description="Serve MODEL (run folder, model.json or an exported .onnx) with FastAPI + uvicorn. ONNX Runtime on the model's export (made now if missing), or the faster feature path where it measured within parity, unless --engine says which.",
         epilog=EPILOG_SERVE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="run folder, model.json or an exported .onnx file")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=port, default=8000, help="port (default: 8000; 0 = any free port, printed at start)")
     p.add_argument("--no-explain", action="store_true", help="leave out POST /v1/explain (Grad-CAM) even where imgclf.explain.gradcam is available")
-    p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"], help="auto: ONNX Runtime (exporting now if needed), PyTorch if that fails; onnx: ONNX Runtime or an error; torch: eager PyTorch (default: auto)")
+    p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"], help="auto: ONNX Runtime on the model's export (made now if needed), or the feature path (OpenVINO/ONNX Runtime backbone features, then the head) where it measured faster than the export within parity, as predict --engine auto chooses; PyTorch if no export can be made; onnx: ONNX Runtime or an error; torch: eager PyTorch (default: auto)")
     p.add_argument("--weights", default=None, help="where to read the backbone weights if not where training found them")
     p.add_argument("--cache-dir", default=None, help="imgclf cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)")
     add_setting_flags(p, SERVE_FIELDS)

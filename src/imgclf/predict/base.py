@@ -33,7 +33,8 @@ class Predictor(Protocol):
 class ArrayPredictor(Protocol):
     """Already resized/cropped uint8 pixels in, probabilities out, with the metadata a server
     reports (:class:`~imgclf.predict.onnx_predictor.OnnxClassifier`,
-    :class:`~imgclf.predict.torch_predictor.TorchClassifier`)."""
+    :class:`~imgclf.predict.torch_predictor.TorchClassifier`,
+    :class:`~imgclf.predict.feature_arrays.FeatureArrayClassifier`)."""
 
     class_names_: list[str]
     input_size: int

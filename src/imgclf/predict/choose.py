@@ -132,6 +132,35 @@ def auto_choice(model_dir: Path, bundle_id: str, export, make_feature_path, cach
     return choice
 
 
+def serving_choice(model_dir: str | os.PathLike, export: OnnxClassifier, *, weights=None, cache_dir=None):
+    """What ``serve --engine auto`` serves: the feature path (a
+    :class:`~imgclf.predict.feature_arrays.FeatureArrayClassifier`) where :func:`auto_choice`,
+    the measurement ``predict --engine auto`` uses and keeps, picked it, else ``export``.
+
+    A model with test-time views keeps the export: the export averages the views inside its
+    graph, and the array path runs one view."""
+    d = resolve_bundle_dir(model_dir)
+    if _model_tta(d) != "none":
+        return export
+    made: list = []
+
+    def make_feature_path():
+        from imgclf.model.classifier import Classifier
+
+        made.append(Classifier.load(d, weights=weights, cache_dir=cache_dir, use_cache=False, progress=False))
+        return made[-1]
+
+    choice = auto_choice(d, bundle_hashes(d)["bundle_id"], export, make_feature_path, cache_dir)
+    speeds = f"{choice['features_img_s']} vs {choice['onnx_img_s']} img/s" if "onnx_img_s" in choice else ""
+    if choice["engine"] != "features":
+        log.info("serve engine auto: ONNX Runtime on %s (%s%s)", export.path, choice["reason"], f"; {speeds}" if speeds else "")
+        return export
+    from imgclf.predict.feature_arrays import FeatureArrayClassifier
+
+    log.info("serve engine auto: the feature path, %s for the ONNX export on this machine (%s)", speeds, choice.get("from", "measured now"))
+    return FeatureArrayClassifier(made[-1] if made else make_feature_path(), d, measured=choice)
+
+
 def _model_tta(d: Path) -> str:
     try:
         return read_model_meta(d / layout.MODEL_META).tta

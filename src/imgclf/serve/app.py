@@ -36,8 +36,9 @@ async def _lifespan(app):
 
 
 def create_app(model, config: ServeConfig | None = None, *, bundle_dir: str | os.PathLike | None = None, explain=None, weights=None, cache_dir=None):
-    """The FastAPI app around ``model`` (an :class:`~imgclf.predict.onnx_predictor.OnnxClassifier` or
-    :class:`~imgclf.predict.torch_predictor.TorchClassifier`). ``explain``: the Grad-CAM module to use
+    """The FastAPI app around ``model`` (an :class:`~imgclf.predict.onnx_predictor.OnnxClassifier`,
+    :class:`~imgclf.predict.torch_predictor.TorchClassifier` or
+    :class:`~imgclf.predict.feature_arrays.FeatureArrayClassifier`). ``explain``: the Grad-CAM module to use
     (default: :func:`~imgclf.serve.explainer.explain_module`, only when ``bundle_dir`` is
     given); ``False`` = off. Similar training cases are served when the bundle (``bundle_dir``,
     or the TorchClassifier's own) has a usable index and ``config.max_neighbors`` > 0; the index
@@ -90,11 +91,13 @@ def load_serving_model(model: str | os.PathLike, engine: str = "auto", *, weight
     """(predictor with ``predict_proba_arrays``/``info``, bundle folder or None).
 
     auto: a verified, up-to-date ONNX export (made now if missing; a failed export falls
-    back to the PyTorch graph with a warning); onnx: the export or an error; torch: the
+    back to the PyTorch graph with a warning), or the feature path where it measured faster
+    than that export within parity (:func:`~imgclf.predict.choose.serving_choice`, the choice
+    ``predict --engine auto`` makes and keeps); onnx: the export or an error; torch: the
     eager PyTorch graph. An ``.onnx`` path is served as is (after its integrity checks).
     """
     from imgclf.export.metadata import ExportError, bundle_hashes
-    from imgclf.predict.choose import predictor_for
+    from imgclf.predict.choose import predictor_for, serving_choice
     from imgclf.predict.onnx_predictor import OnnxClassifier
     from imgclf.predict.torch_predictor import TorchClassifier
 
@@ -120,9 +123,10 @@ def load_serving_model(model: str | os.PathLike, engine: str = "auto", *, weight
 
     d = resolve_bundle_dir(model)
     try:
-        return predictor_for(d, "onnx", weights=weights, cache_dir=cache_dir), d
+        export = predictor_for(d, "onnx", weights=weights, cache_dir=cache_dir)
     except ExportError as e:
         if engine == "onnx":
             raise
         log.warning("ONNX Runtime unavailable for this model (%s); serving the PyTorch graph", e)
         return TorchClassifier(d, weights=weights, cache_dir=cache_dir), d
+    return (export if engine == "onnx" else serving_choice(d, export, weights=weights, cache_dir=cache_dir)), d

@@ -4,7 +4,8 @@ searches it.
 
 An ONNX export gives class probabilities only, not backbone features, so neighbour requests
 use a :class:`~imgclf.model.classifier.Classifier` of the same bundle (the one inside a
-:class:`~imgclf.predict.torch_predictor.TorchClassifier`, else one loaded here). Its search
+:class:`~imgclf.predict.torch_predictor.TorchClassifier` or a
+:class:`~imgclf.predict.feature_arrays.FeatureArrayClassifier`, else one loaded here). Its search
 runs in the server's one inference thread (a second
 :class:`~imgclf.serve.batching.MicroBatcher` sharing the first one's thread), never on the
 event loop. A model without an index, or whose index cannot be used, is served without
@@ -53,7 +54,7 @@ def open_similar_cases(model, bundle_dir: str | os.PathLike | None, *, enabled: 
     does not pay for it and no request loads anything."""
     if not enabled:
         return None, "similar cases are turned off on this server (--max-neighbors 0)"
-    classifier = getattr(model, "clf", None)  # TorchClassifier: its own Classifier
+    classifier = getattr(model, "clf", None)  # TorchClassifier, FeatureArrayClassifier: their own Classifier
     if classifier is not None and getattr(classifier, "meta_", None) is not None:
         entry = classifier.meta_.neighbors
     else:
