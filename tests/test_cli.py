@@ -254,3 +254,22 @@ def test_predict_takes_paths_after_options_and_after_double_dash(trained_run, sh
     assert main(["-q", "predict", str(trained_run), "--out", str(out), str(one), "--engine", "torch", "--no-progress", "--", str(two)]) == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(rows) == 1 + 6 and rows[0]["path"] == str(one) and not any(r["error"] for r in rows)
+
+
+def test_console_log_follows_the_current_stderr_and_never_writes_to_a_closed_one(monkeypatch):
+    """The CLI's console handler writes to sys.stderr as it is at each record: a stream
+    replaced and closed after setup (a caller's redirect, a test runner's capture) is not used."""
+    import logging
+
+    from imgclf.runs.folders import setup_logging
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging()
+    log = logging.getLogger("imgclf")
+    log.info("one")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    log.info("two")
+    assert second.getvalue() == "two\n"

@@ -39,6 +39,23 @@ class _Formatter(logging.Formatter):
         return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record is emitted, like
+    the standard library's last-resort handler: a stderr replaced after setup (a caller's
+    redirect, a test runner's capture that is later closed) is followed, never written to stale."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Console handler on stderr for the ``imgclf`` logger (idempotent)."""
     logger = logging.getLogger("imgclf")
@@ -46,7 +63,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     for h in list(logger.handlers):
         if getattr(h, "_imgclf_console", False):
             logger.removeHandler(h)
-    h = logging.StreamHandler(sys.stderr)
+    h = _CurrentStderrHandler()
     h._imgclf_console = True
     h.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     h.setFormatter(_Formatter("%(message)s"))
