@@ -9,6 +9,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from imgclf.export.metadata import Decision, bundle_hashes, resize_policy_text
+
 
 @runtime_checkable
 class Predictor(Protocol):
@@ -66,3 +68,27 @@ def as_nchw_uint8(batch: np.ndarray, size: int) -> np.ndarray:
     if a.shape[1:] == (size, size, 3):
         return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
     raise ValueError(f"expected a batch (N,3,{size},{size}) or (N,{size},{size},3), got shape {a.shape}")
+
+
+class BundleArrays:
+    """What an array predictor built on a bundle's loaded
+    :class:`~imgclf.model.classifier.Classifier` (``clf``) reports: class names, the input it
+    takes, its decision rule, its id and :meth:`info`, the same for each engine behind it."""
+
+    def __init__(self, clf, bundle_dir: str | os.PathLike, engine: str, *, bundle_id: str | None = None):
+        self.clf = clf
+        self.path = bundle_dir
+        self.class_names_ = list(clf.class_names_)
+        self.preprocessing = clf.backbone_runner().spec.preprocessing
+        self.input_size = self.preprocessing.input_size
+        self.decision = Decision.for_model(clf.meta_)
+        self.model_id = bundle_id or bundle_hashes(bundle_dir)["bundle_id"]
+        self.engine = engine
+
+    def info(self) -> dict:
+        p = self.preprocessing
+        return {
+            "model_id": self.model_id, "engine": self.engine, "class_names": self.class_names_, "input_size": self.input_size,
+            "resize_policy": resize_policy_text(p), "preprocessing": p.to_dict(), "threshold": self.decision.to_dict(),
+            "decision": self.decision.description, "backbone": self.clf.meta_.backbone_name, "source": str(self.path), "quantization": None,
+        }

@@ -132,33 +132,45 @@ def auto_choice(model_dir: Path, bundle_id: str, export, make_feature_path, cach
     return choice
 
 
+def measured_feature_path(model_dir: Path, bundle_id: str, export, load_feature_path, cache_dir, who: str):
+    """(the feature path where :func:`auto_choice` picked it, else None; the choice), logged as
+    ``who``. ``load_feature_path()`` loads it; the instance the measurement loaded is reused."""
+    made: list = []
+
+    def make_feature_path():
+        made.append(load_feature_path())
+        return made[-1]
+
+    choice = auto_choice(model_dir, bundle_id, export, make_feature_path, cache_dir)
+    speeds = f"{choice['features_img_s']} vs {choice['onnx_img_s']} img/s" if "onnx_img_s" in choice else ""
+    if choice["engine"] != "features":
+        log.info("%s: ONNX Runtime on %s (%s%s)", who, export.path, choice["reason"], f"; {speeds}" if speeds else "")
+        return None, choice
+    log.info("%s: the feature path, %s for the ONNX export on this machine (%s)", who, speeds, choice.get("from", "measured now"))
+    return (made[-1] if made else load_feature_path()), choice
+
+
 def serving_choice(model_dir: str | os.PathLike, export: OnnxClassifier, *, weights=None, cache_dir=None):
     """What ``serve --engine auto`` serves: the feature path (a
-    :class:`~imgclf.predict.feature_arrays.FeatureArrayClassifier`) where :func:`auto_choice`,
-    the measurement ``predict --engine auto`` uses and keeps, picked it, else ``export``.
+    :class:`~imgclf.predict.feature_arrays.FeatureArrayClassifier`) where the measurement
+    ``predict --engine auto`` uses and keeps picked it, else ``export`` (loaded against the
+    bundle, so its recorded bundle id is the bundle's).
 
     A model with test-time views keeps the export: the export averages the views inside its
     graph, and the array path runs one view."""
     d = resolve_bundle_dir(model_dir)
     if _model_tta(d) != "none":
         return export
-    made: list = []
-
-    def make_feature_path():
-        from imgclf.model.classifier import Classifier
-
-        made.append(Classifier.load(d, weights=weights, cache_dir=cache_dir, use_cache=False, progress=False))
-        return made[-1]
-
-    choice = auto_choice(d, bundle_hashes(d)["bundle_id"], export, make_feature_path, cache_dir)
-    speeds = f"{choice['features_img_s']} vs {choice['onnx_img_s']} img/s" if "onnx_img_s" in choice else ""
-    if choice["engine"] != "features":
-        log.info("serve engine auto: ONNX Runtime on %s (%s%s)", export.path, choice["reason"], f"; {speeds}" if speeds else "")
-        return export
     from imgclf.predict.feature_arrays import FeatureArrayClassifier
 
-    log.info("serve engine auto: the feature path, %s for the ONNX export on this machine (%s)", speeds, choice.get("from", "measured now"))
-    return FeatureArrayClassifier(made[-1] if made else make_feature_path(), d, measured=choice)
+    def load_feature_path():  # imports torch: only when measured or taken
+        from imgclf.model.classifier import Classifier
+
+        return Classifier.load(d, weights=weights, cache_dir=cache_dir, use_cache=False, progress=False)
+
+    bid = export.sidecar["source"]["bundle_id"]
+    chosen, choice = measured_feature_path(d, bid, export, load_feature_path, cache_dir, "serve engine auto")
+    return export if chosen is None else FeatureArrayClassifier(chosen, d, bundle_id=bid, measured=choice)
 
 
 def _model_tta(d: Path) -> str:
@@ -284,19 +296,8 @@ def predictor_for(
     bid = bundle_hashes(d)["bundle_id"]
     found = find_export(d, cache_dir, strict=(engine == "onnx"), tta=tta, bundle_id=bid)
     if found is not None and engine == "auto" and distributed.current() is None:  # (ranks would measure apart)
-        made: list = []
-
-        def make_feature_path():
-            made.append(feature_path("auto"))
-            return made[-1]
-
-        choice = auto_choice(d, bid, found, make_feature_path, cache_dir)
-        speeds = f"{choice['features_img_s']} vs {choice['onnx_img_s']} img/s" if "onnx_img_s" in choice else ""
-        if choice["engine"] == "features":
-            log.info("engine auto: the feature path, %s for the ONNX export on this machine (%s)", speeds, choice.get("from", "measured now"))
-            return made[-1] if made else feature_path("auto")
-        log.info("engine auto: ONNX Runtime on %s (%s%s)", found.path, choice["reason"], f"; {speeds}" if speeds else "")
-        return found
+        chosen, _ = measured_feature_path(d, bid, found, lambda: feature_path("auto"), cache_dir, "engine auto")
+        return found if chosen is None else chosen
     if found is not None:
         log.info("engine: ONNX Runtime on %s", found.path)
         return found
