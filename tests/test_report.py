@@ -251,7 +251,7 @@ def test_metrics_without_the_test_images_copied_from_training():
             {"paths": ["/d/train/e.jpg", "/d/test/5.jpg"], "splits": ["train", "test"], "classes": ["malignant"]},
             {"paths": ["/d/validation/f.jpg", "/d/test/6.jpg"], "splits": ["validation", "test"], "classes": ["malignant"]},
             {"paths": ["/d/train/g.jpg", "/d/validation/h.jpg"], "splits": ["train", "validation"], "classes": ["benign", "malignant"]},
-        ]},
+        ], "test_with_copies": ["/d/test/5.jpg", "/d/test/6.jpg"]},  # as inspect_dataset gives them: every test image with a near copy
     }
     metrics = classification_metrics(y, probs, names, threshold=0.5, bootstrap=50)
     ctx = {"inspection": insp, "metrics": metrics, "paths": paths, "y_true": y, "probs": probs, "n_pred": 8, "class_names": names}

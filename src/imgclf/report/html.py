@@ -230,41 +230,40 @@ def _predictions(rows: list[dict] | None, class_names: list[str]):
     return paths, np.array(y, np.int64), np.array(probs, np.float64).reshape(-1, len(class_names))
 
 
-def _run_split_map(split_csv: Path) -> dict[str, str] | None:
-    """path → split of the run's own split.csv (None when the run has none)."""
+def _run_placement(split_csv: Path) -> dict[str, tuple[str, str]]:
+    """real path → (split, class) of the run's own split.csv (empty when the run has none)."""
     from imgclf.data.datasets import read_split_csv
 
     if not split_csv.is_file():
-        return None
-    return {str(p): split for split, rows in read_split_csv(split_csv).items() for p, _ in rows}
+        return {}
+    return {os.path.realpath(p): (split, c) for split, rows in read_split_csv(split_csv).items() for p, c in rows}
 
 
 def _test_copies(insp: dict, test_paths: list[str], placed: dict[str, tuple[str, str]]) -> tuple[set[str], set[str]]:
     """Real paths of the scored test images that have an exact or near copy in train or
     validation, and those of them whose copy there is filed under another class.
 
-    ``placed``: real path → (split, class) of the run's images (split.csv); without it a
-    group's classes tell whether its copies disagree."""
+    ``placed``: :func:`_run_placement`; an image it does not place is judged by its group's
+    classes."""
     test = {os.path.realpath(p) for p in test_paths}
-    copied, relabelled = set(), set()
+    near = insp.get("near_duplicates") or {}
+    copied = {r for r in map(os.path.realpath, near.get("test_with_copies", [])) if r in test}
+    relabelled = set()
+    # cross-split groups: a scored test image's group always holds a train or validation copy
     for g in insp["duplicates"]["cross_split"]:
-        if not set(g["splits"]) & {"train", "validation"}:
-            continue
         members = [os.path.realpath(p) for p in g["paths"]]
-        earlier = [placed[r][1] for r in members if r in placed and placed[r][0] in ("train", "validation")]
         for r in (r for r in members if r in test):
             copied.add(r)
-            own = placed.get(r, (None, None))[1]
-            if (any(c != own for c in earlier) if earlier and own is not None else len(g["classes"]) > 1):
+            if r in placed:
+                others = {placed[m][1] for m in members if m in placed and placed[m][0] != "test"}
+                differs = bool(others - {placed[r][1]})
+            else:
+                differs = len(g["classes"]) > 1
+            if differs:
                 relabelled.add(r)
-    near = insp.get("near_duplicates") or {}
-    copied |= {r for r in map(os.path.realpath, near.get("test_with_copies", [])) if r in test}
-    for g in near.get("cross_split", []):  # the listed pairs (capped): enough to tell relabelled copies
-        r = os.path.realpath(g["paths"][1])
-        if g["splits"][1] == "test" and g["splits"][0] != "test" and r in test:
-            copied.add(r)
-            if len(g["classes"]) > 1:
-                relabelled.add(r)
+    # near pairs are [earlier, later] across splits; the listed ones (capped) tell relabelled copies
+    relabelled |= {r for g in near.get("cross_split", []) if g["splits"][1] == "test" and len(g["classes"]) > 1
+                   for r in [os.path.realpath(g["paths"][1])] if r in test}
     return copied, relabelled
 
 
@@ -281,20 +280,10 @@ def _without_copies(ctx: dict) -> dict | None:
     from imgclf.evaluation.metrics import classification_metrics
 
     keep = np.array([os.path.realpath(p) not in copied for p in ctx["paths"]])
-    threshold = m.get("threshold") if len(ctx["class_names"]) == 2 else None
-    resamples = (m.get("ci") or {}).get("n_resamples") or 0
-    clean = classification_metrics(ctx["y_true"][keep], ctx["probs"][keep], ctx["class_names"], threshold=threshold,
-                                   bootstrap=int(resamples) if keep.any() else 0, seed=(m.get("ci") or {}).get("seed") or 0)
+    ci = m.get("ci") or {}
+    clean = classification_metrics(ctx["y_true"][keep], ctx["probs"][keep], ctx["class_names"], threshold=m.get("threshold"),
+                                   bootstrap=int(ci.get("n_resamples") or 0) if keep.any() else 0, seed=ci.get("seed") or 0)
     return {"copied": len(copied), "relabelled": len(relabelled), "metrics": clean}
-
-
-def _run_placement(split_csv: Path) -> dict[str, tuple[str, str]]:
-    """real path → (split, class) of the run's own split.csv (empty when the run has none)."""
-    from imgclf.data.datasets import read_split_csv
-
-    if not split_csv.is_file():
-        return {}
-    return {os.path.realpath(p): (split, c) for split, rows in read_split_csv(split_csv).items() for p, c in rows}
 
 
 # --------------------------------------------------------------------------- sections
@@ -825,8 +814,8 @@ def write_run_report(run_dir: Path, *, clf=None, gradcam_images: int = 8) -> Pat
         try:
             manifest = (config.get("dataset") or {}).get("manifest")  # a manifest run: inspect the listed images, not the CSV's folder
             source = {"manifest": manifest} if manifest and Path(manifest).is_file() else {"root": root}
-            ctx["inspection"] = inspect_dataset(**source, split_of=_run_split_map(run_dir / layout.SPLIT))
-            ctx["placed"] = _run_placement(run_dir / layout.SPLIT)
+            ctx["placed"] = placed = _run_placement(run_dir / layout.SPLIT)
+            ctx["inspection"] = inspect_dataset(**source, split_of={p: split for p, (split, _) in placed.items()} or None)
         except Exception as e:  # noqa: BLE001 - report the rest
             ctx["inspection_note"] = f"dataset check failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     else:
