@@ -111,6 +111,22 @@ def calibrated_member(x, y, train, held_out, n_classes, seed, heads):
     return softmax(lt / t, 1)
 
 
+def labelled_images(data: Path) -> tuple[list[str], dict]:
+    """Every image of flowers12 and isic8 once (sorted paths), and per task the rows of its
+    labelled images (train + test) in that list, their labels and the class count."""
+    tasks = image_lists(data)
+    paths = sorted({p for t in tasks.values() for s in ("train", "test") for p in t[s][0]})
+    row_of = {p: i for i, p in enumerate(paths)}
+    return paths, {name: (np.array([row_of[p] for p in t["train"][0] + t["test"][0]]), np.concatenate([t["train"][1], t["test"][1]]), len(t["classes"]))
+                   for name, t in tasks.items()}
+
+
+def metric_cells(s: dict) -> str:
+    """accuracy | balanced acc | ROC-AUC (binary only) | log loss | ECE, as Markdown cells."""
+    auc = f"{s['roc_auc']:.4f}" if "roc_auc" in s else ""
+    return f"{s['accuracy']:.4f} | {s['balanced_accuracy']:.4f} | {auc} | {s['log_loss']:.4f} | {s['ece']:.4f}"
+
+
 def main() -> None:
     from sklearn.model_selection import StratifiedKFold
 
@@ -123,17 +139,12 @@ def main() -> None:
     ap.add_argument("--raw", action="store_true", help="no per-group scaling (the product's own standardisation only)")
     args = ap.parse_args()
 
-    tasks = image_lists(args.data)
-    paths = sorted({p for t in tasks.values() for s in ("train", "test") for p in t[s][0]})
-    row_of = {p: i for i, p in enumerate(paths)}
+    paths, tasks = labelled_images(args.data)
     used = {b for name in args.sets for b in name.split("|")[0].split("+")}
     feats = {b: extract(name, paths, args.cache) for b, name in BACKBONES.items() if b in used}
     print("| task | features | accuracy | balanced acc | ROC-AUC | log loss | ECE |\n|---|---|---|---|---|---|---|")
     for task in args.tasks:
-        t = tasks[task]
-        rows = np.array([row_of[p] for p in t["train"][0] + t["test"][0]])
-        y = np.concatenate([t["train"][1], t["test"][1]])
-        n_classes = len(t["classes"])
+        rows, y, n_classes = tasks[task]
         for name in args.sets:
             members, names = name.split("|")
             oof = np.zeros((len(y), n_classes))
@@ -143,10 +154,7 @@ def main() -> None:
                     x = features([feats[b][c][rows] for c in columns(feats[b], names.split("."))], train, args.raw)
                     probs.append(calibrated_member(x, y, train, held_out, n_classes, fold, args.heads))
                 oof[held_out] = np.mean(probs, 0)
-            s = scores(y, oof, n_classes)
-            auc = f"{s['roc_auc']:.4f}" if "roc_auc" in s else ""
-            print(f"| {task} | {name.replace('|', ' ')} | {s['accuracy']:.4f} | {s['balanced_accuracy']:.4f} | {auc} "
-                  f"| {s['log_loss']:.4f} | {s['ece']:.4f} |", flush=True)
+            print(f"| {task} | {name.replace('|', ' ')} | {metric_cells(scores(y, oof, n_classes))} |", flush=True)
 
 
 if __name__ == "__main__":
