@@ -8,11 +8,15 @@ one temperature fitted on the carve. ``crossfit``: the training images are split
 stratified folds, head k trains on the other folds and stops early on fold k, one temperature
 is fitted on the out-of-fold logits (every training image scored by the one head that did
 not see it), and the held-out images get the K heads' temperature-scaled probabilities
-averaged. Both fit K heads per member; a set of several views averages its members'
+averaged (``crossfit-logit``: their logits averaged, then the temperature). Controls:
+``subbag`` keeps the carve and gives head k the carve's complement minus its fold k (diversity
+without more data); ``crossfit-carve10``/``-carve20`` carve 10 or 20 % for the temperature only,
+cross-fit the heads over the rest and fit the temperature on the averaged heads, as the product
+does. Every method fits K heads per member; a set of several views averages its members'
 probabilities. Scored by 5-fold stratified cross-validation over all labelled images (train +
-test), the same outer folds for both, features from ``explore_input.py``'s cache:
+test), the same outer folds for every method, features from ``explore_input.py``'s cache:
 
-    .venv/bin/python benchmarks/explore_crossfit.py --cache /tmp/views --sets "L0@224/0.875+L1@240/0.875" --seeds 0 1
+    .venv/bin/python benchmarks/explore_crossfit.py --cache /tmp/views --seeds 0 1 --methods carve crossfit crossfit-logit subbag
 """
 
 from __future__ import annotations
@@ -81,7 +85,28 @@ def subbag_member(x, y, train, held_out, n_classes, seed, heads):
     return softmax(lt / fit_temperature(lv, y[va]), 1)
 
 
-METHODS = {"carve": calibrated_member, "crossfit": crossfit_member, "crossfit-logit": crossfit_logit_member, "subbag": subbag_member}
+def crossfit_carve_member(x, y, train, held_out, n_classes, seed, heads, fraction=0.1):
+    """A stratified ``fraction`` of the training images carved for the temperature only; the
+    heads cross-fitted over the rest (head k stops early on inner fold k); the carve's
+    temperature fitted on the averaged heads' output itself, as the product calibrates."""
+    from scipy.special import softmax
+    from sklearn.model_selection import StratifiedKFold
+
+    from imgclf.evaluation.calibration import fit_temperature
+
+    fit, carve_idx = carve(y[train], fraction, seed)
+    rest, cal = train[fit], train[carve_idx]
+    val, test = [], []
+    for k, (tr, va) in enumerate(StratifiedKFold(heads, shuffle=True, random_state=seed + 10_000).split(rest, y[rest])):
+        _, lt, _ = fit_logits("recipe", x[rest[tr]], y[rest[tr]], x[rest[va]], y[rest[va]], np.concatenate([x[cal], x[held_out]]), n_classes, seed * 100 + k)
+        val.append(softmax(lt[:len(cal)], 1))
+        test.append(softmax(lt[len(cal):], 1))
+    lv, lt = np.log(np.mean(val, 0) + 1e-12), np.log(np.mean(test, 0) + 1e-12)
+    return softmax(lt / fit_temperature(lv, y[cal]), 1)
+
+
+METHODS = {"carve": calibrated_member, "crossfit": crossfit_member, "crossfit-logit": crossfit_logit_member, "subbag": subbag_member,
+           "crossfit-carve10": crossfit_carve_member, "crossfit-carve20": lambda *a: crossfit_carve_member(*a, fraction=0.2)}
 
 
 def main() -> None:
