@@ -159,3 +159,24 @@ def test_stage_two_replaces_the_frozen_heads_only_when_it_beats_them(shapes_root
     again = Classifier.load(tmp_path / "m", use_cache=False)
     paths = sorted((shapes_root / "test").rglob("*.jpg"))[::5]
     np.testing.assert_allclose(again.predict_proba(paths), clf.predict_proba(paths), atol=1e-5)
+
+
+def test_an_images_probabilities_do_not_depend_on_its_batch():
+    """The same features give the same probabilities, bit for bit, whatever else shares the
+    batch and wherever the row sits in it (torchrun's shards must write what one process
+    writes); and a head changed in place is used at once, not a stale copy."""
+    from imgclf.model.classifier import Classifier
+
+    torch.manual_seed(0)
+    clf = Classifier(backbone="efficientnet_lite0", weights="none")
+    clf.head_ = build_head("recipe", 704, 3, members=10, parts=(352, 352), temperature=True).eval()
+    clf.class_names_ = ["a", "b", "c"]
+    x = np.random.default_rng(0).normal(size=(61, 704)).astype(np.float32) * 3
+    whole = clf._proba_from_features(x)
+    for part in (x[1::2], x[5:17], x[[40, 3, 59]], x[-1:]):
+        rows = [int(np.flatnonzero((x == r).all(1))[0]) for r in part]
+        assert np.array_equal(clf._proba_from_features(part), whole[rows])
+    assert np.allclose(whole.sum(1), 1, atol=1e-6) and whole.dtype == np.float64
+    with torch.no_grad():
+        next(clf.head_.parameters()).mul_(-2.0)  # in place
+    assert not np.array_equal(clf._proba_from_features(x), whole)

@@ -6,6 +6,7 @@ Loading needs no training code: serve, export, report and explain use this class
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -157,10 +158,19 @@ class Classifier:
 
     @torch.no_grad()
     def _proba_from_features(self, x: np.ndarray) -> np.ndarray:
-        self.head_.eval()
+        """The head's probabilities, computed in float64 and rounded to float32. A CPU matrix
+        product may take another code path (another summation order) for another number of rows
+        or another position of a row in the batch, so float32 probabilities would differ in their
+        last bits with the images that share the batch (one process vs torchrun's shards, predict
+        vs serve). In float64 those differences are about 1e-16, below float32's rounding, so an
+        image's probabilities depend on the image alone."""
         if len(x) == 0:
             return np.zeros((0, len(self.class_names_)), np.float64)
-        return torch.softmax(self.head_(torch.from_numpy(x)), 1).double().numpy()
+        state = (id(self.head_), tuple(t._version for t in self.head_.state_dict().values()))  # changed in place: a new copy
+        if getattr(self, "_head64", (None, None))[0] != state:
+            self._head64 = (state, copy.deepcopy(self.head_).double().eval())
+        probs = torch.softmax(self._head64[1](torch.from_numpy(np.asarray(x, np.float64))), 1)
+        return probs.float().double().numpy()
 
     def _proba(self, paths: list[str], desc: str, tta: str | None = None) -> tuple[np.ndarray, list[int], dict[int, str]]:
         """Probabilities of readable images, averaged over the test-time views."""
