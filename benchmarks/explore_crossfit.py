@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from explore_head_size import carve, fit_logits  # noqa: E402
 from explore_input import arguments, cv_table  # noqa: E402
-from explore_stages import calibrated_member  # noqa: E402
+from explore_stages import averaged_and_calibrated, calibrated_member  # noqa: E402
 
 
 def crossfit_logits(x, y, train, held_out, n_classes, seed, heads):
@@ -68,41 +68,27 @@ def crossfit_logit_member(x, y, train, held_out, n_classes, seed, heads):
 def subbag_member(x, y, train, held_out, n_classes, seed, heads):
     """The product's carve kept (early stopping, one temperature for the averaged heads), but
     head k trains on the carve's complement minus its own fold k: diversity from the data."""
-    from scipy.special import softmax
     from sklearn.model_selection import StratifiedKFold
-
-    from imgclf.evaluation.calibration import fit_temperature
 
     fit, carve_idx = carve(y[train], 0.2, seed)
     rest, va = train[fit], train[carve_idx]
-    val, test = [], []
-    for k, (keep, _) in enumerate(StratifiedKFold(heads, shuffle=True, random_state=seed + 10_000).split(rest, y[rest])):
-        tr = rest[keep]
-        lv, lt, _ = fit_logits("recipe", x[tr], y[tr], x[va], y[va], x[held_out], n_classes, seed * 100 + k)
-        val.append(softmax(lv, 1))
-        test.append(softmax(lt, 1))
-    lv, lt = np.log(np.mean(val, 0) + 1e-12), np.log(np.mean(test, 0) + 1e-12)
-    return softmax(lt / fit_temperature(lv, y[va]), 1)
+    logits = [fit_logits("recipe", x[rest[keep]], y[rest[keep]], x[va], y[va], x[held_out], n_classes, seed * 100 + k)[:2]
+              for k, (keep, _) in enumerate(StratifiedKFold(heads, shuffle=True, random_state=seed + 10_000).split(rest, y[rest]))]
+    return averaged_and_calibrated([lv for lv, _ in logits], [lt for _, lt in logits], y[va])
 
 
 def crossfit_carve_member(x, y, train, held_out, n_classes, seed, heads, fraction=0.1):
     """A stratified ``fraction`` of the training images carved for the temperature only; the
     heads cross-fitted over the rest (head k stops early on inner fold k); the carve's
     temperature fitted on the averaged heads' output itself, as the product calibrates."""
-    from scipy.special import softmax
     from sklearn.model_selection import StratifiedKFold
-
-    from imgclf.evaluation.calibration import fit_temperature
 
     fit, carve_idx = carve(y[train], fraction, seed)
     rest, cal = train[fit], train[carve_idx]
-    val, test = [], []
-    for k, (tr, va) in enumerate(StratifiedKFold(heads, shuffle=True, random_state=seed + 10_000).split(rest, y[rest])):
-        _, lt, _ = fit_logits("recipe", x[rest[tr]], y[rest[tr]], x[rest[va]], y[rest[va]], np.concatenate([x[cal], x[held_out]]), n_classes, seed * 100 + k)
-        val.append(softmax(lt[:len(cal)], 1))
-        test.append(softmax(lt[len(cal):], 1))
-    lv, lt = np.log(np.mean(val, 0) + 1e-12), np.log(np.mean(test, 0) + 1e-12)
-    return softmax(lt / fit_temperature(lv, y[cal]), 1)
+    scored = np.concatenate([x[cal], x[held_out]])  # the carve and the held-out images, one pass per head
+    logits = [fit_logits("recipe", x[rest[tr]], y[rest[tr]], x[rest[va]], y[rest[va]], scored, n_classes, seed * 100 + k)[1]
+              for k, (tr, va) in enumerate(StratifiedKFold(heads, shuffle=True, random_state=seed + 10_000).split(rest, y[rest]))]
+    return averaged_and_calibrated([lt[:len(cal)] for lt in logits], [lt[len(cal):] for lt in logits], y[cal])
 
 
 METHODS = {"carve": calibrated_member, "crossfit": crossfit_member, "crossfit-logit": crossfit_logit_member, "subbag": subbag_member,

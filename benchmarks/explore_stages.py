@@ -93,22 +93,25 @@ def features(groups: list[np.ndarray], train: np.ndarray, raw: bool) -> np.ndarr
     return np.concatenate(scaled, 1).astype(np.float32)
 
 
-def calibrated_member(x, y, train, held_out, n_classes, seed, heads):
-    """``heads`` recipe heads on ``train`` minus a carve; held-out probabilities with the carve's temperature."""
+def averaged_and_calibrated(cal_logits: list, test_logits: list, y_cal: np.ndarray) -> np.ndarray:
+    """Several heads' probabilities averaged (as ``ensemble_head`` averages), then one temperature
+    fitted on the calibration images' averaged output: the held-out images' probabilities."""
     from scipy.special import softmax
 
     from imgclf.evaluation.calibration import fit_temperature
 
+    def log_mean(logits):
+        return np.log(np.mean([softmax(lg, 1) for lg in logits], 0) + 1e-12)
+
+    return softmax(log_mean(test_logits) / fit_temperature(log_mean(cal_logits), y_cal), 1)
+
+
+def calibrated_member(x, y, train, held_out, n_classes, seed, heads):
+    """``heads`` recipe heads on ``train`` minus a carve; held-out probabilities with the carve's temperature."""
     fit, carve_idx = carve(y[train], 0.2, seed)
     tr, va = train[fit], train[carve_idx]
-    val, test = [], []
-    for k in range(heads):
-        lv, lt, _ = fit_logits("recipe", x[tr], y[tr], x[va], y[va], x[held_out], n_classes, seed * 100 + k)
-        val.append(softmax(lv, 1))
-        test.append(softmax(lt, 1))
-    lv, lt = np.log(np.mean(val, 0) + 1e-12), np.log(np.mean(test, 0) + 1e-12)
-    t = fit_temperature(lv, y[va])
-    return softmax(lt / t, 1)
+    logits = [fit_logits("recipe", x[tr], y[tr], x[va], y[va], x[held_out], n_classes, seed * 100 + k)[:2] for k in range(heads)]
+    return averaged_and_calibrated([lv for lv, _ in logits], [lt for _, lt in logits], y[va])
 
 
 def labelled_images(data: Path) -> tuple[list[str], dict]:

@@ -173,10 +173,12 @@ def test_an_images_probabilities_do_not_depend_on_its_batch():
     clf.class_names_ = ["a", "b", "c"]
     x = np.random.default_rng(0).normal(size=(61, 704)).astype(np.float32) * 3
     whole = clf._proba_from_features(x)
-    for part in (x[1::2], x[5:17], x[[40, 3, 59]], x[-1:]):
-        rows = [int(np.flatnonzero((x == r).all(1))[0]) for r in part]
-        assert np.array_equal(clf._proba_from_features(part), whole[rows])
+    for rows in (np.arange(1, 61, 2), np.arange(5, 17), [40, 3, 59], [60]):
+        assert np.array_equal(clf._proba_from_features(x[rows]), whole[rows])
     assert np.allclose(whole.sum(1), 1, atol=1e-6) and whole.dtype == np.float64
     with torch.no_grad():
         next(clf.head_.parameters()).mul_(-2.0)  # in place
-    assert not np.array_equal(clf._proba_from_features(x), whole)
+    changed = clf._proba_from_features(x)
+    assert not np.array_equal(changed, whole)
+    clf.head_ = build_head("recipe", 704, 3, members=10, parts=(352, 352), temperature=True).eval()  # another head
+    assert not np.array_equal(clf._proba_from_features(x), changed)

@@ -166,11 +166,19 @@ class Classifier:
         image's probabilities depend on the image alone."""
         if len(x) == 0:
             return np.zeros((0, len(self.class_names_)), np.float64)
-        state = (id(self.head_), tuple(t._version for t in self.head_.state_dict().values()))  # changed in place: a new copy
-        if getattr(self, "_head64", (None, None))[0] != state:
-            self._head64 = (state, copy.deepcopy(self.head_).double().eval())
-        probs = torch.softmax(self._head64[1](torch.from_numpy(np.asarray(x, np.float64))), 1)
+        probs = torch.softmax(self._float64_head()(torch.from_numpy(np.asarray(x, np.float64))), 1)
         return probs.float().double().numpy()
+
+    def _float64_head(self) -> torch.nn.Module:
+        """A float64 copy of ``head_``, made again when ``head_`` is another object or one of its
+        tensors was changed in place (e.g. the temperature set after fitting): their version
+        counters. The head itself (not its id, which a new head may reuse) is kept to compare."""
+        tensors = [*self.head_.parameters(), *self.head_.buffers()]
+        key = [t._version for t in tensors]
+        cached = getattr(self, "_head64", None)
+        if cached is None or cached[0] is not self.head_ or cached[1] != key:
+            self._head64 = (self.head_, key, copy.deepcopy(self.head_).double().eval())
+        return self._head64[2]
 
     def _proba(self, paths: list[str], desc: str, tta: str | None = None) -> tuple[np.ndarray, list[int], dict[int, str]]:
         """Probabilities of readable images, averaged over the test-time views."""
