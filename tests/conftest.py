@@ -93,13 +93,21 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
-def bundle_copy(run: Path, dest: Path) -> Path:
-    """The files a model folder needs (never the shared run folder itself: others read it)."""
+def bundle_copy(run: Path, dest: Path, export_from: Path | None = None) -> Path:
+    """The files a model folder needs (never the shared run folder itself: others read it);
+    with ``export_from`` (the session's ``exported`` copy of the same bundle) also its fp32
+    ONNX export, valid for the copy since the bundle is the same, so a test that is not about
+    exporting saves the export's seconds."""
     dest.mkdir(parents=True)
-    for name in ("model.json", "model.safetensors", "split.csv", "neighbors.safetensors", "neighbors.json"):
+    names = ("model.json", "model.safetensors", "split.csv", "neighbors.safetensors", "neighbors.json")
+    for name in names:
         if name.startswith("neighbors") and not (run / name).exists():  # optional part of the bundle
             continue
         shutil.copy2(run / name, dest / name)
+    if export_from is not None:
+        assert all((export_from / n).read_bytes() == (run / n).read_bytes() for n in names[:2]), "another bundle's export"
+        for name in ("model.onnx", "model.onnx.json"):
+            shutil.copy2(export_from / name, dest / name)
     return dest
 
 

@@ -322,14 +322,14 @@ def test_predictor_for_honours_a_tta_override(exported, test_paths):
         predictor_for(exported / "model.onnx", "auto", tta="flips")
 
 
-def test_engine_auto_measures_once_and_takes_the_feature_path_only_within_parity(trained_run, test_paths, tmp_path, monkeypatch, caplog):
+def test_engine_auto_measures_once_and_takes_the_feature_path_only_within_parity(trained_run, exported, test_paths, tmp_path, monkeypatch, caplog):
     import logging
 
     from imgclf.model.classifier import Classifier
     from imgclf.predict import choose
 
-    d = bundle_copy(trained_run, tmp_path / "m")
-    assert isinstance(predictor_for(d, "onnx", cache_dir=tmp_path / "c"), OnnxClassifier)  # exports
+    d = bundle_copy(trained_run, tmp_path / "m", export_from=exported)
+    assert isinstance(predictor_for(d, "onnx", cache_dir=tmp_path / "c"), OnnxClassifier)  # the export is found, up to date
     # the session's IMGCLF_AUTO_SWITCH_GAIN=inf: measured, stored, the export kept
     with caplog.at_level(logging.INFO, logger="imgclf"):
         assert isinstance(predictor_for(d, "auto", cache_dir=tmp_path / "c"), OnnxClassifier)

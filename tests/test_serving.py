@@ -470,7 +470,7 @@ def test_serving_model_loading_and_cli_errors(exported, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("imgclf: error:") and bad[0] in err[0], err
 
 
-def test_auto_serves_the_feature_path_where_it_measured_faster(trained_run, images, tmp_path, monkeypatch):
+def test_auto_serves_the_feature_path_where_it_measured_faster(trained_run, exported, images, tmp_path, monkeypatch):
     """serve --engine auto takes predict's measured choice: here any gain is enough, so the
     feature path, which answers like the export (within the auto parity bound) and whose
     Classifier also searches the similar cases; a stored choice is read back, not measured."""
@@ -479,7 +479,7 @@ def test_auto_serves_the_feature_path_where_it_measured_faster(trained_run, imag
     from imgclf.predict.feature_arrays import FeatureArrayClassifier
     from imgclf.serve.app import load_serving_model
 
-    d = bundle_copy(trained_run, tmp_path / "m")
+    d = bundle_copy(trained_run, tmp_path / "m", export_from=exported)
     monkeypatch.setenv("IMGCLF_AUTO_SWITCH_GAIN", "0")
     served, bundle = load_serving_model(d, cache_dir=tmp_path / "c")
     assert isinstance(served, FeatureArrayClassifier) and bundle == d
