@@ -12,11 +12,16 @@ averaged (``crossfit-logit``: their logits averaged, then the temperature). Cont
 ``subbag`` keeps the carve and gives head k the carve's complement minus its fold k (diversity
 without more data); ``crossfit-carve10``/``-carve20`` carve 10 or 20 % for the temperature only,
 cross-fit the heads over the rest and fit the temperature on the averaged heads, as the product
-does. Every method fits K heads per member; a set of several views averages its members'
+does. ``refit`` (``refit-logit``) cross-fits K heads for the out-of-fold temperature and their
+best epochs, then trains K heads on all training images for the median best epoch;
+``carve-refit`` is what the product's ``refit`` does: the carve chooses each head's epoch and
+the temperature, then each head trains again on all training images for its epoch
+(``carve-refit-steps``: 0.8 times it, the same optimiser steps). Every method fits K heads per member; a set of several views averages its members'
 probabilities. Scored by 5-fold stratified cross-validation over all labelled images (train +
 test), the same outer folds for every method, features from ``explore_input.py``'s cache:
 
     .venv/bin/python benchmarks/explore_crossfit.py --cache /tmp/views --seeds 0 1 --methods carve crossfit crossfit-logit subbag
+    .venv/bin/python benchmarks/explore_crossfit.py --cache /tmp/views --seeds 0 1 --methods carve refit refit-logit carve-refit
 """
 
 from __future__ import annotations
@@ -91,8 +96,60 @@ def crossfit_carve_member(x, y, train, held_out, n_classes, seed, heads, fractio
     return averaged_and_calibrated([lt[:len(cal)] for lt in logits], [lt[len(cal):] for lt in logits], y[cal])
 
 
+def refit_member(x, y, train, held_out, n_classes, seed, heads, average="probability"):
+    """Cross-validate, then refit: ``heads`` heads cross-fitted over the training images give the
+    out-of-fold logits (one temperature) and their best epochs; then ``heads`` heads (other
+    seeds) train on every training image for the median best epoch, no early stopping; the
+    held-out images get their temperature-scaled probabilities averaged (``refit-logit``:
+    their logits averaged, then the temperature)."""
+    from scipy.special import softmax
+    from sklearn.model_selection import StratifiedKFold
+
+    from imgclf.evaluation.calibration import fit_temperature
+
+    oof, epochs = np.zeros((len(train), n_classes)), []
+    for k, (fit, va) in enumerate(StratifiedKFold(heads, shuffle=True, random_state=seed + 10_000).split(train, y[train])):
+        lv, _, summary = fit_logits("recipe", x[train[fit]], y[train[fit]], x[train[va]], y[train[va]], x[:0], n_classes, seed * 100 + k)
+        oof[va] = lv
+        epochs.append(max(1, summary["best_epoch"]))
+    t, n_epochs = fit_temperature(oof, y[train]), int(round(np.median(epochs)))
+    test = [fit_logits("recipe", x[train], y[train], x[:0], y[:0], x[held_out], n_classes, seed * 100 + 50 + k,
+                       epochs=n_epochs, patience=0, checkpoint="last")[1] for k in range(heads)]
+    if average == "logit":
+        return softmax(np.mean(test, 0) / t, 1)
+    return np.mean([softmax(lt / t, 1) for lt in test], 0)
+
+
+def carve_refit_member(x, y, train, held_out, n_classes, seed, heads, same_steps=False):
+    """The product's carve decides, then the heads retrain on everything: ``heads`` heads on
+    ``train`` minus the carve (early stopping on it) give each head's best epoch and one
+    temperature (fitted on their averaged output on the carve, as the product calibrates);
+    head k then trains again, same seed, on all of ``train`` for its own best epoch
+    (``same_steps``: that epoch times 0.8, as many optimiser steps as on the carve's
+    complement), and the held-out images get the retrained heads' probabilities averaged,
+    with the carve's temperature."""
+    from scipy.special import softmax
+
+    from imgclf.evaluation.calibration import fit_temperature
+
+    fit, carve_idx = carve(y[train], 0.2, seed)
+    tr, va = train[fit], train[carve_idx]
+    cal, best = [], []
+    for k in range(heads):
+        lv, _, summary = fit_logits("recipe", x[tr], y[tr], x[va], y[va], x[:0], n_classes, seed * 100 + k)
+        cal.append(lv)
+        best.append(max(1, summary["best_epoch"]))
+    t = fit_temperature(np.log(np.mean([softmax(lv, 1) for lv in cal], 0) + 1e-12), y[va])
+    factor = len(tr) / len(train) if same_steps else 1.0
+    test = [fit_logits("recipe", x[train], y[train], x[:0], y[:0], x[held_out], n_classes, seed * 100 + k,
+                       epochs=max(1, int(round(best[k] * factor))), patience=0, checkpoint="last")[1] for k in range(heads)]
+    return softmax(np.log(np.mean([softmax(lt, 1) for lt in test], 0) + 1e-12) / t, 1)
+
+
 METHODS = {"carve": calibrated_member, "crossfit": crossfit_member, "crossfit-logit": crossfit_logit_member, "subbag": subbag_member,
-           "crossfit-carve10": crossfit_carve_member, "crossfit-carve20": lambda *a: crossfit_carve_member(*a, fraction=0.2)}
+           "crossfit-carve10": crossfit_carve_member, "crossfit-carve20": lambda *a: crossfit_carve_member(*a, fraction=0.2),
+           "refit": refit_member, "refit-logit": lambda *a: refit_member(*a, average="logit"),
+           "carve-refit": carve_refit_member, "carve-refit-steps": lambda *a: carve_refit_member(*a, same_steps=True)}
 
 
 def main() -> None:

@@ -280,7 +280,8 @@ def test_max_restarts_resumes_the_run_after_a_rank_dies(dist_data, single_run, t
     resumes the same run folder from its head checkpoint and completes it."""
     _, one_cache = single_run
     project = tmp_path / "runs"
-    env = {**job_env(one_cache), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # PyTorch issue 135712, see README
+    env = {**job_env(one_cache), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # PyTorch issue 135712, see README
+           "IMGCLF_CHECKPOINT_EVERY_S": "0"}  # every epoch on disk: the killed job must have one to resume from
     cmd = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1") + [
         "-q", "train", str(dist_data), *TRAIN_FLAGS, "--project", str(project), "--epochs", "150", "--patience", "150",
         "--heads", "1"]  # one long head: the other ranks wait for it within the tests' 60 s collective bound

@@ -104,6 +104,8 @@ def test_report_is_complete_and_self_contained(leaky_run):
     # environment and time taken
     cfg = json.loads((run / "config.json").read_text())
     assert f"{cfg['wall_seconds']:.1f} s" in text and cfg["environment"]["torch"] in text
+    refit = cfg["fit_summary"]["refit"]  # the default refits its heads on train + validation: the report says so
+    assert f"train + validation ({refit['images']} images, {refit['validation_images']} of them validation)" in text
     assert ("Clopper" in text) == (m["accuracy"] == 1.0)  # a collapsed interval is explained
 
 

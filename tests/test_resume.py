@@ -30,6 +30,15 @@ COMMON = dict(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _every_epoch_written():
+    """These tests stop runs at chosen epochs, so every epoch's state must be on disk (the
+    product writes one at most every ``SAVE_EVERY_S``; tested below)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMGCLF_CHECKPOINT_EVERY_S", "0")
+        yield
+
+
 def _same_run(a: Path, b: Path) -> None:
     """Same model tensors, same per-epoch history, same test metrics."""
     ta, tb = load_file(a / layout.MODEL_TENSORS), load_file(b / layout.MODEL_TENSORS)
@@ -247,6 +256,25 @@ def test_fit_head_resumes_exactly_and_survives_a_corrupt_checkpoint(tmp_path, ca
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), head.state_dict().values()))
 
 
+def test_epoch_states_are_written_at_most_every_save_every_s_and_the_end_always(tmp_path, monkeypatch):
+    from imgclf.train import checkpoint as checkpoint_module
+    from imgclf.train.loops import TrainConfig, fit_head
+
+    xt, yt = _features(0)
+    xv, yv = _features(1, n=30)
+    cfg = TrainConfig(epochs=4, patience=0)
+    written = []
+    save = checkpoint_module.EpochCheckpoint.save
+    monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", lambda self, state, identity: (written.append((state.epoch, state.done)), save(self, state, identity)))
+    for every, expected in (("3600", [(4, True)]), ("0", [(1, False), (2, False), (3, False), (4, False), (4, True)])):
+        monkeypatch.setenv("IMGCLF_CHECKPOINT_EVERY_S", every)
+        written.clear()
+        fit_head(xt, yt, xv, yv, 3, cfg, checkpoint=EpochCheckpoint(tmp_path / f"ck-{every}.safetensors"))
+        assert written == expected, every
+    monkeypatch.delenv("IMGCLF_CHECKPOINT_EVERY_S")
+    assert EpochCheckpoint(tmp_path / "x").every_s == checkpoint_module.SAVE_EVERY_S > 0
+
+
 def test_early_stop_is_not_undone_by_a_resume(tmp_path):
     """A stage that stopped early at its checkpointed epoch stays stopped when resumed there."""
     from imgclf.train.loops import TrainConfig, fit_head
@@ -314,46 +342,56 @@ def test_prefix_cache_detects_corruption(tmp_path, caplog):
 
 def test_run_stopped_in_a_later_head_resumes_with_every_head_the_same(resume_env, shapes_root, monkeypatch):
     """--heads 3: a run stopped after the second head's epoch 2 keeps the first head's finished
-    checkpoint and the second's partial one; the resumed run trains nothing the checkpoints hold
-    and ends with the uninterrupted run's heads, history and metrics."""
+    checkpoint and the second's partial one; the resumed run trains nothing the checkpoints hold,
+    is stopped again in the second refit head, and the next resume ends with the uninterrupted
+    run's heads, history and metrics."""
     from imgclf.runs.train_run import train_run
     from imgclf.train import checkpoint as checkpoint_module
 
     base, options, _ = resume_env
-    options = {**options, "recipe": "fast", "heads": 3, "project": str(base / "runs-heads")}
+    options = {**options, "recipe": "fast", "heads": 3, "finetune_epochs": 0, "project": str(base / "runs-heads")}  # frozen: the heads refit
     full = Path(train_run(shapes_root, name="full", **options)["run"])
     save = checkpoint_module.EpochCheckpoint.save
 
-    def save_then_interrupt(self, state, identity):
-        save(self, state, identity)
-        if self.path.name == layout.CHECKPOINT.format(stage="head2") and state.epoch == 2 and not state.done:
-            raise KeyboardInterrupt
+    def interrupt_in(stage: str):
+        def save_then_interrupt(self, state, identity):
+            save(self, state, identity)
+            if self.path.name == layout.CHECKPOINT.format(stage=stage) and state.epoch == 2 and not state.done:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
 
-    monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
+    interrupt_in("head2")
     with pytest.raises(KeyboardInterrupt):
         train_run(shapes_root, name="stopped", **options)
-    monkeypatch.undo()
     stopped = Path(options["project"]) / "stopped"
     assert EpochCheckpoint(stopped / layout.CHECKPOINT.format(stage="head")).path.exists()
     assert not (stopped / layout.CHECKPOINT.format(stage="head3")).exists()
     lines = []
-    train_run(shapes_root, resume=str(stopped), echo=lines.append)
+    interrupt_in(layout.refit_checkpoint_stage(1))
+    with pytest.raises(KeyboardInterrupt):
+        train_run(shapes_root, resume=str(stopped), echo=lines.append)
+    monkeypatch.undo()
     assert not [ln for ln in lines if ln.split()[:1] == ["head"]]  # the first head (the history's) was already complete
+    assert (stopped / layout.CHECKPOINT.format(stage="head3")).exists() and (stopped / layout.CHECKPOINT.format(stage="refit")).exists()
+    train_run(shapes_root, resume=str(stopped))
+    assert json.loads((full / layout.CONFIG).read_text())["fit_summary"]["refit"]["member_epochs"] == \
+        json.loads((stopped / layout.CONFIG).read_text())["fit_summary"]["refit"]["member_epochs"]
     _same_run(full, stopped)
     assert not list(stopped.glob("checkpoint-*.safetensors"))
 
 
 def test_a_run_recorded_before_heads_existed_resumes_with_one_head(resume_env, shapes_root, monkeypatch):
-    """config.json written before --heads had no ``heads`` setting: such a run trained one head
-    and resumes with one, not with today's default of five."""
+    """config.json written before --heads had no ``heads`` (nor ``refit``) setting: such a run
+    trained one head, not refit, and resumes so, not with today's five heads and refit."""
     from imgclf.runs.train_run import train_run
 
     base, options, _ = resume_env
     options = {**options, "recipe": "fast", "project": str(base / "runs-old")}
     stopped = _stopped_in_stage_one(shapes_root, "old", options, monkeypatch, after_epoch=1)
     config = json.loads((stopped / layout.CONFIG).read_text())
-    assert config["settings"].pop("heads") == 5
+    assert config["settings"].pop("heads") == 5 and config["settings"].pop("refit") is True
     (stopped / layout.CONFIG).write_text(json.dumps(config))
     train_run(shapes_root, resume=str(stopped))
     meta = json.loads((stopped / layout.MODEL_META).read_text())
-    assert "members" not in meta["head"] and meta["settings"]["heads"] == 1
+    assert "members" not in meta["head"] and meta["settings"]["heads"] == 1 and meta["settings"]["refit"] is False
+    assert json.loads((stopped / layout.CONFIG).read_text())["fit_summary"]["refit"] is None

@@ -32,3 +32,8 @@ RUN_FILES = frozenset({MODEL_META, MODEL_TENSORS, NEIGHBORS_TENSORS, NEIGHBORS_M
 def head_checkpoint_stage(member: int) -> str:
     """CHECKPOINT's stage name of stage-1 head ``member`` (0-based; --heads trains several): head, head2, head3, …"""
     return "head" if member == 0 else f"head{member + 1}"
+
+
+def refit_checkpoint_stage(member: int) -> str:
+    """CHECKPOINT's stage name of head ``member`` retrained on train + validation (``refit``): refit, refit2, …"""
+    return "refit" if member == 0 else f"refit{member + 1}"

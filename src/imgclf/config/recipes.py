@@ -38,7 +38,7 @@ RECIPES: dict[str, dict] = {
     "fast": {**_FROZEN, "backbone": FAST_BACKBONE},
     "seed": {
         **_FROZEN, "head": "tutorial", "epochs": 5, "patience": 0, "checkpoint": "last", "class_weight": "none",
-        "input_scaling": "x/255", "threshold_policy": "fixed:0.5", "calibration": "none", "heads": 1,
+        "input_scaling": "x/255", "threshold_policy": "fixed:0.5", "calibration": "none", "heads": 1, "refit": False,
     },
 }
 assert tuple(sorted(RECIPES)) == tuple(sorted(RECIPE_NAMES)) and all(k in TRAIN_FIELDS for r in RECIPES.values() for k in r)

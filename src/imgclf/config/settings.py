@@ -109,6 +109,7 @@ class TrainSettings(Declared):
     weights: str = setting("imagenet", "imagenet (the entry's pretrained source: cache first, then hub), none, or a .pth/.pt/.bin/.safetensors state-dict path", group="model")
     head: str = setting("recipe", "recipe: Linear 512 + ReLU + Dropout 0.5 + Linear N; linear: one Linear; tutorial: the recipe head with the tutorial's sigmoid before the loss (comparison only)", choices=HEAD_KINDS, group="model")
     heads: int = setting(5, "stage 1 trains this many heads on the frozen features (this many per backbone for several backbones together) (seeds seed, seed+1, ...) and averages their probabilities: an ensemble that lowers the variance of a single head; stage 2 tunes the tail with the first head and replaces the frozen heads only if it beats them on calibrated validation loss", ge=1, le=MAX_HEADS, group="model")
+    refit: bool = setting(True, "once validation has chosen each frozen head's epochs, the temperature and the threshold, the heads train again on train + validation for those epochs and are the model (frozen backbone, one feature view; --no-refit: the heads trained without the validation images)", group="model")
     input_scaling: str = setting("entry", "entry: the backbone's own preprocessing; x/255: the tutorial's bug (squash resize, nearest), comparison only", choices=INPUT_SCALINGS, group="model")
     # stage 1: the head on cached frozen features
     epochs: int = setting(30, "maximum head epochs", ge=1)

@@ -420,6 +420,17 @@ def _dataset(ctx: dict) -> str:
     return "".join(out)
 
 
+def _refit_text(fit_summary: dict, settings: dict) -> str:
+    """What ``refit`` did to the delivered heads, in words."""
+    refit = fit_summary.get("refit")
+    if refit:
+        return (f"yes: after validation chose their epochs ({', '.join(map(str, refit['member_epochs']))}), the temperature and the threshold, "
+                f"the heads trained again on train + validation ({refit['images']} images, {refit['validation_images']} of them validation)")
+    if settings.get("refit") is False:
+        return "no (--no-refit): the heads trained without the validation images"
+    return "no: the heads trained without the validation images (see the run log for why)"
+
+
 def _configuration(ctx: dict) -> str:
     cfg, model = ctx["config"], ctx["model"]
     out = ['<section id="configuration"><h2>Configuration</h2>']
@@ -442,6 +453,7 @@ def _configuration(ctx: dict) -> str:
             "decision threshold": model.threshold,
             "threshold policy": model.threshold_policy,
             "test-time augmentation": model.tta,
+            "heads refit": _refit_text(cfg.get("fit_summary") or {}, model.settings or {}),
         }))
     args = {k: v for k, v in (cfg.get("args") or {}).items() if k not in ("func",)}
     if args:

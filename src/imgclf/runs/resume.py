@@ -41,8 +41,8 @@ def resumed_options(recorded: dict, run_dir, settings, run, runtime, options: di
     every given value that differs from the recorded one (progress bars may change)."""
     from imgclf.config.settings import RUN_FIELDS, RUNTIME_FIELDS, TRAIN_FIELDS, SettingError, coerce
 
-    # a run recorded before --heads existed trained one head: it resumes as it started
-    rec_settings = TrainSettings(**{"heads": 1, **{k: v for k, v in recorded["settings"].items() if k in TRAIN_FIELDS}})
+    # a run recorded before --heads (or refit) existed trained one head (and no refit): it resumes as it started
+    rec_settings = TrainSettings(**{"heads": 1, "refit": False, **{k: v for k, v in recorded["settings"].items() if k in TRAIN_FIELDS}})
     rec_run = RunOptions(**{**{k: v for k, v in recorded["run"].items() if k in RUN_FIELDS}, "resume": str(run_dir)})
     rec_runtime = RuntimeOptions(**{k: v for k, v in recorded["runtime"].items() if k in RUNTIME_FIELDS})
     given = {

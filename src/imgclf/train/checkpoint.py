@@ -1,7 +1,7 @@
 """Per-stage training checkpoints, so a killed run resumes from its last complete epoch.
 
-After every epoch :func:`imgclf.train.loops.fit_loop` writes the whole state of its loop
-into one file per stage (``layout.CHECKPOINT``): model, optimiser, best-so-far model and the
+After an epoch (at most every ``SAVE_EVERY_S``, and when the stage ends)
+:func:`imgclf.train.loops.fit_loop` writes the whole state of its loop into one file per stage (``layout.CHECKPOINT``): model, optimiser, best-so-far model and the
 torch generator/RNG states as tensors, everything else (epoch, best score, patience
 counter, history rows, optimiser groups, scheduler counters, numpy and Python RNG states)
 as JSON in the safetensors header. One file, written with ``atomic_write_bytes``, so a kill
@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,19 @@ from imgclf.fileio import atomic_write_bytes, content_hash_or_empty
 log = logging.getLogger("imgclf")
 
 FORMAT = "imgclf-checkpoint-1"
+# an epoch's state is written once this many seconds have passed since the stage began or last
+# wrote one (and always when the stage ends): a head epoch on cached features takes milliseconds,
+# its checkpoint (hash + atomic write) longer, so writing every epoch would cost more than a
+# kill can lose; a stage-2 epoch takes longer than this and is written every epoch
+SAVE_EVERY_S = 10.0
+
+
+def save_every_s() -> float:
+    """``SAVE_EVERY_S``, or ``$IMGCLF_CHECKPOINT_EVERY_S`` (0: every epoch, as the resume tests need)."""
+    try:
+        return max(0.0, float(os.environ.get("IMGCLF_CHECKPOINT_EVERY_S", SAVE_EVERY_S)))
+    except ValueError:
+        return SAVE_EVERY_S
 
 
 class CheckpointMismatch(ValueError):
@@ -138,6 +152,12 @@ class EpochCheckpoint:
     def __init__(self, path: str | os.PathLike, data: str | None = None):
         self.path = Path(path)
         self.data = data
+        self.every_s = save_every_s()
+        self._last = time.monotonic()  # the stage begins when its checkpoint object is made
+
+    def due(self) -> bool:
+        """Whether an unfinished epoch's state should be written now (see ``SAVE_EVERY_S``)."""
+        return time.monotonic() - self._last >= self.every_s
 
     def _identity(self, identity: dict) -> dict:
         return identity if self.data is None else {**identity, "images": self.data}
@@ -161,6 +181,7 @@ class EpochCheckpoint:
         }
         header = {"format": FORMAT, "identity": json.dumps(self._identity(identity), sort_keys=True), "state": json.dumps(meta), "digest": _tensor_digest(tensors)}
         atomic_write_bytes(self.path, save(tensors, metadata=header))
+        self._last = time.monotonic()
 
     def load(self, identity: dict) -> LoopState | None:
         """The saved state, or None without a (usable) file; raises :class:`CheckpointMismatch`

@@ -23,7 +23,7 @@ from imgclf._version import __version__
 from imgclf.backbones.blocks import BlocksUnknownError
 from imgclf.backbones.specs import BackboneSpec, Preprocessing, get_backbone_spec
 from imgclf.config import layout
-from imgclf.config.layout import head_checkpoint_stage
+from imgclf.config.layout import head_checkpoint_stage, refit_checkpoint_stage
 from imgclf.config.recipes import default_unfreeze, make_settings
 from imgclf.config.settings import RUNTIME_FIELDS, TRAIN_FIELDS, TTA_AUTO_CANDIDATES, TTA_AUTO_MARGIN, SettingError, TrainSettings, make_runtime
 from imgclf.data.augment import TTA_PRESETS, AugmentedView, FixedView, build_augment
@@ -216,6 +216,7 @@ class ImageClassifier(Classifier):
         self.temperature_ = self._calibrate(logits, yv) if st.calibration == "temperature" else None
         if n_classes == 2:  # on the calibrated probabilities
             self.threshold_ = self._choose_threshold(logits, yv)
+        refit = self._refit_heads(xt, yt, xv, yv, summaries[0], lambda k: stage_checkpoint(refit_checkpoint_stage(k)), runner.spec.feature_parts)
         stage2 = summaries[1] if len(summaries) > 1 else None
         self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain, stage2, unfreeze) if st.neighbors else None
         delivered = summaries[0] if stage2 and stage2.get("frozen_heads", {}).get("kept") else summaries[-1]  # the stage whose model this is
@@ -227,11 +228,42 @@ class ImageClassifier(Classifier):
             "threshold": self.threshold_,
             "temperature": self.temperature_,
             "tta": self.tta,
+            "refit": refit,
             "feature_seconds": round(t_feat, 3),
             "fit_seconds": round(time.perf_counter() - t0, 3),
         }
         self.meta_ = self._make_meta(runner, unfreeze if self._tuned is not None else 0)
         return self
+
+    def _refit_heads(self, xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray, first: dict,
+                     checkpoint_for: Callable[[int], EpochCheckpoint | None], parts: tuple[int, ...] | None) -> dict | None:
+        """``refit``: the frozen heads train again on train + validation, head k for the epochs
+        validation chose for head k (same seed), and replace the heads validation decided with.
+
+        The validation split has by then done its work (epochs, test-time views, temperature,
+        threshold), and its images (a fifth of the labelled ones when carved) matter most to the smallest classes; the
+        temperature fitted on the first heads is kept for the refit ones (each trains as long
+        on the same kind of data). Skipped, with the reason logged, when the backbone was
+        fine-tuned (its stage 2 needs the validation split as its monitor), without validation
+        images, or with several feature views per training image. Returns what the refit did
+        (images, epochs per head, seconds) or None."""
+        if not self.settings.refit:
+            return None
+        why = ("the delivered model has a fine-tuned backbone" if self._tuned is not None else "no validation images" if len(yv) == 0
+               else "the heads trained on several feature views per image" if np.ndim(xt) != 2 else None)
+        if why:
+            log.info("refit skipped: %s; the heads trained without the validation images are the model", why)
+            return None
+        t0 = time.perf_counter()
+        epochs = [max(1, int(m["best_epoch"])) for m in first.get("members", [first])]
+        x, y = np.concatenate([xt, xv]), np.concatenate([yt, yv])
+        log.info("refit: %d head%s train again on train + validation (%d images), each for the epochs validation chose (%s)",
+                 len(epochs), "s" if len(epochs) > 1 else "", len(y), ", ".join(map(str, epochs)))
+        trained = fit_heads(x, y, x[:0], y[:0], len(self.class_names_), self.train_config, self.settings.heads,
+                            checkpoint_for=checkpoint_for, parts=parts, member_epochs=epochs) if distributed.is_main() else None
+        head, _, _ = distributed.broadcast_object(trained)
+        self.head_ = (head if self.temperature_ is None else with_temperature(head, self.temperature_)).eval()
+        return {"images": len(y), "validation_images": len(yv), "member_epochs": epochs, "seconds": round(time.perf_counter() - t0, 3)}
 
     def _build_neighbors(self, train: list, ok: list[int], y: np.ndarray, x_plain: np.ndarray, stage2: dict | None = None,
                          unfreeze: int = 0) -> NeighborIndex:

@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -367,7 +367,8 @@ def fit_loop(
     Trains ``model`` in place and leaves the selected (best or last) weights loaded.
     ``keep_start_if_best``: the starting weights (epoch 0) compete for "best", so a
     stage that only hurts validation loss returns the model it was given.
-    ``checkpoint``: after every epoch the loop's whole state is saved there, and at the end
+    ``checkpoint``: after an epoch the loop's whole state is saved there when the checkpoint
+    is due (:meth:`EpochCheckpoint.due`: at most every ``SAVE_EVERY_S``), and at the end
     the selected model with history and summary; a saved state found there at the start is
     continued from (a finished stage is not trained again), so a killed run resumed with the
     same settings and data ends with the same model as one never interrupted.
@@ -458,7 +459,7 @@ def fit_loop(
         row = {"stage": stage, "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "val_calibrated_loss": va_cal, "best": improved, "lr": optimizer.param_groups[-1]["lr"]}
         history.append(row)
         stopped = bool(cfg.patience and stale >= cfg.patience)
-        if checkpoint is not None and is_main:
+        if checkpoint is not None and is_main and checkpoint.due():
             checkpoint.save(LoopState(
                 epoch=epoch, done=False, model=model.state_dict(), history=history, best=best, best_epoch=best_epoch, stale=stale,
                 best_state=best_state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler is not None else None,
@@ -526,6 +527,7 @@ def fit_heads(
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint_for: Callable[[int], EpochCheckpoint | None] | None = None,
     parts: tuple[int, ...] | None = None,
+    member_epochs: Sequence[int] | None = None,
 ) -> tuple[nn.Sequential, list[dict], dict]:
     """``members`` heads (:func:`fit_head` with seeds ``cfg.seed + k``), one head averaging their
     probabilities (:func:`~imgclf.model.heads.ensemble_head`); one member is :func:`fit_head`.
@@ -534,19 +536,29 @@ def fit_heads(
     columns alone (seeds continuing across parts), so the average is a probability ensemble of
     the backbones. Each member trains, stops early and keeps its best epoch on its own, as a
     separately trained model would; ``on_epoch`` sees the first member's epochs (the history
-    returned), and the run log gets one line per further member. ``checkpoint_for(k)``: member k's."""
+    returned), and the run log gets one line per further member. ``checkpoint_for(k)``: member k's.
+
+    ``member_epochs``: the refit (``refit``): member k trains exactly ``member_epochs[k]`` epochs
+    (no early stopping, its last epoch kept), the number an earlier fit with validation chose
+    for the member of the same seed."""
     bounds = part_bounds(parts)
     total = members * len(bounds)
+    if member_epochs is not None and (len(member_epochs) != total or min(member_epochs) < 1):
+        raise ValueError(f"member_epochs needs {total} epoch counts >= 1, got {list(member_epochs)}")
     heads, summaries, history = [], [], []
     for bound in bounds:
         xt, xv = (x_train, x_val) if bound is None else (x_train[..., bound[0]:bound[1]], np.asarray(x_val)[..., bound[0]:bound[1]])
         for _ in range(members):
             k = len(heads)
-            head, hist, summary = fit_head(xt, y_train, xv, y_val, n_classes, dataclasses.replace(cfg, seed=cfg.seed + k),
+            fixed = {} if member_epochs is None else {"epochs": int(member_epochs[k]), "patience": 0, "checkpoint": "last"}
+            head, hist, summary = fit_head(xt, y_train, xv, y_val, n_classes, dataclasses.replace(cfg, seed=cfg.seed + k, **fixed),
                                            on_epoch=on_epoch if k == 0 else None, checkpoint=checkpoint_for(k) if checkpoint_for else None)
             if k == 0:
                 history = hist
-            else:
+            if member_epochs is not None:
+                log.info("refit head %d of %d%s: %d epochs on %d images", k + 1, total, "" if bound is None else f" (features {bound[0]}:{bound[1]})",
+                         summary["epochs_run"], len(y_train))
+            elif k > 0:
                 log.info("head %d of %d%s: best epoch %d of %d, %s %.4f", k + 1, total, "" if bound is None else f" (features {bound[0]}:{bound[1]})",
                          summary["best_epoch"], summary["epochs_run"], summary["monitor"], summary["best_monitor"])
             heads.append(head if bound is None else on_slice(head, *bound))
