@@ -43,7 +43,7 @@ def fits(shapes_root, tmp_path_factory):
         real = train_classifier.fit_heads
         train_classifier.fit_heads = spy
         try:
-            clf = ImageClassifier(recipe="fast", heads=2, epochs=6, seed=0, refit=refit, cache_dir=cache, neighbors=False).fit(shapes_root)
+            clf = ImageClassifier(recipe="fast", heads=2, epochs=6, seed=0, refit=refit, cache_dir=cache, neighbors_thumbnail=0).fit(shapes_root)
         finally:
             train_classifier.fit_heads = real
         out[refit] = clf, calls
@@ -64,6 +64,11 @@ def test_refit_trains_the_validated_epochs_on_train_and_validation_and_keeps_the
     # validation decided with the first heads, the same in both fits; the refit heads carry the same temperature
     assert refit.temperature_ == plain.temperature_ and head_temperature(refit.head_) == pytest.approx(plain.temperature_)
     assert not torch.equal(refit.head_.members[0].state_dict()["fc2.weight"], plain.head_.members[0].state_dict()["fc2.weight"])
+    # the similar cases are the images the delivered heads learned from
+    def case_paths(clf, *splits):
+        return sorted(str(s.path) for split in splits for s in clf.dataset_.samples[split])
+    assert sorted(refit.neighbors_.paths) == case_paths(refit, "train", "validation") and refit.neighbors_.training_images == n_train + n_val
+    assert sorted(plain.neighbors_.paths) == case_paths(plain, "train") and plain.neighbors_.training_images == n_train
     refit.save(tmp_path / "m")
     paths = sorted((shapes_root / "test").rglob("*.jpg"))[::4]
     np.testing.assert_allclose(Classifier.load(tmp_path / "m", use_cache=False).predict_proba(paths), refit.predict_proba(paths), atol=1e-5)

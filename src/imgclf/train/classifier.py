@@ -218,7 +218,12 @@ class ImageClassifier(Classifier):
             self.threshold_ = self._choose_threshold(logits, yv)
         refit = self._refit_heads(xt, yt, xv, yv, summaries[0], lambda k: stage_checkpoint(refit_checkpoint_stage(k)), runner.spec.feature_parts)
         stage2 = summaries[1] if len(summaries) > 1 else None
-        self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain, stage2, unfreeze) if st.neighbors else None
+        if st.neighbors and refit is not None:  # the refit heads learned from the validation images too: they are training cases
+            self.neighbors_ = self._build_neighbors(train + val, ok_t + [len(train) + i for i in ok_v], np.concatenate([yt, yv]), np.concatenate([xt_plain, xv]))
+        elif st.neighbors:
+            self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain, stage2, unfreeze)
+        else:
+            self.neighbors_ = None
         delivered = summaries[0] if stage2 and stage2.get("frozen_heads", {}).get("kept") else summaries[-1]  # the stage whose model this is
         self.fit_summary_ = {
             "stages": summaries,
@@ -267,9 +272,10 @@ class ImageClassifier(Classifier):
 
     def _build_neighbors(self, train: list, ok: list[int], y: np.ndarray, x_plain: np.ndarray, stage2: dict | None = None,
                          unfreeze: int = 0) -> NeighborIndex:
-        """The similar-cases index of the (at most ``neighbors_max``) training images, from the
-        features predict will compute: when stage 2 tuned the backbone, the chosen images'
-        features are those of the tuned backbone (plain view, no test-time views)."""
+        """The similar-cases index of the (at most ``neighbors_max``) images the delivered heads
+        learned from (train, and validation after a refit), from the features predict will
+        compute: when stage 2 tuned the backbone, the chosen images' features are those of the
+        tuned backbone (plain view, no test-time views)."""
         st = self.settings
         keep = choose_cases(y, st.neighbors_max, self.seed)
         paths = [str(train[ok[i]].path) for i in keep]
