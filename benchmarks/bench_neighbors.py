@@ -10,7 +10,7 @@ the search is at 10^4..10^6 stored vectors, exact vs faiss IVF (what imgclf.mode
 (a) *Label agreement* on ``--data`` (default ``../shared/data/flowers12``): one model per
 ``--seeds`` value (default 0 1 2: the carved validation split and initialisation differ) is
 trained with ``--recipe`` (default fast), features in one temporary cache; its similar-cases
-index holds the training images; each test image's 5 nearest cases (``Classifier.neighbors``) vote, and the
+index holds the images its heads learned from (train, and validation after a refit); each test image's 5 nearest cases (``Classifier.neighbors``) vote, and the
 majority label (ties: the most similar case's label among the tied) is compared with the true
 label. Reported per seed and as the mean over seeds: accuracy over the test images, its
 per-class mean, the top-1 case's agreement, and the classifier's own accuracy for comparison.
