@@ -106,9 +106,11 @@ def _with_index(run, dest):
 def test_a_train_run_stores_the_index_and_predict_gives_neighbours(trained_run, shapes_root, tmp_path, capsys):
     meta = json.loads((trained_run / layout.MODEL_META).read_text())
     split = list(csv.reader(io.StringIO((trained_run / layout.SPLIT).read_text())))
-    train_paths = {r[2] for r in split[1:] if r[0] == "train"}
+    # the default refits its heads on train + validation: those are the cases it learned from
+    train_paths = {r[2] for r in split[1:] if r[0] in ("train", "validation")}
     entry = meta["neighbors"]
-    assert entry["count"] == entry["training_images"] == len(train_paths) == 36
+    refit = json.loads((trained_run / layout.CONFIG).read_text())["fit_summary"]["refit"]
+    assert refit["images"] == entry["count"] == entry["training_images"] == len(train_paths) == 36 + 12
     assert (trained_run / layout.NEIGHBORS_TENSORS).is_file() and entry["thumbnail_px"] == 64
 
     out = tmp_path / "pred.csv"
@@ -176,8 +178,8 @@ def test_a_tampered_index_file_is_refused(trained_run, shapes_root, tmp_path, ca
 def test_resaving_a_loaded_model_keeps_its_index(trained_run, tmp_path):
     clf = Classifier.load(_with_index(trained_run, tmp_path / "m"))
     d = clf.save(tmp_path / "again")
-    assert json.loads((d / layout.MODEL_META).read_text())["neighbors"]["count"] == 36
-    assert len(Classifier.load(d).neighbor_index()) == 36
+    assert json.loads((d / layout.MODEL_META).read_text())["neighbors"]["count"] == 48  # train + validation (refit)
+    assert len(Classifier.load(d).neighbor_index()) == 48
 
 
 def test_the_report_shows_nearest_training_cases(trained_run, tmp_path):

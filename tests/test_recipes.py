@@ -20,6 +20,7 @@ from imgclf.engines.extract import extract_features
 from imgclf.engines.runner import BackboneRunner
 from imgclf.config.recipes import make_settings
 from imgclf.evaluation.thresholds import apply_threshold, choose_threshold, parse_policy
+from imgclf.train.loops import TrainConfig
 
 
 def test_recipes_are_defaults_that_flags_override():
@@ -270,6 +271,9 @@ def test_default_recipe_is_the_frozen_lite_pair():
     assert DEFAULT_RECIPE == "ensemble" and ImageClassifier().recipe == "ensemble"
     default = make_settings()
     assert (default.backbone, default.finetune_epochs, default.heads) == ("efficientnet_lite0+lite1", 0, 5)
+    # the pair's heads train on mixed features; fast, seed and finetune keep the declared 0
+    assert TrainConfig.stage1(default).mixup == 0.2 and TrainConfig.stage1(make_settings(mixup=0)).mixup == 0
+    assert [make_settings(r).mixup for r in ("fast", "seed", "finetune")] == [0, 0, 0]
     finetune = make_settings("finetune")
     assert finetune.backbone == "efficientnet_lite0" and finetune.finetune_epochs > 0 and make_settings("fast").backbone == "efficientnet_lite0_stages"
     assert make_settings("seed").head == "tutorial" and make_settings("seed").backbone == "efficientnet_lite0" and make_settings().finetune_bn == "frozen"

@@ -23,6 +23,9 @@ from imgclf.serve.app import create_app, load_serving_model
 from imgclf.serve.config import ServeConfig
 
 
+CASES = 36 + 12  # the shapes run's train + validation images: the default refits its heads on both and indexes them
+
+
 @pytest.fixture(scope="module")
 def indexed(exported, trained_run, tmp_path_factory) -> Path:
     """The exported model (ONNX graph included) with its similar-cases index files: served by
@@ -82,7 +85,7 @@ def test_predict_returns_the_nearest_training_images(client, served, shapes_root
     model, _ = served
     assert isinstance(model, OnnxClassifier)  # probabilities from the export, neighbours from the feature path
     info = client.get("/v1/model").json()["neighbors"]
-    assert info == {"available": True, "cases": 36, "max_neighbors": 5, "paths": False, "reason": None}
+    assert info == {"available": True, "cases": CASES, "max_neighbors": 5, "paths": False, "reason": None}
     images = train_images(shapes_root)
     r = client.post("/v1/predict?neighbors=3", files=[("file", (p.name, p.read_bytes(), "image/jpeg")) for p in images.values()])
     assert r.status_code == 200, r.text
@@ -113,7 +116,7 @@ def test_neighbors_is_bounded_and_checked(client, shapes_root):
     (param,) = [p for p in spec["paths"]["/v1/predict"]["post"]["parameters"] if p["name"] == "neighbors"]
     assert param["in"] == "query" and param["schema"]["minimum"] == 0 and param["schema"]["maximum"] == 5
     thumb = spec["paths"]["/v1/neighbors/{index}/thumbnail"]["get"]
-    assert thumb["parameters"][0]["schema"]["maximum"] == 35 and "image/jpeg" in thumb["responses"]["200"]["content"]
+    assert thumb["parameters"][0]["schema"]["maximum"] == CASES - 1 and "image/jpeg" in thumb["responses"]["200"]["content"]
 
 
 def test_thumbnail_endpoint_serves_the_stored_jpeg(client, served, shapes_root):
@@ -129,7 +132,7 @@ def test_thumbnail_endpoint_serves_the_stored_jpeg(client, served, shapes_root):
     assert again.status_code == 304 and again.content == b""
     head = client.head(case["thumbnail_url"])
     assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == "image/jpeg"
-    for bad in (36, 10_000, -1):
+    for bad in (CASES, 10_000, -1):
         assert_error(client.get(f"/v1/neighbors/{bad}/thumbnail"), 404, "not-found")
     assert_error(client.get("/v1/neighbors/x/thumbnail"), 422, "invalid-request")
 

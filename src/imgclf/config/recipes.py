@@ -5,10 +5,11 @@ The declared defaults are the ``finetune`` recipe on EfficientNet-Lite0; the def
 
 * ``ensemble`` (default) — ``efficientnet_lite0+lite1`` frozen: each image through both
   backbones once (features cached: each backbone's last four stages' outputs, pooled), five
-  heads per backbone on its own features, all their probabilities averaged: two backbones'
-  different errors averaged out, without stage 2's cost (what it measured against the others:
-  benchmarks/README.md, "The default becomes Lite0 + Lite1 frozen" and "Stage outputs instead
-  of the conv head").
+  heads per backbone on its own features, trained with mixup (alpha 0.2) of the features,
+  all their probabilities averaged: two backbones' different errors averaged out, without
+  stage 2's cost (what it measured against the others: benchmarks/README.md, "The default
+  becomes Lite0 + Lite1 frozen", "Stage outputs instead of the conv head" and "Mixup of the
+  features for the default's heads").
 * ``fast`` — stage 1 only on Lite0 (``efficientnet_lite0_stages``: its last four stages' outputs,
   pooled, as each member of the default's pair): frozen backbone, cached features, the five heads.
 * ``finetune`` — the declared defaults: stage 1 trains five heads on Lite0's cached frozen
@@ -33,7 +34,7 @@ DEFAULT_RECIPE = TRAIN_FIELDS["recipe"].default
 _FROZEN = {"finetune_epochs": 0, "augment": "none"}
 
 RECIPES: dict[str, dict] = {
-    "ensemble": {**_FROZEN, "backbone": ENSEMBLE_BACKBONE},
+    "ensemble": {**_FROZEN, "backbone": ENSEMBLE_BACKBONE, "mixup": 0.2},
     "finetune": {},
     "fast": {**_FROZEN, "backbone": FAST_BACKBONE},
     "seed": {
