@@ -218,12 +218,10 @@ class ImageClassifier(Classifier):
             self.threshold_ = self._choose_threshold(logits, yv)
         refit = self._refit_heads(xt, yt, xv, yv, summaries[0], lambda k: stage_checkpoint(refit_checkpoint_stage(k)), runner.spec.feature_parts)
         stage2 = summaries[1] if len(summaries) > 1 else None
-        if st.neighbors and refit is not None:  # the refit heads learned from the validation images too: they are training cases
-            self.neighbors_ = self._build_neighbors(train + val, ok_t + [len(train) + i for i in ok_v], np.concatenate([yt, yv]), np.concatenate([xt_plain, xv]))
-        elif st.neighbors:
-            self.neighbors_ = self._build_neighbors(train, ok_t, yt, xt_plain, stage2, unfreeze)
-        else:
-            self.neighbors_ = None
+        cases = (train, ok_t, yt, xt_plain)  # the similar cases: the images the delivered heads learned from
+        if refit:  # validation's too
+            cases = (train + val, ok_t + [len(train) + i for i in ok_v], np.concatenate([yt, yv]), np.concatenate([xt_plain, xv]))
+        self.neighbors_ = self._build_neighbors(*cases, stage2, unfreeze) if st.neighbors else None
         delivered = summaries[0] if stage2 and stage2.get("frozen_heads", {}).get("kept") else summaries[-1]  # the stage whose model this is
         self.fit_summary_ = {
             "stages": summaries,
@@ -270,7 +268,7 @@ class ImageClassifier(Classifier):
         self.head_ = (head if self.temperature_ is None else with_temperature(head, self.temperature_)).eval()
         return {"images": len(y), "validation_images": len(yv), "member_epochs": epochs, "seconds": round(time.perf_counter() - t0, 3)}
 
-    def _build_neighbors(self, train: list, ok: list[int], y: np.ndarray, x_plain: np.ndarray, stage2: dict | None = None,
+    def _build_neighbors(self, cases: list, ok: list[int], y: np.ndarray, x_plain: np.ndarray, stage2: dict | None = None,
                          unfreeze: int = 0) -> NeighborIndex:
         """The similar-cases index of the (at most ``neighbors_max``) images the delivered heads
         learned from (train, and validation after a refit), from the features predict will
@@ -278,7 +276,7 @@ class ImageClassifier(Classifier):
         tuned backbone (plain view, no test-time views)."""
         st = self.settings
         keep = choose_cases(y, st.neighbors_max, self.seed)
-        paths = [str(train[ok[i]].path) for i in keep]
+        paths = [str(cases[ok[i]].path) for i in keep]
         labels, x = y[keep], x_plain[keep]
         if self._tuned is not None:
             x, ok_tuned = self._tuned_plain_features(paths, stage2, unfreeze)
