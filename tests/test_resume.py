@@ -8,6 +8,7 @@ resumed with ``--resume``; model tensors, per-epoch history and test metrics mus
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import signal
@@ -256,7 +257,7 @@ def test_fit_head_resumes_exactly_and_survives_a_corrupt_checkpoint(tmp_path, ca
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), head.state_dict().values()))
 
 
-def test_epoch_states_are_written_at_most_every_save_every_s_and_the_end_always(tmp_path, monkeypatch):
+def test_epoch_states_are_written_at_most_every_save_every_s_and_the_end_always(tmp_path, monkeypatch, caplog):
     from imgclf.train import checkpoint as checkpoint_module
     from imgclf.train.loops import TrainConfig, fit_head
 
@@ -273,6 +274,10 @@ def test_epoch_states_are_written_at_most_every_save_every_s_and_the_end_always(
         assert written == expected, every
     monkeypatch.delenv("IMGCLF_CHECKPOINT_EVERY_S")
     assert EpochCheckpoint(tmp_path / "x").every_s == checkpoint_module.SAVE_EVERY_S > 0
+    monkeypatch.setenv("IMGCLF_CHECKPOINT_EVERY_S", "soon")  # not a number: the default, with a warning
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert EpochCheckpoint(tmp_path / "x").every_s == checkpoint_module.SAVE_EVERY_S
+    assert "IMGCLF_CHECKPOINT_EVERY_S='soon' is not a number" in caplog.text
 
 
 def test_early_stop_is_not_undone_by_a_resume(tmp_path):

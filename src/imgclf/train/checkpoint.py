@@ -44,9 +44,13 @@ SAVE_EVERY_S = 10.0
 
 def save_every_s() -> float:
     """``SAVE_EVERY_S``, or ``$IMGCLF_CHECKPOINT_EVERY_S`` (0: every epoch, as the resume tests need)."""
+    value = os.environ.get("IMGCLF_CHECKPOINT_EVERY_S")
+    if value is None:
+        return SAVE_EVERY_S
     try:
-        return max(0.0, float(os.environ.get("IMGCLF_CHECKPOINT_EVERY_S", SAVE_EVERY_S)))
+        return max(0.0, float(value))
     except ValueError:
+        log.warning("IMGCLF_CHECKPOINT_EVERY_S=%r is not a number of seconds; checkpoints every %g s", value, SAVE_EVERY_S)
         return SAVE_EVERY_S
 
 
