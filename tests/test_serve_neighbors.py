@@ -23,9 +23,6 @@ from imgclf.serve.app import create_app, load_serving_model
 from imgclf.serve.config import ServeConfig
 
 
-CASES = 36 + 12  # the shapes run's train + validation images: the default refits its heads on both and indexes them
-
-
 @pytest.fixture(scope="module")
 def indexed(exported, trained_run, tmp_path_factory) -> Path:
     """The exported model (ONNX graph included) with its similar-cases index files: served by
@@ -51,6 +48,12 @@ def without_index(indexed, tmp_path_factory) -> dict[str, Path]:
     del meta["neighbors"]
     (unlisted / layout.MODEL_META).write_text(json.dumps(meta))
     return {"files-gone": gone, "unlisted": unlisted}
+
+
+@pytest.fixture(scope="module")
+def n_cases(indexed) -> int:
+    """How many cases the index holds (test_neighbors counts them against the run's split.csv)."""
+    return json.loads((indexed / layout.MODEL_META).read_text())["neighbors"]["count"]
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +84,11 @@ def assert_error(r, status: int, code: str) -> str:
     return body["error"]["message"]
 
 
-def test_predict_returns_the_nearest_training_images(client, served, shapes_root):
+def test_predict_returns_the_nearest_training_images(client, served, n_cases, shapes_root):
     model, _ = served
     assert isinstance(model, OnnxClassifier)  # probabilities from the export, neighbours from the feature path
     info = client.get("/v1/model").json()["neighbors"]
-    assert info == {"available": True, "cases": CASES, "max_neighbors": 5, "paths": False, "reason": None}
+    assert info == {"available": True, "cases": n_cases, "max_neighbors": 5, "paths": False, "reason": None}
     images = train_images(shapes_root)
     r = client.post("/v1/predict?neighbors=3", files=[("file", (p.name, p.read_bytes(), "image/jpeg")) for p in images.values()])
     assert r.status_code == 200, r.text
@@ -105,7 +108,7 @@ def test_predict_returns_the_nearest_training_images(client, served, shapes_root
     assert client.post("/v1/predict?neighbors=0", files=upload(images["circle"])).json()["predictions"][0]["neighbors"] is None
 
 
-def test_neighbors_is_bounded_and_checked(client, shapes_root):
+def test_neighbors_is_bounded_and_checked(client, n_cases, shapes_root):
     image = train_images(shapes_root)["square"]
     msg = assert_error(client.post("/v1/predict?neighbors=6", files=upload(image)), 422, "invalid-request")
     assert "at most 5" in msg
@@ -116,10 +119,10 @@ def test_neighbors_is_bounded_and_checked(client, shapes_root):
     (param,) = [p for p in spec["paths"]["/v1/predict"]["post"]["parameters"] if p["name"] == "neighbors"]
     assert param["in"] == "query" and param["schema"]["minimum"] == 0 and param["schema"]["maximum"] == 5
     thumb = spec["paths"]["/v1/neighbors/{index}/thumbnail"]["get"]
-    assert thumb["parameters"][0]["schema"]["maximum"] == CASES - 1 and "image/jpeg" in thumb["responses"]["200"]["content"]
+    assert thumb["parameters"][0]["schema"]["maximum"] == n_cases - 1 and "image/jpeg" in thumb["responses"]["200"]["content"]
 
 
-def test_thumbnail_endpoint_serves_the_stored_jpeg(client, served, shapes_root):
+def test_thumbnail_endpoint_serves_the_stored_jpeg(client, served, n_cases, shapes_root):
     case = client.post("/v1/predict?neighbors=1", files=upload(train_images(shapes_root)["triangle"])).json()["predictions"][0]["neighbors"][0]
     r = client.get(case["thumbnail_url"])
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
@@ -132,7 +135,7 @@ def test_thumbnail_endpoint_serves_the_stored_jpeg(client, served, shapes_root):
     assert again.status_code == 304 and again.content == b""
     head = client.head(case["thumbnail_url"])
     assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == "image/jpeg"
-    for bad in (CASES, 10_000, -1):
+    for bad in (n_cases, 10_000, -1):
         assert_error(client.get(f"/v1/neighbors/{bad}/thumbnail"), 404, "not-found")
     assert_error(client.get("/v1/neighbors/x/thumbnail"), 422, "invalid-request")
 
