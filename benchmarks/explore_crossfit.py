@@ -39,35 +39,38 @@ from explore_stages import averaged_and_calibrated, calibrated_member  # noqa: E
 
 def crossfit_logits(x, y, train, held_out, n_classes, seed, heads):
     """``heads`` recipe heads, head k trained on the other inner folds of ``train`` and stopped
-    early on fold k: (temperature fitted on the out-of-fold logits, each head's held-out logits)."""
+    early on fold k: (temperature fitted on the out-of-fold logits, each head's held-out logits,
+    each head's best epoch)."""
     from sklearn.model_selection import StratifiedKFold
 
     from imgclf.evaluation.calibration import fit_temperature
 
     oof = np.zeros((len(train), n_classes))
-    test = []
+    test, epochs = [], []
     for k, (fit, va) in enumerate(StratifiedKFold(heads, shuffle=True, random_state=seed + 10_000).split(train, y[train])):
-        lv, lt, _ = fit_logits("recipe", x[train[fit]], y[train[fit]], x[train[va]], y[train[va]], x[held_out], n_classes, seed * 100 + k)
+        lv, lt, summary = fit_logits("recipe", x[train[fit]], y[train[fit]], x[train[va]], y[train[va]], x[held_out], n_classes, seed * 100 + k)
         oof[va] = lv
         test.append(lt)
-    return fit_temperature(oof, y[train]), test
+        epochs.append(max(1, summary["best_epoch"]))
+    return fit_temperature(oof, y[train]), test, epochs
 
 
-def crossfit_member(x, y, train, held_out, n_classes, seed, heads):
-    """Held-out probabilities: the heads' temperature-scaled probabilities averaged (as ``ensemble_head`` averages)."""
+def tempered(test, t, average="probability"):
+    """Held-out probabilities of several heads under one temperature ``t``: their tempered
+    probabilities averaged (as ``ensemble_head`` averages), or (``logit``) their logits averaged,
+    then tempered (less dispersed than averaged probabilities, closer to the single heads the
+    temperature was fitted on)."""
     from scipy.special import softmax
 
-    t, test = crossfit_logits(x, y, train, held_out, n_classes, seed, heads)
+    if average == "logit":
+        return softmax(np.mean(test, 0) / t, 1)
     return np.mean([softmax(lt / t, 1) for lt in test], 0)
 
 
-def crossfit_logit_member(x, y, train, held_out, n_classes, seed, heads):
-    """Held-out probabilities: the heads' logits averaged, then the temperature (less dispersed
-    than averaged probabilities, closer to the single heads the temperature was fitted on)."""
-    from scipy.special import softmax
-
-    t, test = crossfit_logits(x, y, train, held_out, n_classes, seed, heads)
-    return softmax(np.mean(test, 0) / t, 1)
+def crossfit_member(x, y, train, held_out, n_classes, seed, heads, average="probability"):
+    """Held-out probabilities of the cross-fitted heads, temperature from their out-of-fold logits."""
+    t, test, _ = crossfit_logits(x, y, train, held_out, n_classes, seed, heads)
+    return tempered(test, t, average)
 
 
 def subbag_member(x, y, train, held_out, n_classes, seed, heads):
@@ -100,24 +103,12 @@ def refit_member(x, y, train, held_out, n_classes, seed, heads, average="probabi
     """Cross-validate, then refit: ``heads`` heads cross-fitted over the training images give the
     out-of-fold logits (one temperature) and their best epochs; then ``heads`` heads (other
     seeds) train on every training image for the median best epoch, no early stopping; the
-    held-out images get their temperature-scaled probabilities averaged (``refit-logit``:
-    their logits averaged, then the temperature)."""
-    from scipy.special import softmax
-    from sklearn.model_selection import StratifiedKFold
-
-    from imgclf.evaluation.calibration import fit_temperature
-
-    oof, epochs = np.zeros((len(train), n_classes)), []
-    for k, (fit, va) in enumerate(StratifiedKFold(heads, shuffle=True, random_state=seed + 10_000).split(train, y[train])):
-        lv, _, summary = fit_logits("recipe", x[train[fit]], y[train[fit]], x[train[va]], y[train[va]], x[:0], n_classes, seed * 100 + k)
-        oof[va] = lv
-        epochs.append(max(1, summary["best_epoch"]))
-    t, n_epochs = fit_temperature(oof, y[train]), int(round(np.median(epochs)))
+    held-out images get their probabilities as :func:`tempered` combines them."""
+    t, _, epochs = crossfit_logits(x, y, train, held_out[:0], n_classes, seed, heads)
+    n_epochs = int(round(np.median(epochs)))
     test = [fit_logits("recipe", x[train], y[train], x[:0], y[:0], x[held_out], n_classes, seed * 100 + 50 + k,
                        epochs=n_epochs, patience=0, checkpoint="last")[1] for k in range(heads)]
-    if average == "logit":
-        return softmax(np.mean(test, 0) / t, 1)
-    return np.mean([softmax(lt / t, 1) for lt in test], 0)
+    return tempered(test, t, average)
 
 
 def carve_refit_member(x, y, train, held_out, n_classes, seed, heads, same_steps=False):
@@ -128,10 +119,6 @@ def carve_refit_member(x, y, train, held_out, n_classes, seed, heads, same_steps
     (``same_steps``: that epoch times 0.8, as many optimiser steps as on the carve's
     complement), and the held-out images get the retrained heads' probabilities averaged,
     with the carve's temperature."""
-    from scipy.special import softmax
-
-    from imgclf.evaluation.calibration import fit_temperature
-
     fit, carve_idx = carve(y[train], 0.2, seed)
     tr, va = train[fit], train[carve_idx]
     cal, best = [], []
@@ -139,14 +126,13 @@ def carve_refit_member(x, y, train, held_out, n_classes, seed, heads, same_steps
         lv, _, summary = fit_logits("recipe", x[tr], y[tr], x[va], y[va], x[:0], n_classes, seed * 100 + k)
         cal.append(lv)
         best.append(max(1, summary["best_epoch"]))
-    t = fit_temperature(np.log(np.mean([softmax(lv, 1) for lv in cal], 0) + 1e-12), y[va])
     factor = len(tr) / len(train) if same_steps else 1.0
     test = [fit_logits("recipe", x[train], y[train], x[:0], y[:0], x[held_out], n_classes, seed * 100 + k,
                        epochs=max(1, int(round(best[k] * factor))), patience=0, checkpoint="last")[1] for k in range(heads)]
-    return softmax(np.log(np.mean([softmax(lt, 1) for lt in test], 0) + 1e-12) / t, 1)
+    return averaged_and_calibrated(cal, test, y[va])
 
 
-METHODS = {"carve": calibrated_member, "crossfit": crossfit_member, "crossfit-logit": crossfit_logit_member, "subbag": subbag_member,
+METHODS = {"carve": calibrated_member, "crossfit": crossfit_member, "crossfit-logit": lambda *a: crossfit_member(*a, average="logit"), "subbag": subbag_member,
            "crossfit-carve10": crossfit_carve_member, "crossfit-carve20": lambda *a: crossfit_carve_member(*a, fraction=0.2),
            "refit": refit_member, "refit-logit": lambda *a: refit_member(*a, average="logit"),
            "carve-refit": carve_refit_member, "carve-refit-steps": lambda *a: carve_refit_member(*a, same_steps=True)}
