@@ -345,11 +345,19 @@ def test_prefix_cache_detects_corruption(tmp_path, caplog):
     assert any("corrupt entry" in r.getMessage() for r in caplog.records)
 
 
-def test_run_stopped_in_a_later_head_resumes_with_every_head_the_same(resume_env, shapes_root, monkeypatch):
-    """--heads 3: a run stopped after the second head's epoch 2 keeps the first head's finished
-    checkpoint and the second's partial one; the resumed run trains nothing the checkpoints hold,
-    is stopped again in the second refit head, and the next resume ends with the uninterrupted
-    run's heads, history and metrics."""
+def _saved_epoch(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["state"])["epoch"]
+
+
+def test_run_stopped_between_heads_files_resumes_with_every_head_the_same(resume_env, shapes_root, monkeypatch):
+    """--heads 3 trains the three heads side by side and writes their files one after another: a
+    run stopped right after the second head's epoch-2 file holds heads at epochs 2, 2 and 1. The
+    resumed run continues each from its own file (none starts again), is stopped again in the
+    second refit head, and the next resume ends with the uninterrupted run's heads, history and
+    metrics."""
     from imgclf.runs.train_run import train_run
     from imgclf.train import checkpoint as checkpoint_module
 
@@ -369,15 +377,15 @@ def test_run_stopped_in_a_later_head_resumes_with_every_head_the_same(resume_env
     with pytest.raises(KeyboardInterrupt):
         train_run(shapes_root, name="stopped", **options)
     stopped = Path(options["project"]) / "stopped"
-    assert EpochCheckpoint(stopped / layout.CHECKPOINT.format(stage="head")).path.exists()
-    assert not (stopped / layout.CHECKPOINT.format(stage="head3")).exists()
+    files = [stopped / layout.CHECKPOINT.format(stage=s) for s in ("head", "head2", "head3")]
+    assert [_saved_epoch(f) for f in files] == [2, 2, 1]
     lines = []
     interrupt_in(layout.refit_checkpoint_stage(1))
     with pytest.raises(KeyboardInterrupt):
         train_run(shapes_root, resume=str(stopped), echo=lines.append)
     monkeypatch.undo()
-    assert not [ln for ln in lines if ln.split()[:1] == ["head"]]  # the first head (the history's) was already complete
-    assert (stopped / layout.CHECKPOINT.format(stage="head3")).exists() and (stopped / layout.CHECKPOINT.format(stage="refit")).exists()
+    assert [ln.split()[1] for ln in lines if ln.split()[:1] == ["head"]] == ["3"]  # the first head: only its last epoch was left
+    assert (stopped / layout.CHECKPOINT.format(stage="refit")).exists()
     train_run(shapes_root, resume=str(stopped))
     assert json.loads((full / layout.CONFIG).read_text())["fit_summary"]["refit"]["member_epochs"] == \
         json.loads((stopped / layout.CONFIG).read_text())["fit_summary"]["refit"]["member_epochs"]

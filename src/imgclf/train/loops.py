@@ -345,6 +345,18 @@ def view_batches(xt: torch.Tensor, yt: torch.Tensor, cfg: TrainConfig, gen: torc
         yield xt[view[idx], idx], yt[idx]
 
 
+def loop_identity(stage: str, cfg: TrainConfig, n_classes: int, xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
+                  keep_start_if_best: bool, parameters: list[list[list[int]]]) -> dict:
+    """What a stage's checkpoint belongs to: settings, data shapes (``xt`` as (views, n, ...); under
+    parallel those of the whole data set), a digest of the labels, the parameters' shapes per group."""
+    return {
+        "stage": stage, "config": cfg.to_dict(), "n_classes": n_classes, "train_shape": [xt.shape[0], len(yt), *xt.shape[2:]],
+        "val_shape": [len(yv), *xv.shape[1:]],
+        "labels": labels_digest(yt, yv), "keep_start_if_best": keep_start_if_best,
+        "parameters": parameters,
+    }
+
+
 def fit_loop(
     model: nn.Module,
     xt: torch.Tensor,
@@ -408,12 +420,8 @@ def fit_loop(
         result = ((cal if calibrated else loss), acc), loss, acc, cal
         return result if parallel is None else parallel.agree(result)
 
-    identity = {  # shapes of the whole data set (under parallel, xt and xv hold this rank's share)
-        "stage": stage, "config": cfg.to_dict(), "n_classes": n_classes, "train_shape": [xt.shape[0], len(yt), *xt.shape[2:]],
-        "val_shape": [len(yv), *xv.shape[1:]],
-        "labels": labels_digest(yt, yv), "keep_start_if_best": keep_start_if_best,
-        "parameters": [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups],
-    }
+    identity = loop_identity(stage, cfg, n_classes, xt, yt, xv, yv, keep_start_if_best,
+                             [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups])
     saved = checkpoint.load(identity) if checkpoint is not None and is_main else None
     if parallel is not None:
         saved = parallel.agree(saved)
@@ -500,8 +508,15 @@ def fit_head(
 ) -> tuple[nn.Sequential, list[dict], dict]:
     """Train a head on cached features; ``x_train`` is (n, D) or (views, n, D).
 
-    ``checkpoint``: saved after every epoch and resumed from (see :func:`fit_loop`)."""
+    ``checkpoint``: saved after every epoch and resumed from (see :func:`fit_loop`).
+    Where :func:`~imgclf.train.stacked.stackable` (the head stage's settings on one view) it
+    trains as a stack of one (:func:`~imgclf.train.stacked.fit_stacked`), so it is the same head
+    as the member of that seed in :func:`fit_heads`; otherwise in :func:`fit_loop`."""
     cfg.validate()
+    from imgclf.train.stacked import fit_stacked, stackable
+
+    if stackable(cfg, x_train):
+        return fit_stacked(x_train, y_train, x_val, y_val, n_classes, [cfg], [None], on_epoch=on_epoch, checkpoints=[checkpoint])[0]
     seed_everything(cfg.seed)
     xt = torch.from_numpy(np.asarray(x_train, np.float32))
     if xt.dim() == 2:
@@ -545,14 +560,26 @@ def fit_heads(
     total = members * len(bounds)
     if member_epochs is not None and (len(member_epochs) != total or min(member_epochs) < 1):
         raise ValueError(f"member_epochs needs {total} epoch counts >= 1, got {list(member_epochs)}")
+    member_bounds = [bound for bound in bounds for _ in range(members)]
+    cfgs = [dataclasses.replace(cfg, seed=cfg.seed + k, **({} if member_epochs is None else {"epochs": int(member_epochs[k]), "patience": 0, "checkpoint": "last"}))
+            for k in range(total)]
+    from imgclf.train.stacked import fit_stacked, stackable
+
+    if stackable(cfg, x_train):  # all members at once; each the head fit_head gives for its seed
+        trained = iter(fit_stacked(x_train, y_train, x_val, y_val, n_classes, cfgs, member_bounds, on_epoch=on_epoch,
+                                   checkpoints=[checkpoint_for(k) if checkpoint_for else None for k in range(total)]))
+    else:
+        trained = None
     heads, summaries, history = [], [], []
     for bound in bounds:
         xt, xv = (x_train, x_val) if bound is None else (x_train[..., bound[0]:bound[1]], np.asarray(x_val)[..., bound[0]:bound[1]])
         for _ in range(members):
             k = len(heads)
-            fixed = {} if member_epochs is None else {"epochs": int(member_epochs[k]), "patience": 0, "checkpoint": "last"}
-            head, hist, summary = fit_head(xt, y_train, xv, y_val, n_classes, dataclasses.replace(cfg, seed=cfg.seed + k, **fixed),
-                                           on_epoch=on_epoch if k == 0 else None, checkpoint=checkpoint_for(k) if checkpoint_for else None)
+            if trained is not None:
+                head, hist, summary = next(trained)
+            else:
+                head, hist, summary = fit_head(xt, y_train, xv, y_val, n_classes, cfgs[k], on_epoch=on_epoch if k == 0 else None,
+                                               checkpoint=checkpoint_for(k) if checkpoint_for else None)
             if k == 0:
                 history = hist
             if member_epochs is not None:
