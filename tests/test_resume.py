@@ -352,12 +352,11 @@ def _saved_epoch(path: Path) -> int:
         return json.loads(f.metadata()["state"])["epoch"]
 
 
-def test_run_stopped_between_heads_files_resumes_with_every_head_the_same(resume_env, shapes_root, monkeypatch):
-    """--heads 3 trains the three heads side by side and writes their files one after another: a
-    run stopped right after the second head's epoch-2 file holds heads at epochs 2, 2 and 1. The
-    resumed run continues each from its own file (none starts again), is stopped again in the
-    second refit head, and the next resume ends with the uninterrupted run's heads, history and
-    metrics."""
+def test_run_stopped_in_the_heads_resumes_with_every_head_the_same(resume_env, shapes_root, monkeypatch):
+    """--heads 3 trains the three heads side by side, each with its own checkpoint file: a run
+    stopped after the heads' epoch 2 resumes each head from its file (none starts again), is
+    stopped again in the refit, and the next resume ends with the uninterrupted run's heads,
+    history and metrics."""
     from imgclf.runs.train_run import train_run
     from imgclf.train import checkpoint as checkpoint_module
 
@@ -373,14 +372,13 @@ def test_run_stopped_between_heads_files_resumes_with_every_head_the_same(resume
                 raise KeyboardInterrupt
         monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
 
-    interrupt_in("head2")
+    interrupt_in("head3")  # the last of the three files written after epoch 2
     with pytest.raises(KeyboardInterrupt):
         train_run(shapes_root, name="stopped", **options)
     stopped = Path(options["project"]) / "stopped"
-    files = [stopped / layout.CHECKPOINT.format(stage=s) for s in ("head", "head2", "head3")]
-    assert [_saved_epoch(f) for f in files] == [2, 2, 1]
+    assert [_saved_epoch(stopped / layout.CHECKPOINT.format(stage=s)) for s in ("head", "head2", "head3")] == [2, 2, 2]
     lines = []
-    interrupt_in(layout.refit_checkpoint_stage(1))
+    interrupt_in(layout.refit_checkpoint_stage(2))
     with pytest.raises(KeyboardInterrupt):
         train_run(shapes_root, resume=str(stopped), echo=lines.append)
     monkeypatch.undo()
@@ -391,6 +389,40 @@ def test_run_stopped_between_heads_files_resumes_with_every_head_the_same(resume
         json.loads((stopped / layout.CONFIG).read_text())["fit_summary"]["refit"]["member_epochs"]
     _same_run(full, stopped)
     assert not list(stopped.glob("checkpoint-*.safetensors"))
+
+
+def test_heads_stopped_between_their_files_resume_from_each_file(tmp_path, monkeypatch):
+    """A kill between two heads' files leaves them at different epochs: each head continues from
+    its own file (the laggards in a stack of their own) to the weights of an uninterrupted run
+    (to float rounding: a stack of another size may round a product differently on another CPU)."""
+    import dataclasses
+
+    from imgclf.train import checkpoint as checkpoint_module
+    from imgclf.train.loops import TrainConfig
+    from imgclf.train.stacked import fit_stacked
+
+    xt, yt = _features(0)
+    xv, yv = _features(1, n=30)
+    cfgs = [dataclasses.replace(TrainConfig(epochs=4, patience=0, mixup=0.3), seed=k) for k in range(3)]
+    ref = fit_stacked(xt, yt, xv, yv, 3, cfgs, [None] * 3)
+    files = [tmp_path / f"head{k}.safetensors" for k in range(3)]
+    save = checkpoint_module.EpochCheckpoint.save
+
+    def save_then_interrupt(self, state, identity):
+        save(self, state, identity)
+        if self.path == files[1] and state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.EpochCheckpoint, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit_stacked(xt, yt, xv, yv, 3, cfgs, [None] * 3, checkpoints=[EpochCheckpoint(f) for f in files])
+    monkeypatch.undo()
+    assert [_saved_epoch(f) for f in files] == [2, 2, 1]
+    resumed = fit_stacked(xt, yt, xv, yv, 3, cfgs, [None] * 3, checkpoints=[EpochCheckpoint(f) for f in files])
+    for (head, hist, summary), (ref_head, ref_hist, ref_summary) in zip(resumed, ref):
+        for a, b in zip(head.state_dict().values(), ref_head.state_dict().values()):
+            torch.testing.assert_close(a, b)
+        assert [r["epoch"] for r in hist] == [1, 2, 3, 4] and summary["best_epoch"] == ref_summary["best_epoch"]
 
 
 def test_a_run_recorded_before_heads_existed_resumes_with_one_head(resume_env, shapes_root, monkeypatch):
