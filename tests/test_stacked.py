@@ -90,3 +90,12 @@ def test_what_the_stack_does_not_train_goes_to_the_epoch_loop():
     assert not stackable(TrainConfig(), np.stack([x, x]))  # several feature views
     assert not stackable(TrainConfig(schedule="cosine"), x)
     assert not stackable(TrainConfig(monitor="val_calibrated_loss"), x)
+
+
+def test_members_on_equal_width_parts_share_a_stack_and_read_their_own_columns():
+    x, y = _data(d=12)
+    cfgs = [dataclasses.replace(TrainConfig(epochs=4, patience=0, mixup=0.2), seed=s) for s in (3, 4)]
+    together = fit_stacked(x, y, x[::3], y[::3], 3, cfgs, [(6, 12), (0, 6)])
+    for (lo, hi), c, (head, _, _) in zip([(6, 12), (0, 6)], cfgs, together):
+        alone, _, _ = fit_head(x[:, lo:hi], y, x[::3, lo:hi], y[::3], 3, c)
+        torch.testing.assert_close(head.state_dict()["fc2.weight"], alone.state_dict()["fc2.weight"])

@@ -292,7 +292,7 @@ def fit_stacked(
     for width in sorted({_in_dim(m.head) for m in todo}):
         for start in sorted({m.epoch for m in todo if _in_dim(m.head) == width}):
             group = [m for m in todo if _in_dim(m.head) == width and m.epoch == start]
-            _train_together(group, x_all, yt, xv_all, yv, columns, weights, cfg, on_epoch)
+            _train_together(group, x_all, yt, xv_all, yv, weights, cfg, on_epoch)
     return [(m.head.eval(), m.history, m.summary) for m in members]
 
 
@@ -300,15 +300,26 @@ def _in_dim(head: nn.Sequential) -> int:
     return next(m.in_features for m in head if isinstance(m, nn.Linear))
 
 
+def _parts(x: torch.Tensor, bounds: list[tuple[int, int] | None]) -> torch.Tensor:
+    """(P, n, D): the columns of each of ``bounds`` (all of them for None), a view without a copy when the
+    parts are consecutive column blocks of one width (a branched backbone's), else stacked."""
+    if bounds == [None]:
+        return x[None]
+    if None not in bounds:
+        start, width = bounds[0][0], bounds[0][1] - bounds[0][0]
+        if all(b == (start + i * width, start + (i + 1) * width) for i, b in enumerate(bounds)):
+            return x[:, start:start + len(bounds) * width].unflatten(1, (len(bounds), width)).transpose(0, 1)
+    return torch.stack([x if b is None else x[:, b[0]:b[1]] for b in bounds])
+
+
 def _train_together(group: list[_Member], x_all: torch.Tensor, yt: torch.Tensor, xv_all: torch.Tensor, yv: torch.Tensor,
-                    columns, weights: torch.Tensor | None, cfg: TrainConfig, on_epoch: Callable[[dict], None] | None) -> None:
+                    weights: torch.Tensor | None, cfg: TrainConfig, on_epoch: Callable[[dict], None] | None) -> None:
     """Train the members of ``group`` (same feature width, same epoch reached) to their ends."""
     has_val = len(yv) > 0
     eval_loss = nn.CrossEntropyLoss(reduction="none")
     parts = {m.bound for m in group}
     part_of = {b: i for i, b in enumerate(sorted(parts, key=lambda b: (-1, -1) if b is None else b))}
-    x_parts = torch.stack([columns(x_all, b) for b in part_of])  # (P, n, D): each member reads its part
-    xv_parts = torch.stack([columns(xv_all, b) for b in part_of])
+    x_parts, xv_parts = _parts(x_all, list(part_of)), _parts(xv_all, list(part_of))  # (P, n, D): each member reads its part
     active = [m for m in group]
     finished_now = [m for m in active if m.stopped]
     for m in finished_now:
@@ -347,7 +358,8 @@ def _train_together(group: list[_Member], x_all: torch.Tensor, yt: torch.Tensor,
         tr_loss, tr_acc = (loss_sum / n).tolist(), (correct.double() / n).tolist()
         if has_val:
             with torch.no_grad():
-                lv = stack(xv_parts[part_index])
+                lv = torch.cat([stack(xv_parts[part_index[:, None], torch.arange(k, min(k + 1024, len(yv)))[None, :]])
+                                for k in range(0, len(yv), 1024)], 1)  # in chunks: (members, rows, D) copies stay small
                 va_loss = eval_loss(lv.reshape(-1, lv.shape[-1]), yv.repeat(len(active))).view(len(active), -1).mean(1).tolist()
                 va_acc = (lv.argmax(2) == yv).double().mean(1).tolist()
         for i, m in enumerate(active):
