@@ -62,7 +62,8 @@ def fit_logits(kind, x_tr, y_tr, x_va, y_va, x_te, n_classes, seed, **overrides)
     import torch
 
     from imgclf.config.recipes import make_settings
-    from imgclf.train.loops import TrainConfig, fit_head
+    from imgclf.train.heads import fit_head
+    from imgclf.train.loops import TrainConfig
 
     cfg = TrainConfig.stage1(make_settings(seed=seed, head=kind, **overrides))
     head, _, summary = fit_head(x_tr.astype(np.float32), y_tr, x_va.astype(np.float32), y_va, n_classes, cfg)

@@ -17,7 +17,8 @@ from imgclf.backbones.specs import UnknownBackboneError, get_backbone_spec
 from imgclf.backbones.weights import WeightsFileError, resolve_weights
 from imgclf.cli.main import main
 from imgclf.model.heads import build_head, head_config, head_from_config, head_members
-from imgclf.train.loops import TrainConfig, fit_head, fit_heads
+from imgclf.train.heads import fit_head, fit_heads
+from imgclf.train.loops import TrainConfig
 from test_training import _blobs
 
 PAIR = "efficientnet_lite0+lite1"

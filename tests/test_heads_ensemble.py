@@ -14,7 +14,8 @@ from conftest import bundle_copy
 from imgclf.cli.main import main
 from test_training import _blobs
 from imgclf.model.heads import HeadMembers, build_head, head_config, head_from_config, head_members, with_temperature
-from imgclf.train.loops import TrainConfig, fit_head, fit_heads
+from imgclf.train.heads import fit_head, fit_heads
+from imgclf.train.loops import TrainConfig
 
 
 def test_members_output_is_the_log_of_their_mean_probability():

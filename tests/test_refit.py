@@ -12,7 +12,8 @@ import torch
 from conftest import make_shapes_dataset
 from imgclf.train import classifier as train_classifier
 from imgclf.train.classifier import ImageClassifier
-from imgclf.train.loops import TrainConfig, fit_head, fit_heads
+from imgclf.train.heads import fit_head, fit_heads
+from imgclf.train.loops import TrainConfig
 from test_training import _blobs
 
 

@@ -216,7 +216,8 @@ def _features(seed=0, n=60, d=16, k=3):
 
 def test_fit_head_resumes_exactly_and_survives_a_corrupt_checkpoint(tmp_path, caplog):
     """Stage 1 alone: interrupt after epoch 2, resume, compare; a corrupt file restarts the stage."""
-    from imgclf.train.loops import TrainConfig, fit_head
+    from imgclf.train.heads import fit_head
+    from imgclf.train.loops import TrainConfig
 
     xt, yt = _features(0)
     xv, yv = _features(1, n=30)
@@ -259,7 +260,8 @@ def test_fit_head_resumes_exactly_and_survives_a_corrupt_checkpoint(tmp_path, ca
 
 def test_epoch_states_are_written_at_most_every_save_every_s_and_the_end_always(tmp_path, monkeypatch, caplog):
     from imgclf.train import checkpoint as checkpoint_module
-    from imgclf.train.loops import TrainConfig, fit_head
+    from imgclf.train.heads import fit_head
+    from imgclf.train.loops import TrainConfig
 
     xt, yt = _features(0)
     xv, yv = _features(1, n=30)
@@ -282,7 +284,8 @@ def test_epoch_states_are_written_at_most_every_save_every_s_and_the_end_always(
 
 def test_early_stop_is_not_undone_by_a_resume(tmp_path):
     """A stage that stopped early at its checkpointed epoch stays stopped when resumed there."""
-    from imgclf.train.loops import TrainConfig, fit_head
+    from imgclf.train.heads import fit_head
+    from imgclf.train.loops import TrainConfig
 
     xt, yt = _features(0)
     xv, yv = _features(1, n=30)
@@ -305,7 +308,8 @@ def test_early_stop_is_not_undone_by_a_resume(tmp_path):
 
 def test_checkpoint_identity_holds_the_images_digest(tmp_path, caplog):
     """Other pictures: refused. A checkpoint from before the digest: resumed, with a warning."""
-    from imgclf.train.loops import TrainConfig, fit_head
+    from imgclf.train.heads import fit_head
+    from imgclf.train.loops import TrainConfig
 
     xt, yt = _features(0)
     xv, yv = _features(1, n=30)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from imgclf.model.heads import build_head
-from imgclf.train.loops import TrainConfig, class_weights, fit_head, make_loss
+from imgclf.train.heads import fit_head
+from imgclf.train.loops import TrainConfig, class_weights, make_loss
 from imgclf.train.stacked import HeadStack, _mean_losses, dropout_scale, fit_stacked, stackable
 
 

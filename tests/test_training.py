@@ -9,7 +9,8 @@ from torch import nn
 
 from imgclf.model.heads import build_head
 from imgclf.evaluation.metrics import classification_metrics
-from imgclf.train.loops import TrainConfig, class_weights, fit_head
+from imgclf.train.heads import fit_head
+from imgclf.train.loops import TrainConfig, class_weights
 
 
 def _blobs(n_per_class=30, dim=16, n_classes=3, seed=0, spread=1.0):

@@ -6,7 +6,7 @@ the images it predicts, so an image's own (possibly wrong) label never vouches f
 The head is scikit-learn's L2-regularised logistic regression on standardised features:
 convex (the same folds give the same numbers), a few seconds per fold on CPU, and the
 frozen-feature + logistic-regression combination is what the project's reference
-accuracies are quoted with; the project's own torch head (``train.loops.fit_head``) would
+accuracies are quoted with; the project's own torch head (``train.heads.fit_head``) would
 need a validation split and early stopping inside every fold for no better probabilities.
 
 Confident learning (cleanlab) then flags label issues (``cleanlab.filter.find_label_issues``)

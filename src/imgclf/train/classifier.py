@@ -37,7 +37,8 @@ from imgclf.model.metadata import ModelMeta
 from imgclf.model.neighbors import NeighborIndex, choose_cases
 from imgclf.train.checkpoint import EpochCheckpoint, images_digest
 from imgclf.train.finetune import finetune, plain_view_extraction, split_blocks, tail_features_from_cache
-from imgclf.train.loops import TrainConfig, calibrated_nll, fit_heads
+from imgclf.train.heads import fit_heads
+from imgclf.train.loops import TrainConfig, calibrated_nll
 
 log = logging.getLogger("imgclf")
 

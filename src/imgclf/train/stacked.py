@@ -9,7 +9,7 @@ a slice of stacked tensors, one step runs all members' batches through batched m
 products, one loss and one (elementwise) optimiser step, so the fixed cost is paid once.
 
 Each member still trains exactly as if it were alone: its initial weights come from
-``seed_everything(seed)`` then ``build_head`` (as :func:`~imgclf.train.loops.fit_head` did),
+``seed_everything(seed)`` then ``build_head`` (as :func:`~imgclf.train.heads.fit_head` did),
 and its shuffles, mixup draws and dropout masks from its own generator seeded with its seed;
 its loss is its own batch mean (summing the members' losses leaves each member's gradient
 its own), it keeps its own best epoch, stops early on its own and then leaves the stack.
@@ -245,7 +245,7 @@ def fit_stacked(
 ) -> list[tuple[nn.Sequential, list[dict], dict]]:
     """Member k: a head on feature columns ``bounds[k]`` (None: all) trained with ``cfgs[k]``
     (settings other than seed, epochs, patience and checkpoint shared); returns each member's
-    (head, history, summary) as :func:`~imgclf.train.loops.fit_head` would. ``on_epoch`` sees
+    (head, history, summary) as :func:`~imgclf.train.heads.fit_head` would. ``on_epoch`` sees
     member 0's epochs; ``checkpoints[k]``: member k's file (saved and resumed as ``fit_loop``'s)."""
     cfg = cfgs[0]
     for c in cfgs:
