@@ -9,18 +9,20 @@ a slice of stacked tensors, one step runs all members' batches through batched m
 products, one loss and one (elementwise) optimiser step, so the fixed cost is paid once.
 
 Each member still trains exactly as if it were alone: its initial weights come from
-``seed_everything(seed)`` then ``build_head`` (as :func:`~imgclf.train.heads.fit_head` did),
+``seed_everything(seed)`` then ``build_head`` (as for a head trained alone in ``fit_loop``),
 and its shuffles, mixup draws and dropout masks from its own generator seeded with its seed;
 its loss is its own batch mean (summing the members' losses leaves each member's gradient
 its own), it keeps its own best epoch, stops early on its own and then leaves the stack.
 No stacked operation mixes members, so a member's weights do not depend on which others
 train beside it (tested): ``fit_head`` (one member) and member k of ``fit_heads`` are the
-same head.
+same head (to float rounding).
 
 Checkpoints are those of :func:`~imgclf.train.loops.fit_loop`: one file per member, its
 weights, optimiser state and generator as if trained alone, all members written at the same
-epoch; a resumed run continues each member from its own file (members found at different
-epochs train in separate stacks, which gives the same weights by the independence above).
+epoch; a resumed run continues each member from its own file. A kill between two members'
+files leaves them an epoch apart: the laggards then train in a stack of their own, which gives
+the same weights by the independence above (exactly on the CPU tested; a BLAS that rounds a
+batched product of another size differently would differ in the last bits).
 
 Supported: ``recipe``, ``linear`` and ``tutorial`` heads on one view of the features, Adam
 or AdamW at a constant rate, best epoch by validation loss or accuracy (the head stage's
