@@ -49,7 +49,7 @@ def test_each_members_loss_is_the_loss_it_would_train_with_alone(settings):
     logits, y = torch.randn(4, 9, 3), torch.randint(0, 3, (4, 9))
     loss_fn = make_loss(cfg, weights)
     expected = torch.stack([loss_fn(logits[k], y[k]) for k in range(4)])
-    torch.testing.assert_close(_mean_losses(logits, y, cfg, weights), expected)
+    torch.testing.assert_close(_mean_losses(logits, y, make_loss(cfg, weights, "none"), weights), expected)
 
 
 @pytest.mark.parametrize("p", [0.5, 0.3])

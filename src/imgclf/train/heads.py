@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from imgclf.model.heads import build_head, ensemble_head, on_slice, part_bounds
 from imgclf.train.checkpoint import EpochCheckpoint
 from imgclf.train.loops import TrainConfig, fit_loop, seed_everything
-from imgclf.train.stacked import fit_stacked, stackable
+from imgclf.train.stacked import feature_columns, fit_stacked, stackable
 
 log = logging.getLogger("imgclf")
 
@@ -86,31 +86,24 @@ def fit_heads(
     member_bounds = [bound for bound in bounds for _ in range(members)]
     cfgs = [dataclasses.replace(cfg, seed=cfg.seed + k, **({} if member_epochs is None else {"epochs": int(member_epochs[k]), "patience": 0, "checkpoint": "last"}))
             for k in range(total)]
+    checkpoint = checkpoint_for or (lambda k: None)
     if stackable(cfg, x_train):  # all members at once; each the head fit_head gives for its seed
-        trained = iter(fit_stacked(x_train, y_train, x_val, y_val, n_classes, cfgs, member_bounds, on_epoch=on_epoch,
-                                   checkpoints=[checkpoint_for(k) if checkpoint_for else None for k in range(total)]))
-    else:
-        trained = None
-    heads, summaries, history = [], [], []
-    for bound in bounds:
-        xt, xv = (x_train, x_val) if bound is None else (x_train[..., bound[0]:bound[1]], np.asarray(x_val)[..., bound[0]:bound[1]])
-        for _ in range(members):
-            k = len(heads)
-            if trained is not None:
-                head, hist, summary = next(trained)
-            else:
-                head, hist, summary = fit_head(xt, y_train, xv, y_val, n_classes, cfgs[k], on_epoch=on_epoch if k == 0 else None,
-                                               checkpoint=checkpoint_for(k) if checkpoint_for else None)
-            if k == 0:
-                history = hist
-            if member_epochs is not None:
-                log.info("refit head %d of %d%s: %d epochs on %d images", k + 1, total, "" if bound is None else f" (features {bound[0]}:{bound[1]})",
-                         summary["epochs_run"], len(y_train))
-            elif k > 0:
-                log.info("head %d of %d%s: best epoch %d of %d, %s %.4f", k + 1, total, "" if bound is None else f" (features {bound[0]}:{bound[1]})",
-                         summary["best_epoch"], summary["epochs_run"], summary["monitor"], summary["best_monitor"])
-            heads.append(head if bound is None else on_slice(head, *bound))
-            summaries.append(summary)
+        trained = fit_stacked(x_train, y_train, x_val, y_val, n_classes, cfgs, member_bounds, on_epoch=on_epoch,
+                              checkpoints=[checkpoint(k) for k in range(total)])
+    else:  # one after another (each checkpoint made as its member starts: it times the writes from then)
+        trained = [fit_head(feature_columns(np.asarray(x_train), bound), y_train, feature_columns(np.asarray(x_val), bound), y_val, n_classes, cfgs[k], on_epoch=on_epoch if k == 0 else None,
+                            checkpoint=checkpoint(k)) for k, bound in enumerate(member_bounds)]
+    history = trained[0][1]
+    heads, summaries = [], []
+    for k, (bound, (head, _, summary)) in enumerate(zip(member_bounds, trained)):
+        features = "" if bound is None else f" (features {bound[0]}:{bound[1]})"
+        if member_epochs is not None:
+            log.info("refit head %d of %d%s: %d epochs on %d images", k + 1, total, features, summary["epochs_run"], len(y_train))
+        elif k > 0:
+            log.info("head %d of %d%s: best epoch %d of %d, %s %.4f", k + 1, total, features,
+                     summary["best_epoch"], summary["epochs_run"], summary["monitor"], summary["best_monitor"])
+        heads.append(head if bound is None else on_slice(head, *bound))
+        summaries.append(summary)
     if total == 1:
         return heads[0], history, summaries[0]
     head = ensemble_head(heads).eval()

@@ -167,14 +167,18 @@ class FocalLoss(nn.Module):
         logp = F.log_softmax(logits.float(), 1).gather(1, target[:, None]).squeeze(1)
         loss = -((1 - logp.exp()) ** self.gamma) * logp
         if self.weight is not None:
-            w = self.weight[target]
-            return (loss * w).sum() if self.reduction == "sum" else (loss * w).sum() / w.sum()
-        return loss.sum() if self.reduction == "sum" else loss.mean()
+            loss = loss * self.weight[target]
+        if self.reduction == "none":
+            return loss
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss.sum() / self.weight[target].sum() if self.weight is not None else loss.mean()
 
 
 def make_loss(cfg: TrainConfig, weights: torch.Tensor | None, reduction: str = "mean") -> nn.Module:
     """The training loss; ``reduction="sum"`` gives the numerator of the mean (the weighted sum),
-    which a data-parallel rank divides by its global batch's denominator (:class:`ShardBatch`)."""
+    which a data-parallel rank divides by its global batch's denominator (:class:`ShardBatch`);
+    ``"none"`` each sample's (weighted) term of that sum."""
     if cfg.loss == "focal":
         return FocalLoss(cfg.focal_gamma, weights, reduction)
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing, reduction=reduction)
@@ -356,6 +360,23 @@ def loop_identity(stage: str, cfg: TrainConfig, n_classes: int, xt: torch.Tensor
     }
 
 
+def stage_summary(stage: str, cfg: TrainConfig, history: list[dict], best: tuple[float, float], best_epoch: int, has_val: bool,
+                  weights: torch.Tensor | None, kept_start: bool = False) -> dict:
+    """What a finished stage reports (``fit_summary``'s stages, the run log, the report)."""
+    return {
+        "stage": stage,
+        "best_epoch": best_epoch if cfg.checkpoint == "best" else len(history),
+        "kept_start": kept_start,
+        "epochs_run": len(history),
+        "monitor": cfg.monitor if has_val else "train_loss",
+        "best_monitor": best[0],
+        "best_accuracy": best[1],
+        "checkpoint": cfg.checkpoint,
+        "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
+        "stopped_early": len(history) < cfg.epochs,
+    }
+
+
 def fit_loop(
     model: nn.Module,
     xt: torch.Tensor,
@@ -477,18 +498,8 @@ def fit_loop(
     if cfg.checkpoint == "best" and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    summary = {
-        "stage": stage,
-        "best_epoch": best_epoch if cfg.checkpoint == "best" else len(history),
-        "kept_start": keep_start_if_best and best_epoch == 0 and best_state is not None,
-        "epochs_run": len(history),
-        "monitor": cfg.monitor if has_val else "train_loss",
-        "best_monitor": best[0],
-        "best_accuracy": best[1],
-        "checkpoint": cfg.checkpoint,
-        "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
-        "stopped_early": len(history) < cfg.epochs,
-    }
+    summary = stage_summary(stage, cfg, history, best, best_epoch, has_val, weights,
+                            kept_start=keep_start_if_best and best_epoch == 0 and best_state is not None)
     if checkpoint is not None and is_main:
         checkpoint.save(LoopState(epoch=len(history), done=True, model=model.state_dict(), history=history, best=best, best_epoch=best_epoch,
                                   stale=stale, summary=summary), identity)

@@ -44,7 +44,8 @@ from torch.nn import functional as F
 
 from imgclf.model.heads import FeatureStandardize, build_head
 from imgclf.train.checkpoint import EpochCheckpoint, LoopState
-from imgclf.train.loops import TrainConfig, better, class_weights, epoch_order, loop_identity, make_optimizer, seed_everything
+from imgclf.train.loops import (TrainConfig, better, class_weights, epoch_order, loop_identity, make_loss, make_optimizer, seed_everything,
+                                stage_summary)
 
 log = logging.getLogger("imgclf")
 
@@ -112,6 +113,11 @@ class HeadStack:
         return torch.stack(values).contiguous()
 
     @property
+    def size(self) -> int:
+        """How many members the stack holds."""
+        return len(next(iter(self.tensors.values())))
+
+    @property
     def params(self) -> list[torch.Tensor]:
         return [self.tensors[k] for k in self.param_names]
 
@@ -162,7 +168,7 @@ class StackOptimizer:
 
     def __init__(self, stack: HeadStack, cfg: TrainConfig, states: list[dict] | None = None):
         self.stack = stack
-        self.slices = [[p.detach()[i] for p in stack.params] for i in range(len(next(iter(stack.tensors.values()))))]
+        self.slices = [[p.detach()[i] for p in stack.params] for i in range(stack.size)]
         self.opt = make_optimizer([{"params": [v for member in self.slices for v in member]}], cfg)
         for i, member in enumerate(self.slices):
             state = (states[i] or {}).get("state") if states else None
@@ -183,28 +189,24 @@ class StackOptimizer:
     def lr(self) -> float:
         return self.opt.param_groups[-1]["lr"]
 
-    def member_state(self, i: int, groups: list[dict]) -> dict:
-        """Member i's optimiser state in the form a head trained alone saves (``Optimizer.state_dict``)."""
+    def member_state(self, i: int) -> dict:
+        """Member i's optimiser state in the form a head trained alone saves (``Optimizer.state_dict``:
+        its parameters numbered 0.. in ``head.parameters()`` order, the same group settings)."""
         state = {}
         for j, (name, v) in enumerate(zip(self.stack.param_names, self.slices[i])):
             if v in self.opt.state:
                 state[j] = {key: (value.clone() if key == "step" else self.stack.member_value(name, value[None], 0))
                             for key, value in self.opt.state[v].items()}
-        return {"state": state, "param_groups": copy.deepcopy(groups)}
+        settings = {k: copy.deepcopy(v) for k, v in self.opt.param_groups[0].items() if k != "params"}
+        return {"state": state, "param_groups": [{**settings, "params": list(range(len(self.slices[i])))}]}
 
 
-def _mean_losses(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, weights: torch.Tensor | None) -> torch.Tensor:
-    """Each member's batch-mean training loss, (M,): what ``make_loss(cfg, weights)`` gives a head
-    trained alone (with class weights the weighted mean, as torch's)."""
+def _mean_losses(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each member's batch-mean training loss, (M,): ``loss_fn`` (``make_loss(cfg, weights, "none")``)
+    summed over the member's batch and divided as a head trained alone divides it
+    (:func:`~imgclf.train.loops.loss_denominator`: the batch size, or its samples' class weights)."""
     m, b, n = logits.shape
-    flat, yf = logits.reshape(m * b, n), y.reshape(-1)
-    if cfg.loss == "focal":
-        logp = F.log_softmax(flat.float(), 1).gather(1, yf[:, None]).squeeze(1)
-        per = -((1 - logp.exp()) ** cfg.focal_gamma) * logp
-        per = per if weights is None else per * weights[yf]
-    else:
-        per = F.cross_entropy(flat, yf, weight=weights, label_smoothing=cfg.label_smoothing, reduction="none")
-    total = per.view(m, b).sum(1)
+    total = loss_fn(logits.reshape(m * b, n), y.reshape(-1)).view(m, b).sum(1)
     return total / b if weights is None else total / weights[y].sum(1)
 
 
@@ -217,7 +219,6 @@ class _Member:
     bound: tuple[int, int] | None
     checkpoint: EpochCheckpoint | None
     identity: dict  # of its checkpoint file, as fit_loop's
-    groups: list[dict]  # its optimiser's param_groups, as a head trained alone has them
     generator: torch.Generator
     head: nn.Sequential
     epoch: int = 0
@@ -261,19 +262,15 @@ def fit_stacked(
     yv = torch.from_numpy(np.asarray(y_val, np.int64))
     weights = class_weights(yt.numpy(), n_classes, cfg.class_weight)
 
-    def columns(x: torch.Tensor, bound) -> torch.Tensor:
-        return x if bound is None else x[:, bound[0]:bound[1]]
-
     members: list[_Member] = []
     for k, (c, bound) in enumerate(zip(cfgs, bounds)):
-        xt = columns(x_all, bound)
+        xt = feature_columns(x_all, bound)
         seed_everything(c.seed)
         head = build_head(c.head, xt.shape[1], n_classes)
         if hasattr(head, "norm"):
             head.norm.fit(xt)
-        groups = make_optimizer([{"params": [p for p in head.parameters() if p.requires_grad]}], c).state_dict()["param_groups"]
-        identity = loop_identity("head", c, n_classes, xt[None], yt, columns(xv_all, bound), yv, False, [[list(p.shape) for p in head.parameters()]])
-        member = _Member(k, c, bound, checkpoints[k], identity, groups, torch.Generator().manual_seed(c.seed), head)
+        identity = loop_identity("head", c, n_classes, xt[None], yt, feature_columns(xv_all, bound), yv, False, [[list(p.shape) for p in head.parameters()]])
+        member = _Member(k, c, bound, checkpoints[k], identity, torch.Generator().manual_seed(c.seed), head)
         saved = member.checkpoint.load(identity) if member.checkpoint is not None else None
         where = member.checkpoint.path if member.checkpoint is not None else ""
         if saved is not None and saved.done:
@@ -298,6 +295,11 @@ def fit_stacked(
     return [(m.head.eval(), m.history, m.summary) for m in members]
 
 
+def feature_columns(x, bound: tuple[int, int] | None):
+    """Feature columns ``[start, stop)`` of ``x`` (array or tensor, features last); all of them for None."""
+    return x if bound is None else x[..., bound[0]:bound[1]]
+
+
 def _in_dim(head: nn.Sequential) -> int:
     return next(m.in_features for m in head if isinstance(m, nn.Linear))
 
@@ -311,7 +313,7 @@ def _parts(x: torch.Tensor, bounds: list[tuple[int, int] | None]) -> torch.Tenso
         start, width = bounds[0][0], bounds[0][1] - bounds[0][0]
         if all(b == (start + i * width, start + (i + 1) * width) for i, b in enumerate(bounds)):
             return x[:, start:start + len(bounds) * width].unflatten(1, (len(bounds), width)).transpose(0, 1)
-    return torch.stack([x if b is None else x[:, b[0]:b[1]] for b in bounds])
+    return torch.stack([feature_columns(x, b) for b in bounds])
 
 
 def _train_together(group: list[_Member], x_all: torch.Tensor, yt: torch.Tensor, xv_all: torch.Tensor, yv: torch.Tensor,
@@ -319,14 +321,14 @@ def _train_together(group: list[_Member], x_all: torch.Tensor, yt: torch.Tensor,
     """Train the members of ``group`` (same feature width, same epoch reached) to their ends."""
     has_val = len(yv) > 0
     eval_loss = nn.CrossEntropyLoss(reduction="none")
+    loss_fn = make_loss(cfg, weights, "none")
     parts = {m.bound for m in group}
     part_of = {b: i for i, b in enumerate(sorted(parts, key=lambda b: (-1, -1) if b is None else b))}
     x_parts, xv_parts = _parts(x_all, list(part_of)), _parts(xv_all, list(part_of))  # (P, n, D): each member reads its part
-    active = [m for m in group]
-    finished_now = [m for m in active if m.stopped]
-    for m in finished_now:
-        _finish(m, None, None, weights, has_val)
-    active = [m for m in active if m.summary is None]
+    for m in group:
+        if m.stopped:  # resumed after its last epoch, before its final file
+            _finish(m, None, None, weights, has_val)
+    active = [m for m in group if m.summary is None]
     if not active:
         return
     stack = HeadStack.of([m.head for m in active])
@@ -349,10 +351,10 @@ def _train_together(group: list[_Member], x_all: torch.Tensor, yt: torch.Tensor,
                 perm, lam = torch.stack(perms), torch.tensor(lams)
                 mixed = torch.lerp(torch.gather(xb, 1, perm[..., None].expand_as(xb)), xb, lam[:, None, None])
                 logits = stack(mixed, gens)
-                losses = lam * _mean_losses(logits, yb, cfg, weights) + (1 - lam) * _mean_losses(logits, torch.gather(yb, 1, perm), cfg, weights)
+                losses = lam * _mean_losses(logits, yb, loss_fn, weights) + (1 - lam) * _mean_losses(logits, torch.gather(yb, 1, perm), loss_fn, weights)
             else:
                 logits = stack(xb, gens)
-                losses = _mean_losses(logits, yb, cfg, weights)
+                losses = _mean_losses(logits, yb, loss_fn, weights)
             losses.sum().backward()
             opt.step()
             loss_sum += losses.detach() * idx.shape[1]
@@ -384,7 +386,7 @@ def _train_together(group: list[_Member], x_all: torch.Tensor, yt: torch.Tensor,
                 if m.checkpoint is not None:
                     m.checkpoint.save(LoopState(
                         epoch=m.epoch, done=False, model=stack.member_state(i), history=m.history, best=m.best, best_epoch=m.best_epoch,
-                        stale=m.stale, best_state=m.best_state, optimizer=opt.member_state(i, m.groups),
+                        stale=m.stale, best_state=m.best_state, optimizer=opt.member_state(i),
                         generator=m.generator.get_state()), m.identity)
         if on_epoch and active[0].index == 0:
             on_epoch(active[0].history[-1])
@@ -393,7 +395,7 @@ def _train_together(group: list[_Member], x_all: torch.Tensor, yt: torch.Tensor,
             if m.stopped:
                 _finish(m, stack, i, weights, has_val)
         if len(keep) < len(active):
-            states = [opt.member_state(i, []) for i in keep]
+            states = [opt.member_state(i) for i in keep]
             active = [active[i] for i in keep]
             if active:
                 stack = stack.select(keep)
@@ -406,18 +408,7 @@ def _finish(m: _Member, stack: HeadStack | None, i: int | None, weights: torch.T
         m.head.load_state_dict(stack.member_state(i))
     if m.cfg.checkpoint == "best" and m.best_state is not None:
         m.head.load_state_dict(m.best_state)
-    m.summary = {
-        "stage": "head",
-        "best_epoch": m.best_epoch if m.cfg.checkpoint == "best" else len(m.history),
-        "kept_start": False,
-        "epochs_run": len(m.history),
-        "monitor": m.cfg.monitor if has_val else "train_loss",
-        "best_monitor": m.best[0],
-        "best_accuracy": m.best[1],
-        "checkpoint": m.cfg.checkpoint,
-        "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
-        "stopped_early": len(m.history) < m.cfg.epochs,
-    }
+    m.summary = stage_summary("head", m.cfg, m.history, m.best, m.best_epoch, has_val, weights)
     if m.checkpoint is not None:
         m.checkpoint.save(LoopState(epoch=len(m.history), done=True, model=m.head.state_dict(), history=m.history, best=m.best,
                                     best_epoch=m.best_epoch, stale=m.stale, summary=m.summary), m.identity)
