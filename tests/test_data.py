@@ -35,7 +35,8 @@ def _make_classes(folder: Path, spec: dict[str, int], ext=".png"):
     for cls, n in spec.items():
         (folder / cls).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            _img(folder / cls / f"{cls}_{i:03d}{ext}", (i % 256, len(cls), 0))
+            # a different picture per file (a copy would be carved with its original)
+            _img(folder / cls / f"{cls}_{i:03d}{ext}", (i % 256, sum(map(ord, cls)) % 256, i // 256))
 
 
 def test_constants():
@@ -139,6 +140,48 @@ def test_stratification_every_class_in_every_split(tmp_path):
         assert all(n >= 1 for n in per_class.values()), (split, per_class)
     c = ds.counts()
     assert c["test"]["c4"] == 10 and c["validation"]["c4"] == 8
+
+
+def _split_of_each_file(ds) -> dict[Path, str]:
+    placed = {s.path: split for split, samples in ds.samples.items() for s in samples}
+    assert len(placed) == sum(len(v) for v in ds.samples.values())  # each file in one split
+    return placed
+
+
+def test_exact_copies_are_carved_with_their_original(tmp_path):
+    _make_classes(tmp_path, {"benign": 30, "malignant": 20})
+    copies = {  # copy -> original: under another name in the same class, twice, and under the other class
+        tmp_path / "benign" / "copy_a.png": tmp_path / "benign" / "benign_003.png",
+        tmp_path / "benign" / "copy_b.png": tmp_path / "benign" / "benign_003.png",
+        tmp_path / "benign" / "copy_c.png": tmp_path / "benign" / "benign_017.png",
+        tmp_path / "malignant" / "copy_d.png": tmp_path / "benign" / "benign_020.png",
+        tmp_path / "benign" / "copy_e.png": tmp_path / "malignant" / "malignant_004.png",
+    }
+    for copy, original in copies.items():
+        shutil.copyfile(original, copy)
+    together = 0
+    for seed in range(12):
+        ds = load_dataset(tmp_path, seed=seed)
+        placed = _split_of_each_file(ds)
+        assert len(placed) == 55
+        for copy, original in copies.items():
+            assert placed[copy] == placed[original], (seed, copy.name)
+            together += placed[copy] != "train"
+        # a copy under the other class goes where train keeps one of them, so no class loses training images to it
+        assert all(n >= 10 for n in ds.counts()["train"].values())
+        assert any("5 exact copies (identical bytes)" in w for w in ds.warnings), ds.warnings
+    assert together > 0  # copies did land in validation or test together with their originals
+
+
+def test_a_class_of_one_picture_copied_carves_nothing_and_says_so(tmp_path):
+    _make_classes(tmp_path, {"a": 10})
+    (tmp_path / "b").mkdir()
+    for i in range(6):
+        _img(tmp_path / "b" / f"b_{i}.png", (7, 7, 7))  # six identical files
+    ds = load_dataset(tmp_path, seed=0)
+    c = ds.counts()
+    assert (c["train"]["b"], c["validation"]["b"], c["test"]["b"]) == (6, 0, 0)
+    assert any("class 'b'" in w and "none carved into test" in w for w in ds.warnings)
 
 
 def test_tiny_classes_keep_one_in_train_and_warn(tmp_path):

@@ -95,6 +95,23 @@ def test_empty_split_cells_are_carved_and_named_train_rows_stay_in_train(tmp_pat
     assert ds.split_source["test"] == "stratified 0.2 of rows with no split, seed 0"
 
 
+def test_a_row_to_carve_that_copies_a_named_train_row_stays_in_train(tmp_path):
+    root = make_shapes_dataset(tmp_path / "ds", {"": 10}, size=48)
+    rows = [[p, c, "train" if p.endswith("_000.jpg") else ""] for p, c in folder_rows(root)]
+    copies = []
+    for p, c, split in list(rows):
+        if split == "train":
+            copy = Path(p).with_name("copy_of_000.jpg")
+            shutil.copyfile(p, copy)
+            rows.append([str(copy), c, ""])
+            copies.append(copy)
+    for seed in range(5):
+        ds = load_manifest(write_manifest(tmp_path / "m.csv", rows), seed=seed)
+        train = {s.path for s in ds.samples["train"]}
+        assert all(copy in train for copy in copies), seed
+        assert any(f"{len(copies)} exact copies" in w for w in ds.warnings)
+
+
 def test_a_missing_listed_file_is_skipped_and_listed_in_skipped_csv(tmp_path, capsys):
     root = make_shapes_dataset(tmp_path / "ds", {"train": 6, "test": 2}, size=48)
     rows = folder_rows(root, relative_to=tmp_path, split_of_folder=True)

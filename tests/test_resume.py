@@ -8,6 +8,7 @@ resumed with ``--resume``; model tensors, per-epoch history and test metrics mus
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import json
 import os
@@ -183,6 +184,11 @@ def test_resume_refuses_a_changed_split(resume_env, shapes_root, tmp_path):
     with pytest.raises(ValueError, match="dataset changed"):
         check_same_split(ds, full)
     check_same_split(load_dataset(shapes_root, seed=0), full)  # the run's own data passes
+    own = load_dataset(shapes_root, seed=0)
+    a, b = own.samples["train"][0], next(s for s in own.samples["test"] if s.label == own.samples["train"][0].label)
+    swapped = {**own.samples, "train": [b if s is a else s for s in own.samples["train"]], "test": [a if s is b else s for s in own.samples["test"]]}
+    with pytest.raises(ValueError, match="same images are split differently"):  # e.g. carved by an earlier version's rule
+        check_same_split(dataclasses.replace(own, samples=swapped), full)
 
 
 def test_resume_refuses_pictures_changed_under_the_same_names(resume_env, shapes_root, tmp_path, monkeypatch):

@@ -35,6 +35,14 @@ then validation from what is left (``round(n_left * val_fraction)``). At least
 one image always stays in train and, when the class has >= 3 images and the
 fraction is > 0, at least one goes to the carved split.
 
+Exact copies (identical file bytes: the feature cache's content hash, as ``--cv`` groups
+them) are carved together: a copy in train and another in test would score a picture the
+model trained on. The carve then shuffles groups instead of files and takes groups while
+they fit the count (so without copies the split is the one described above), copies filed
+under two classes end in one split (train if one of them stays there, else that of the copy
+whose path sorts first), and a copy of an image a manifest names as train stays in train. How many copies were kept together is
+in ``warnings``.
+
 Nothing here ever writes into the dataset folder.
 """
 
@@ -52,7 +60,7 @@ from pathlib import Path
 
 from imgclf.data.imaging import IMAGE_EXTENSIONS as _EXTS
 from imgclf.data.imaging import is_image_file
-from imgclf.fileio import is_within
+from imgclf.fileio import content_hash, is_within
 
 log = logging.getLogger("imgclf")
 
@@ -467,20 +475,62 @@ def _check_fraction(name: str, value: float) -> float:
     return value
 
 
-def _carve(paths: list[Path], fraction: float, rng: random.Random) -> tuple[list[Path], list[Path]]:
-    """Split sorted ``paths`` into (kept, carved); see module docstring for the rule."""
-    n = len(paths)
+def _carve(units: list[tuple[Path, ...]], fraction: float, rng: random.Random) -> tuple[list[tuple[Path, ...]], list[tuple[Path, ...]]]:
+    """Split ``units`` (groups of identical files, sorted by their first path) into (kept, carved).
+
+    The count rule counts images (module docstring); groups are taken in shuffled order while
+    they fit it, and when none fits, the smallest goes, so a class of copies still gives one.
+    """
+    n = sum(len(u) for u in units)
     if fraction <= 0 or n == 0:
-        return list(paths), []
+        return list(units), []
     k = int(round(n * fraction))
     if n >= 3:
         k = max(k, 1)
     k = min(k, n - 1)  # at least one image stays behind
-    shuffled = list(paths)
+    shuffled = list(units)
     rng.shuffle(shuffled)
-    carved = sorted(shuffled[:k], key=lambda p: p.as_posix())
-    kept = sorted(shuffled[k:], key=lambda p: p.as_posix())
-    return kept, carved
+    carved: list[tuple[Path, ...]] = []
+    size = 0
+    for unit in shuffled:
+        if size + len(unit) <= k:
+            carved.append(unit)
+            size += len(unit)
+    if not carved and k > 0 and len(units) > 1:
+        carved = [min(shuffled, key=len)]
+    taken = {id(u) for u in carved}
+
+    def by_first(group: list[tuple[Path, ...]]) -> list[tuple[Path, ...]]:
+        return sorted(group, key=lambda u: u[0].as_posix())
+
+    return by_first([u for u in shuffled if id(u) not in taken]), by_first(carved)
+
+
+def _file_groups(paths: list[Path]) -> dict[Path, str]:
+    """Content hash per path (an unreadable file is a group of its own; its decode reports it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(p: Path) -> str:
+        try:
+            return content_hash(p)
+        except OSError:
+            return f"unreadable:{p}"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(paths, pool.map(one, paths)))
+
+
+def _units(paths: list[Path], group_of: dict[Path, str], pinned: set[str]) -> tuple[list[tuple[Path, ...]], list[Path]]:
+    """(carvable groups of identical files sorted by first path, files that must stay in train)."""
+    groups: dict[str, list[Path]] = {}
+    stay: list[Path] = []
+    for p in paths:
+        if group_of[p] in pinned:
+            stay.append(p)
+        else:
+            groups.setdefault(group_of[p], []).append(p)
+    units = [tuple(sorted(g, key=lambda p: p.as_posix())) for g in groups.values()]
+    return sorted(units, key=lambda u: u[0].as_posix()), stay
 
 
 def load_dataset(
@@ -512,6 +562,63 @@ def load_dataset(
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         ignored=ignored, warnings=warnings, unreadable=unreadable,
     )
+
+
+def _carve_pool(
+    per_split: dict[str, dict[str, list[Path]]],
+    class_names: list[str],
+    carve_plan: list[tuple[str, float]],
+    source: dict[str, str],
+    seed: int,
+    warnings: list[str],
+    kept_in_train: dict[str, list[Path]],
+) -> None:
+    """Carve the stratified splits out of ``per_split["train"]`` in place, exact copies together."""
+    pool = [p for name in class_names for p in per_split["train"][name]]
+    pinned_paths = [p for paths in kept_in_train.values() for p in paths]
+    group_of = _file_groups(pool + pinned_paths)
+    pinned = {group_of[p] for p in pinned_paths}
+    placed: dict[Path, str] = {}
+    for name in class_names:
+        rng = random.Random(f"{seed}:{name}")
+        units, stay = _units(per_split["train"][name], group_of, pinned)
+        for split, fraction in carve_plan:
+            if not source[split].startswith("stratified"):
+                continue
+            units, carved = _carve(units, fraction, rng)
+            placed.update((p, split) for unit in carved for p in unit)
+            if not carved:
+                kept = sum(len(u) for u in units) + len(stay)
+                warnings.append(f"class '{name}': only {kept} train image(s), none carved into {split}")
+        placed.update((p, "train") for unit in units for p in unit)
+        placed.update((p, "train") for p in stay)
+    # a picture filed under two classes: to train if a copy is there (a class never loses its
+    # training images to this), else where the copy whose path sorts first went
+    members: dict[str, list[Path]] = {}
+    for p in placed:
+        members.setdefault(group_of[p], []).append(p)
+    moved = 0
+    for paths in members.values():
+        splits = {placed[p] for p in paths}
+        target = "train" if "train" in splits else placed[min(paths, key=lambda p: p.as_posix())]
+        for p in paths:
+            if placed[p] != target:
+                placed[p] = target
+                moved += 1
+    copies = sum(len(paths) - 1 for paths in members.values()) + sum(1 for p in pool if group_of[p] in pinned)
+    if copies:
+        warnings.append(
+            f"{copies} exact cop{'y' if copies == 1 else 'ies'} (identical bytes) of other images among those carved into splits: "
+            f"each kept in one split with its original" + (f" ({moved} filed under another class moved to share a split with it)" if moved else "")
+        )
+    index = {p: name for name in class_names for p in per_split["train"][name]}
+    for name in class_names:
+        per_split["train"][name] = []  # the carved splits start empty: no folder or row names them
+    for p, split in placed.items():
+        per_split[split][index[p]].append(p)
+    for split in {"train", *placed.values()}:
+        for name in class_names:
+            per_split[split][name].sort(key=lambda p: p.as_posix())
 
 
 def _split_dataset(
@@ -554,18 +661,8 @@ def _split_dataset(
         source[split] = f"stratified {fraction:g} of {of}, seed {seed}"
         carved_any = carved_any or split == "test"
 
-    for name in class_names:
-        rng = random.Random(f"{seed}:{name}")
-        for split, fraction in carve_plan:
-            if not source[split].startswith("stratified"):
-                continue
-            kept, carved = _carve(per_split["train"][name], fraction, rng)
-            per_split["train"][name] = kept
-            per_split[split][name] = carved
-            if not carved:
-                warnings.append(
-                    f"class '{name}': only {len(kept)} train image(s), none carved into {split}"
-                )
+    if any(source[split].startswith("stratified") for split, _ in carve_plan):
+        _carve_pool(per_split, class_names, carve_plan, source, seed, warnings, kept_in_train or {})
     for name, paths in (kept_in_train or {}).items():
         per_split["train"][name] = sorted([*per_split["train"][name], *paths], key=lambda p: p.as_posix())
 

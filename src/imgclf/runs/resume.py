@@ -76,4 +76,7 @@ def check_same_split(ds, run_dir: Path) -> None:
     now = {split: [(Path(os.path.abspath(s.path)), ds.class_names[s.label]) for s in ds.samples.get(split, [])] for split in recorded}
     changed = [split for split in recorded if [(Path(p), c) for p, c in recorded[split]] != now[split]]
     if changed:
-        raise ValueError(f"--resume {run_dir}: the dataset changed since the run started ({', '.join(changed)} split differs from {layout.SPLIT}); start a new run")
+        same_images = sorted((str(p), c) for split in recorded for p, c in recorded[split]) == sorted((str(p), c) for split in now for p, c in now[split])
+        why = ("the same images are split differently (an earlier imgclf version carved exact copies apart)" if same_images
+               else "the dataset changed since the run started")
+        raise ValueError(f"--resume {run_dir}: {why} ({', '.join(changed)} split differs from {layout.SPLIT}); start a new run")
