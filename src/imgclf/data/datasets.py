@@ -490,20 +490,19 @@ def _carve(units: list[tuple[Path, ...]], fraction: float, rng: random.Random) -
     k = min(k, n - 1)  # at least one image stays behind
     shuffled = list(units)
     rng.shuffle(shuffled)
-    carved: list[tuple[Path, ...]] = []
+    taken: set[int] = set()  # positions in shuffled
     size = 0
-    for unit in shuffled:
+    for i, unit in enumerate(shuffled):
         if size + len(unit) <= k:
-            carved.append(unit)
+            taken.add(i)
             size += len(unit)
-    if not carved and k > 0 and len(units) > 1:
-        carved = [min(shuffled, key=len)]
-    taken = {id(u) for u in carved}
+    if not taken and k > 0 and len(units) > 1:
+        taken.add(min(range(len(shuffled)), key=lambda i: len(shuffled[i])))
 
     def by_first(group: list[tuple[Path, ...]]) -> list[tuple[Path, ...]]:
         return sorted(group, key=lambda u: u[0].as_posix())
 
-    return by_first([u for u in shuffled if id(u) not in taken]), by_first(carved)
+    return by_first([u for i, u in enumerate(shuffled) if i not in taken]), by_first([shuffled[i] for i in sorted(taken)])
 
 
 def _file_groups(paths: list[Path]) -> dict[Path, str]:
