@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import random
 import shutil
 from pathlib import Path
 
@@ -171,6 +172,26 @@ def test_exact_copies_are_carved_with_their_original(tmp_path):
         assert all(n >= 10 for n in ds.counts()["train"].values())
         assert any("5 exact copies (identical bytes)" in w for w in ds.warnings), ds.warnings
     assert together > 0  # copies did land in validation or test together with their originals
+
+
+def test_without_copies_the_carve_is_the_documented_file_rule(tmp_path):
+    """No copies: each class's sorted paths shuffled by random.Random(f"{seed}:{class}"), test the first
+    round(n * test_fraction), validation the first round(n_left * val_fraction) of the rest (module docstring)."""
+    _make_classes(tmp_path, {"a": 23, "b": 9})
+    for seed in (0, 7):
+        ds = load_dataset(tmp_path, seed=seed, val_fraction=0.25, test_fraction=0.2)
+        for label, name in enumerate(ds.class_names):
+            rng = random.Random(f"{seed}:{name}")
+            pool = sorted((tmp_path / name).iterdir(), key=lambda p: p.as_posix())
+            expected = {}
+            for split, fraction in (("test", 0.2), ("validation", 0.25)):
+                shuffled = list(pool)
+                rng.shuffle(shuffled)
+                k = int(round(len(pool) * fraction))
+                expected[split], pool = set(shuffled[:k]), sorted(shuffled[k:], key=lambda p: p.as_posix())
+            expected["train"] = set(pool)
+            for split in ("train", "validation", "test"):
+                assert {s.path for s in ds.samples[split] if s.label == label} == expected[split], (seed, name, split)
 
 
 def test_a_class_of_one_picture_copied_carves_nothing_and_says_so(tmp_path):
