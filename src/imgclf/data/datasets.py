@@ -55,6 +55,7 @@ import logging
 import os
 import random
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,7 @@ __all__ = [
     "collect_image_paths",
     "labelled_eval_samples",
     "with_validation_folder",
+    "content_groups",
 ]
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -505,8 +507,10 @@ def _carve(units: list[tuple[Path, ...]], fraction: float, rng: random.Random) -
     return by_first([u for i, u in enumerate(shuffled) if i not in taken]), by_first([shuffled[i] for i in sorted(taken)])
 
 
-def _file_groups(paths: list[Path]) -> dict[Path, str]:
-    """Content hash per path (an unreadable file is a group of its own; its decode reports it)."""
+def content_groups(paths: Sequence[Path]) -> dict[Path, str]:
+    """Which exact copies go together, when carving and in ``--cv``'s folds: each path's content
+    hash (the feature cache's, so a copy under another name joins its original); an unreadable
+    file is a group of its own (feature extraction skips it later, naming the file)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(p: Path) -> str:
@@ -571,11 +575,14 @@ def _carve_pool(
     seed: int,
     warnings: list[str],
     kept_in_train: dict[str, list[Path]],
+    group_of: dict[Path, str] | None,
 ) -> None:
-    """Carve the stratified splits out of ``per_split["train"]`` in place, exact copies together."""
+    """Carve the stratified splits out of ``per_split["train"]`` in place, exact copies together
+    (``group_of``: :func:`content_groups` of these images when the caller has it already)."""
     pool = [p for name in class_names for p in per_split["train"][name]]
     pinned_paths = [p for paths in kept_in_train.values() for p in paths]
-    group_of = _file_groups(pool + pinned_paths)
+    if group_of is None or any(p not in group_of for p in pool + pinned_paths):
+        group_of = content_groups(pool + pinned_paths)
     pinned = {group_of[p] for p in pinned_paths}
     placed: dict[Path, str] = {}
     for name in class_names:
@@ -635,12 +642,14 @@ def _split_dataset(
     warnings: list[str],
     unreadable: list[tuple[Path, str]],
     kept_in_train: dict[str, list[Path]] | None = None,
+    group_of: dict[Path, str] | None = None,
 ) -> Dataset:
     """Carve the splits missing from ``source`` out of ``found["train"]`` (the pool) and build the Dataset.
 
     Shared by folder datasets and manifests so both carve identically. ``kept_in_train``:
     images assigned to train that are not part of the pool (a manifest's explicit train
     rows when other rows leave their split empty); they join train after carving.
+    ``group_of``: the images' :func:`content_groups`, if known (else computed when carving).
     """
     class_names = sorted(set(found["train"]) | set(kept_in_train or {}))
     per_split: dict[str, dict[str, list[Path]]] = {
@@ -661,7 +670,7 @@ def _split_dataset(
         carved_any = carved_any or split == "test"
 
     if any(source[split].startswith("stratified") for split, _ in carve_plan):
-        _carve_pool(per_split, class_names, carve_plan, source, seed, warnings, kept_in_train or {})
+        _carve_pool(per_split, class_names, carve_plan, source, seed, warnings, kept_in_train or {}, group_of)
     for name, paths in (kept_in_train or {}).items():
         per_split["train"][name] = sorted([*per_split["train"][name], *paths], key=lambda p: p.as_posix())
 

@@ -34,10 +34,10 @@ import numpy as np
 
 from imgclf.config import layout
 from imgclf.config.settings import TRAIN_FIELDS, RuntimeOptions, TrainSettings
-from imgclf.data.datasets import Dataset, Sample, _split_dataset
+from imgclf.data.datasets import Dataset, Sample, _split_dataset, content_groups
 from imgclf.evaluation.metrics import CI_LEVEL, bootstrap_ci, classification_metrics
 from imgclf.evaluation.thresholds import apply_threshold
-from imgclf.fileio import content_hash, write_csv, write_json
+from imgclf.fileio import write_csv, write_json
 from imgclf.train.classifier import ImageClassifier
 
 log = logging.getLogger("imgclf")
@@ -96,15 +96,6 @@ class FoldPlan:
 # --------------------------------------------------------------------------- planning
 
 
-def _content_group(sample: Sample) -> str:
-    """The feature cache's content hash, so a copy under another name joins its original; an
-    unreadable file is its own group (feature extraction skips it later, naming the file)."""
-    try:
-        return content_hash(sample.path)
-    except OSError:
-        return f"unreadable:{sample.path}"
-
-
 def plan_folds(ds: Dataset, k: int, repeats: int, seed: int) -> FoldPlan:
     """Stratified K folds (duplicates grouped), ``repeats`` times; ValueError (one line) when K is too large.
 
@@ -114,7 +105,8 @@ def plan_folds(ds: Dataset, k: int, repeats: int, seed: int) -> FoldPlan:
     from sklearn.model_selection import StratifiedGroupKFold
 
     samples = ds.all_samples()
-    groups = [_content_group(s) for s in samples]
+    group_of = content_groups([s.path for s in samples])
+    groups = [group_of[s.path] for s in samples]
     distinct = {c: len({g for s, g in zip(samples, groups) if s.label == i}) for i, c in enumerate(ds.class_names)}
     smallest = min(distinct, key=lambda c: distinct[c])
     if k > distinct[smallest]:
@@ -166,6 +158,7 @@ def fold_dataset(ds: Dataset, plan: FoldPlan, fold: Fold, settings: TrainSetting
     return _split_dataset(
         ds.root, ds.layout, {"train": by_class(fold.train), "test": by_class(fold.test)}, source, "the training folds", "split",
         val_fraction=settings.val_fraction, test_fraction=0.0, seed=settings.seed, ignored=[], warnings=[], unreadable=[],
+        group_of={Path(s.path): g for s, g in zip(plan.samples, plan.groups)},  # hashed once, when the folds were planned
     )
 
 

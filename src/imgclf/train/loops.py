@@ -166,13 +166,14 @@ class FocalLoss(nn.Module):
     def forward(self, logits, target):
         logp = F.log_softmax(logits.float(), 1).gather(1, target[:, None]).squeeze(1)
         loss = -((1 - logp.exp()) ** self.gamma) * logp
-        if self.weight is not None:
-            loss = loss * self.weight[target]
+        w = self.weight[target] if self.weight is not None else None
+        if w is not None:
+            loss = loss * w
         if self.reduction == "none":
             return loss
         if self.reduction == "sum":
             return loss.sum()
-        return loss.sum() / self.weight[target].sum() if self.weight is not None else loss.mean()
+        return loss.sum() / w.sum() if w is not None else loss.mean()
 
 
 def make_loss(cfg: TrainConfig, weights: torch.Tensor | None, reduction: str = "mean") -> nn.Module:
@@ -360,6 +361,14 @@ def loop_identity(stage: str, cfg: TrainConfig, n_classes: int, xt: torch.Tensor
     }
 
 
+def epoch_row(stage: str, epoch: int, train: tuple[float, float], val: tuple[float, float], val_calibrated: float | None,
+              improved: bool, lr: float) -> dict:
+    """One epoch's line of a stage's history (the run log, ``metrics.csv``, the report's curves):
+    ``train`` and ``val`` as (loss, accuracy)."""
+    return {"stage": stage, "epoch": epoch, "train_loss": train[0], "train_accuracy": train[1], "val_loss": val[0], "val_accuracy": val[1],
+            "val_calibrated_loss": val_calibrated, "best": improved, "lr": lr}
+
+
 def stage_summary(stage: str, cfg: TrainConfig, history: list[dict], best: tuple[float, float], best_epoch: int, has_val: bool,
                   weights: torch.Tensor | None, kept_start: bool = False) -> dict:
     """What a finished stage reports (``fit_summary``'s stages, the run log, the report)."""
@@ -484,7 +493,7 @@ def fit_loop(
                 best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-        row = {"stage": stage, "epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc, "val_loss": va_loss, "val_accuracy": va_acc, "val_calibrated_loss": va_cal, "best": improved, "lr": optimizer.param_groups[-1]["lr"]}
+        row = epoch_row(stage, epoch, (tr_loss, tr_acc), (va_loss, va_acc), va_cal, improved, optimizer.param_groups[-1]["lr"])
         history.append(row)
         stopped = bool(cfg.patience and stale >= cfg.patience)
         if checkpoint is not None and is_main and checkpoint.due():

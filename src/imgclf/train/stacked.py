@@ -44,8 +44,8 @@ from torch.nn import functional as F
 
 from imgclf.model.heads import FeatureStandardize, build_head
 from imgclf.train.checkpoint import EpochCheckpoint, LoopState
-from imgclf.train.loops import (TrainConfig, better, class_weights, epoch_order, loop_identity, make_loss, make_optimizer, seed_everything,
-                                stage_summary)
+from imgclf.train.loops import (TrainConfig, better, class_weights, epoch_order, epoch_row, loop_identity, make_loss, make_optimizer,
+                                seed_everything, stage_summary)
 
 log = logging.getLogger("imgclf")
 
@@ -379,8 +379,7 @@ def _train_together(group: list[_Member], x_all: torch.Tensor, yt: torch.Tensor,
                     m.best_state = stack.member_state(i)
             else:
                 m.stale += 1
-            m.history.append({"stage": "head", "epoch": m.epoch, "train_loss": tr_loss[i], "train_accuracy": tr_acc[i], "val_loss": loss,
-                              "val_accuracy": acc, "val_calibrated_loss": None, "best": improved, "lr": opt.lr})
+            m.history.append(epoch_row("head", m.epoch, (tr_loss[i], tr_acc[i]), (loss, acc), None, improved, opt.lr))
         if any(m.checkpoint is not None and m.checkpoint.due() for m in active):
             for i, m in enumerate(active):
                 if m.checkpoint is not None:
